@@ -1,0 +1,1 @@
+"""grpo_operator: the kopf operator that turns GRPOJob resources into single-GPU training pods."""

