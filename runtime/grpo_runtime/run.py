@@ -1,0 +1,170 @@
+"""`grpo train`: wire a validated GRPOJob to storage, model, engine, rewards and the loop.
+
+Failures are sorted by whose they are: bad input (spec, model, dataset, reward import, an
+unreachable bucket, a reward that raises) exits 2 and is not retried by the operator; anything
+else exits 1 and the pod is retried from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from grpo_runtime.spec import GRPOJob
+
+log = logging.getLogger("grpo")
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def output_uri(job: GRPOJob, override: str | None) -> str:
+    return override or job.spec.output.uri or f"./grpo-runs/{job.metadata.name}"
+
+
+class ProgressBar:
+    """A tqdm bar with step, reward and tokens/s; a plain line per step when not a terminal."""
+
+    def __init__(self, total: int, initial: int, quiet: bool):
+        from tqdm import tqdm
+
+        self.quiet = quiet
+        self.bar = None if quiet else tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(
+            reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}"
+        )
+        self.bar.update(1)
+        if not sys.stderr.isatty():
+            rewards = " ".join(
+                f"{key.split('/')[1]}={value:.2f}" for key, value in metrics.items() if key.endswith("/mean") and key.startswith("rewards/")
+            )
+            self.bar.write(
+                f"step {metrics['step']}: reward {metrics['reward']:.3f} ({rewards}) kl {metrics['kl']:.4f} "
+                f"len {metrics['completion_length/mean']:.0f} {metrics['tokens_per_second']:.1f} tok/s "
+                f"{metrics['step_seconds']:.1f}s",
+                file=sys.stderr,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def status_progress(job: GRPOJob):
+    """The in-pod status sink as a step callback, or None outside a pod."""
+    from grpo_runtime.status import sink_from_env
+
+    sink = sink_from_env()
+    if sink is None:
+        return None
+
+    def update(metrics: dict[str, Any]) -> None:
+        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+        sink.update(
+            {
+                "step": metrics["step"],
+                "totalSteps": job.spec.training.max_steps,
+                "reward": clean(metrics["reward"]),
+                "rewards": {
+                    key.split("/")[1]: clean(value)
+                    for key, value in metrics.items()
+                    if key.startswith("rewards/") and key.endswith("/mean")
+                },
+                "kl": clean(metrics["kl"]),
+                "completionLength": metrics["completion_length/mean"],
+                "tokensPerSecond": round(metrics["tokens_per_second"], 2),
+                "latestCheckpoint": metrics.get("latest_checkpoint"),
+            }
+        )
+
+    return update
+
+
+def _prepare(job: GRPOJob, uri: str):
+    """Everything that can be wrong with the user's input is found here, before training."""
+    from grpo_runtime.data import PromptSampler, load_rows
+    from grpo_runtime.engines import make_engine
+    from grpo_runtime.model import load_policy
+    from grpo_runtime.rewards import load_rewards
+    from grpo_runtime.storage import open_storage
+
+    spec = job.spec
+    storage = open_storage(uri, endpoint=spec.output.endpoint, region=spec.output.region)
+    storage.check()
+    rewards = load_rewards(spec.rewards)
+    rows = load_rows(spec.dataset, endpoint=spec.output.endpoint, region=spec.output.region)
+    log.info("loading %s", spec.model.name)
+    policy = load_policy(
+        spec.model,
+        spec.lora,
+        seed=spec.training.seed,
+        gradient_checkpointing=spec.training.gradient_checkpointing,
+    )
+    engine = make_engine(spec.generation, policy)
+    sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
+    return storage, rewards, policy, engine, sampler
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from grpo_runtime.data import DatasetError
+    from grpo_runtime.engines import EngineError
+    from grpo_runtime.model import ModelError
+    from grpo_runtime.rewards import RewardError
+    from grpo_runtime.storage import StorageError
+
+    return (DatasetError, ModelError, RewardError, StorageError, EngineError)
+
+
+def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = None, quiet: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if max_steps is not None:
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": job.spec.training.model_copy(update={"max_steps": max_steps})})})
+    uri = output_uri(job, output)
+    bad_input = _bad_input_errors()
+    try:
+        from grpo_runtime.trainer import Trainer
+
+        storage, rewards, policy, engine, sampler = _prepare(job, uri)
+        trainer = Trainer(job, policy, engine, rewards, sampler, storage)
+        storage.write_bytes("spec.yaml", yaml.safe_dump(job.to_manifest(), sort_keys=False).encode())
+        if job.spec.checkpoint.resume and trainer.resume():
+            log.info("resumed from %s at step %d", trainer.latest_checkpoint, trainer.step)
+        bar = ProgressBar(job.spec.training.max_steps, trainer.step, quiet)
+        trainer.on_step.append(bar)
+        sink = status_progress(job)
+        if sink:
+            trainer.on_step.append(sink)
+        started = time.perf_counter()
+        first_step = trainer.step
+        try:
+            last = trainer.train()
+        finally:
+            bar.close()
+    except bad_input as exc:
+        print(f"grpo train: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("grpo train: interrupted; resume from the last checkpoint with the same command", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # the operator retries these from LATEST
+        log.exception("training failed")
+        print(f"grpo train: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    elapsed = time.perf_counter() - started
+    ran = trainer.step - first_step
+    if last:
+        print(
+            f"done: {ran} steps in {elapsed:.0f}s, final reward {last['reward']:.3f}, kl {last['kl']:.4f}; "
+            f"adapter at {uri.rstrip('/')}/final, metrics at {uri.rstrip('/')}/metrics.jsonl"
+        )
+    else:
+        print(f"done: nothing to run, step {trainer.step} of {job.spec.training.max_steps} already reached; adapter at {uri.rstrip('/')}/final")
+    return EXIT_OK

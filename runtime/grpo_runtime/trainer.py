@@ -1,0 +1,395 @@
+"""The GRPO loop: prompts -> completions -> rewards -> advantages -> loss -> step.
+
+Read it top to bottom: `Trainer.step` is one iteration of the algorithm; everything it calls
+is a small function in this file or a module with one job (engines, rewards, loss, storage).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from grpo_runtime import checkpoints
+from grpo_runtime.advantages import frac_zero_std_groups, group_advantages
+from grpo_runtime.data import PromptSampler
+from grpo_runtime.engines import Completion, Engine, SamplingConfig
+from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
+from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
+from grpo_runtime.rewards import Reward, reward_metrics, score
+from grpo_runtime.spec import GRPOJob
+from grpo_runtime.storage import Storage
+
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "trainer_state.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Turning prompts and completions into tensors
+
+
+def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Prompt token ids: chat template (with the system prompt) when asked, left-truncated."""
+    spec, tokenizer = job.spec, policy.tokenizer
+    encoded = []
+    for row in rows:
+        text = str(row[spec.dataset.prompt_field])
+        if spec.model.use_chat_template and tokenizer.chat_template:
+            messages = [{"role": "user", "content": text}]
+            if spec.dataset.system_prompt:
+                messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
+            ids = tokenizer(prefix + text)["input_ids"]
+        encoded.append(list(ids)[-spec.generation.max_prompt_length :])
+    return encoded
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts followed by right-padded completions, one row per completion."""
+
+    input_ids: torch.Tensor  # [N, P + C]
+    attention_mask: torch.Tensor  # [N, P + C]
+    completion_ids: torch.Tensor  # [N, C]
+    completion_mask: torch.Tensor  # [N, C]
+    prompt_width: int  # P
+
+    def rows(self, index: torch.Tensor | slice) -> Batch:
+        return Batch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.completion_ids[index],
+            self.completion_mask[index],
+            self.prompt_width,
+        )
+
+
+def build_batch(
+    prompt_ids: list[list[int]],
+    completions: list[Completion],
+    pad_id: int,
+    device: torch.device,
+    pad_to: tuple[int, int] | None = None,
+) -> Batch:
+    """`pad_to` (prompt, completion) widens the batch to the job's maximum lengths: padding is
+    masked out, so the maths is unchanged while the memory is the worst case."""
+    prompts = [prompt_ids[c.prompt_index] for c in completions]
+    width_p = max(len(p) for p in prompts)
+    width_c = max(1, max(len(c.completion_ids) for c in completions))
+    if pad_to:
+        width_p, width_c = max(width_p, pad_to[0]), max(width_c, pad_to[1])
+    n = len(completions)
+    input_ids = torch.full((n, width_p + width_c), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width_p + width_c), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        ids = completion.completion_ids
+        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt)
+        input_ids[row, width_p : width_p + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width_p - len(prompt) : width_p + len(ids)] = 1
+    return Batch(
+        input_ids.to(device),
+        attention.to(device),
+        input_ids[:, width_p:].to(device),
+        attention[:, width_p:].to(device),
+        width_p,
+    )
+
+
+def completion_hidden(policy: Policy, batch: Batch) -> torch.Tensor:
+    """Last hidden states at the positions that predict each completion token."""
+    hidden = decoder_hidden_states(policy.model, batch.input_ids, batch.attention_mask)
+    return hidden[:, batch.prompt_width - 1 : -1]
+
+
+@torch.no_grad()
+def batch_logprobs(policy: Policy, batch: Batch, config: LossConfig, micro_batches: int) -> torch.Tensor:
+    weight, bias = lm_head(policy.model)
+    parts = []
+    for rows in torch.arange(batch.input_ids.shape[0]).chunk(micro_batches):
+        micro = batch.rows(rows)
+        parts.append(
+            token_logprobs(
+                completion_hidden(policy, micro),
+                weight,
+                micro.completion_ids,
+                temperature=config.temperature,
+                chunk_size=config.chunk_size,
+                bias=bias,
+            )
+        )
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+@dataclass
+class Trainer:
+    job: GRPOJob
+    policy: Policy
+    engine: Engine
+    rewards: list[Reward]
+    sampler: PromptSampler
+    storage: Storage
+    on_step: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        spec = self.job.spec
+        self.training = spec.training
+        self.generation = spec.generation
+        self.loss_config = LossConfig(
+            loss_type=spec.training.loss_type,
+            beta=spec.training.beta,
+            epsilon=spec.training.epsilon,
+            epsilon_high=spec.training.epsilon_high,
+            temperature=spec.generation.temperature,
+            chunk_size=spec.training.loss_chunk_size,
+            max_completion_length=spec.generation.max_completion_length,
+        )
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay
+        )
+        total = spec.training.max_steps * spec.training.num_iterations
+        self.scheduler = get_scheduler(
+            spec.training.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=int(spec.training.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        self.latest_checkpoint: str | None = None
+        self._at_max_lengths = True  # the first step of every process probes the worst-case memory
+
+    # -- one step -------------------------------------------------------------------------
+
+    def generate(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[Completion]]:
+        prompt_ids = encode_prompts(self.policy, self.job, rows)
+        sampling = SamplingConfig(
+            n=self.generation.num_generations,
+            max_tokens=self.generation.max_completion_length,
+            temperature=self.generation.temperature,
+            top_p=self.generation.top_p,
+            top_k=self.generation.top_k,
+            min_p=self.generation.min_p,
+            stop=tuple(self.generation.stop),
+            seed=self.training.seed * 100_003 + self.step,  # a resumed run samples what the original did
+            extra=dict(self.generation.sampling_params),
+        )
+        self.engine.wake()
+        completions = self.engine.generate(prompt_ids, sampling)
+        self.engine.sleep()
+        return prompt_ids, completions
+
+    def score(self, rows: list[dict[str, Any]], completions: list[Completion]):
+        spec = self.job.spec.dataset
+        group = self.generation.num_generations
+        expanded = [rows[c.prompt_index] for c in completions]
+        columns = {
+            key: [row.get(key) for row in expanded] for key in expanded[0] if key != spec.prompt_field
+        }
+        if spec.answer_field != "answer" and spec.answer_field in columns:
+            columns["answer"] = columns[spec.answer_field]
+        columns["completion_ids"] = [c.completion_ids for c in completions]
+        prompts = [row[spec.prompt_field] for row in expanded]
+        scores = score(self.rewards, prompts, [c.text for c in completions], columns)
+        advantages = group_advantages(scores.total, group, self.training.scale_rewards)
+        return scores, advantages
+
+    def optimise(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
+        """numIterations optimizer updates on one generated batch; returns loss metrics."""
+        micro_batches = min(self.training.gradient_accumulation_steps, batch.input_ids.shape[0])
+        old = batch_logprobs(self.policy, batch, self.loss_config, micro_batches) if self.training.num_iterations > 1 else None
+        ref = None
+        if self.training.beta > 0:
+            with self.policy.model.disable_adapter():
+                ref = batch_logprobs(self.policy, batch, self.loss_config, micro_batches)
+        weight, bias = lm_head(self.policy.model)
+        advantages = advantages.to(self.policy.device)
+        tokens_in_step = batch.completion_mask.sum()
+        sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        self.policy.model.train()
+        for _ in range(self.training.num_iterations):
+            for rows in torch.arange(batch.input_ids.shape[0]).chunk(micro_batches):
+                micro = batch.rows(rows)
+                loss, metrics = grpo_loss(
+                    completion_hidden(self.policy, micro),
+                    weight,
+                    micro.completion_ids,
+                    micro.completion_mask,
+                    advantages[rows],
+                    old_logps=None if old is None else old[rows],
+                    ref_logps=None if ref is None else ref[rows],
+                    config=self.loss_config,
+                    bias=bias,
+                    num_items_in_batch=tokens_in_step,
+                )
+                # dapo already divides by the whole step's tokens; the others are per micro-batch means.
+                scaled = loss if self.loss_config.loss_type == "dapo" else loss / micro_batches
+                scaled.backward()
+                sums["loss"] += scaled.item()
+                sums["kl"] += metrics["kl"].item() / micro_batches
+                sums["clip_ratio"] += metrics["clip_ratio"].item() / micro_batches
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm).item()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return {key: value / self.training.num_iterations for key, value in sums.items()}
+
+    def run_step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        rows = self.sampler.take(self.training.prompts_per_step)
+        prompt_ids, completions = self.generate(rows)
+        generated_at = time.perf_counter()
+        scores, advantages = self.score(rows, completions)
+        pad_to = (self.generation.max_prompt_length, self.generation.max_completion_length) if self._at_max_lengths else None
+        self._at_max_lengths = False
+        batch = build_batch(prompt_ids, completions, self.policy.tokenizer.pad_token_id, self.policy.device, pad_to)
+        losses = self.optimise(batch, advantages)
+        self.engine.sync(self.policy)
+        self.step += 1
+        seconds = time.perf_counter() - started
+        lengths = torch.tensor([len(c.completion_ids) for c in completions], dtype=torch.float32)
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "loss": losses["loss"],
+            "reward": scores.total.mean().item(),
+            "reward_std": scores.total.std().item(),
+            **reward_metrics(scores),
+            "kl": losses["kl"],
+            "clip_ratio": losses["clip_ratio"],
+            "grad_norm": losses["grad_norm"],
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "frac_reward_zero_std": frac_zero_std_groups(scores.total, self.generation.num_generations),
+            "completion_length/mean": lengths.mean().item(),
+            "completion_length/max": lengths.max().item(),
+            "clipped_ratio": sum(c.truncated for c in completions) / len(completions),
+            "tokens_per_second": lengths.sum().item() / seconds,
+            "generation_seconds": generated_at - started,
+            "step_seconds": seconds,
+            "peak_memory_mb": _peak_memory_mb(self.policy.device),
+        }
+        self._write_samples(rows, completions, scores)
+        self.storage.append_line(METRICS_FILE, json.dumps(metrics))
+        return metrics
+
+    def _write_samples(self, rows, completions: list[Completion], scores) -> None:
+        count = min(self.training.log_samples, len(completions))
+        if not count:
+            return
+        field_name = self.job.spec.dataset.prompt_field
+        lines = []
+        for i in range(count):
+            record = {
+                "prompt": rows[completions[i].prompt_index][field_name],
+                "completion": completions[i].text,
+                "reward": scores.total[i].item(),
+                "rewards": {name: values[i].item() for name, values in scores.per_reward.items()},
+            }
+            lines.append(json.dumps(record))
+        self.storage.write_bytes(f"samples/step-{self.step}.jsonl", ("\n".join(lines) + "\n").encode())
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        with tempfile.TemporaryDirectory(prefix="grpo-ckpt-") as tmp:
+            save_adapter(self.policy.model, tmp)
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                },
+            }
+            torch.save(state, Path(tmp) / STATE_FILE)
+            self.latest_checkpoint = checkpoints.publish_checkpoint(
+                self.storage, tmp, self.step, self.job.spec.checkpoint.keep
+            )
+        return self.latest_checkpoint
+
+    def resume(self) -> bool:
+        """Continue from checkpoints/LATEST when there is one; False when starting fresh."""
+        step = checkpoints.latest_checkpoint(self.storage)
+        if step is None:
+            return False
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory(prefix="grpo-resume-") as tmp:
+            local = checkpoints.fetch_checkpoint(self.storage, step, tmp)
+            adapter = load_file(str(Path(local) / "adapter_model.safetensors"), device=str(self.policy.device))
+            set_peft_model_state_dict(self.policy.model, adapter)
+            state = torch.load(Path(local) / STATE_FILE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.restore(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        self.step = state["step"]
+        self.latest_checkpoint = f"{checkpoints.CHECKPOINTS}/step-{self.step}"
+        self._drop_metrics_after(self.step)
+        self.engine.sync(self.policy)
+        return True
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Steps after the checkpoint are re-run; their old lines would be duplicates."""
+        if not self.storage.exists(METRICS_FILE):
+            return
+        kept = [
+            line
+            for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.storage.write_bytes(METRICS_FILE, "".join(f"{line}\n" for line in kept).encode())
+
+    # -- the whole run --------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        every = self.job.spec.checkpoint.every_steps
+        metrics: dict[str, Any] = {}
+        while self.step < self.training.max_steps:
+            metrics = self.run_step()
+            if self.step % every == 0 or self.step == self.training.max_steps:
+                self.save_checkpoint()
+            metrics["latest_checkpoint"] = self.latest_checkpoint
+            for callback in self.on_step:
+                callback(metrics)
+        with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
+            save_adapter(self.policy.model, tmp)
+            self.storage.upload_dir(tmp, "final")
+        return metrics
