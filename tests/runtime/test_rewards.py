@@ -1,0 +1,127 @@
+"""Rewards: TRL's signature, built-ins, weighting, and clear errors naming the reward."""
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from grpo_runtime.rewards import RewardError, load_rewards, reward_metrics, score
+from grpo_runtime.rewards.builtin import exact_answer, extract_answer
+from grpo_runtime.rewards.builtin import format as format_reward
+from grpo_runtime.rewards.builtin import length
+from grpo_runtime.spec import RewardSpec
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the total is \\boxed{42}.", 42.0),
+        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", 72.0),
+        ("<answer> 1,250 </answer>", 1250.0),
+        ("first 3 then 5 and finally 8", 8.0),
+        ("#### 7 ... wait, \\boxed{9}", 9.0),  # boxed outranks ####
+        ("costs $1,234.50 in total #### $1,234.50", 1234.5),
+        ("#### -3", -3.0),
+        ("no digits here", None),
+    ],
+)
+def test_extract_answer_styles(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_exact_answer_matches_gsm8k_references():
+    completions = ["... #### 72", "The answer is \\boxed{72}", "I think 71", "no idea"]
+    answers = ["Natalia sold 48 clips... #### 72"] * 4
+    assert exact_answer(["p"] * 4, completions, answer=answers) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_exact_answer_strict_mode_ignores_stray_numbers():
+    assert exact_answer(["p"], ["maybe 5"], answer=["5"], last_number_fallback=False) == [0.0]
+
+
+def test_exact_answer_without_reference_answer_is_none():
+    assert exact_answer(["p"], ["5"], answer=["no number"]) == [None]
+
+
+def test_format_default_wants_think_then_answer():
+    completions = ["<think>add them</think> 7", "7", "<think>unfinished", "<think>x</think>"]
+    assert format_reward(["p"] * 4, completions) == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_format_custom_pattern():
+    assert format_reward(["p", "p"], ["... #### 5", "5"], pattern=r"####\s*\d+") == [1.0, 0.0]
+
+
+def test_length_penalty_counts_tokens_when_given():
+    ids = [[0] * 10, [0] * 20, [0] * 40]
+    assert length(["p"] * 3, ["a"] * 3, target=10, scale=20, completion_ids=ids) == [0.0, -0.5, -1.0]
+
+
+def trl_style_reward(prompts, completions, answer, **kwargs):
+    """A reward written for TRL, unchanged: it relies on **kwargs swallowing extra columns."""
+    return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
+
+
+@pytest.fixture
+def user_module(monkeypatch):
+    module = types.ModuleType("my_rewards")
+    module.trl_style = trl_style_reward
+    module.raises = lambda prompts, completions, **kw: 1 / 0
+    module.short = lambda prompts, completions, **kw: [1.0]
+    module.nan_for_some = lambda prompts, completions, **kw: [None if "skip" in c else 2.0 for c in completions]
+    module.not_callable = 3
+    monkeypatch.setitem(sys.modules, "my_rewards", module)
+    return module
+
+
+def rewards(*pairs):
+    return load_rewards([RewardSpec(name=name, function=fn, **extra) for name, fn, extra in pairs])
+
+
+def test_user_reward_with_trl_signature_and_weights(user_module):
+    loaded = rewards(("trl", "my_rewards:trl_style", {"weight": 2.0}), ("fmt", "builtin:format", {"args": {"pattern": "x"}}))
+    scores = score(loaded, ["p1", "p2"], ["x 5", "6"], {"answer": ["5", "5"], "completion_ids": [[1], [2]]})
+    assert scores.per_reward["trl"].tolist() == [1.0, 0.0]
+    assert scores.per_reward["fmt"].tolist() == [1.0, 0.0]
+    assert scores.total.tolist() == [3.0, 0.0]
+
+
+def test_none_scores_are_left_out_of_sum_and_stats(user_module):
+    loaded = rewards(("maybe", "my_rewards:nan_for_some", {}), ("len", "builtin:length", {"args": {"target": 100}}))
+    scores = score(loaded, ["p"] * 3, ["skip", "a", "b"], {})
+    assert math.isnan(scores.per_reward["maybe"][0].item())
+    assert scores.total.tolist() == [0.0, 2.0, 2.0]
+    metrics = reward_metrics(scores)
+    assert metrics["rewards/maybe/mean"] == 2.0 and metrics["rewards/maybe/std"] == 0.0
+
+
+def test_reward_that_raises_is_named(user_module):
+    loaded = rewards(("boom", "my_rewards:raises", {}))
+    with pytest.raises(RewardError, match=r"reward 'boom' \(my_rewards:raises\) raised ZeroDivisionError"):
+        score(loaded, ["p"], ["c"], {})
+
+
+def test_reward_with_wrong_length_is_named(user_module):
+    loaded = rewards(("short", "my_rewards:short", {}))
+    with pytest.raises(RewardError, match="reward 'short' .* returned 1 scores for 2 completions"):
+        score(loaded, ["p", "p"], ["a", "b"], {})
+
+
+def test_unimportable_module_names_the_field():
+    with pytest.raises(RewardError, match=r"spec.rewards\[0\].function: cannot import module 'no_such_module_xyz'"):
+        rewards(("r", "no_such_module_xyz:fn", {}))
+
+
+def test_missing_attribute_names_the_field(user_module):
+    with pytest.raises(RewardError, match=r"spec.rewards\[0\].function: module 'my_rewards' has no callable 'not_callable'"):
+        rewards(("r", "my_rewards:not_callable", {}))
+
+
+def test_reward_metrics_mean_and_std():
+    loaded = rewards(("len", "builtin:length", {"args": {"target": 1, "scale": 1}}))
+    scores = score(loaded, ["p"] * 2, ["a", "a b c"], {})
+    metrics = reward_metrics(scores)
+    assert metrics["rewards/len/mean"] == pytest.approx(-0.5)
+    assert metrics["rewards/len/std"] == pytest.approx(torch.tensor([0.0, -1.0]).std().item())
