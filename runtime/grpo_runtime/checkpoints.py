@@ -26,7 +26,8 @@ from grpo_runtime.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
-ROOT = "checkpoints/"
+CHECKPOINTS = "checkpoints"
+ROOT = CHECKPOINTS + "/"
 LATEST = ROOT + "LATEST"
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -48,7 +49,8 @@ def publish_checkpoint(storage: Storage, local_dir: str | Path, step: int, keep:
 
     Order: drop any stale manifest of step-N, upload every file, drop leftovers from an
     earlier attempt, write the manifest, write LATEST, then delete checkpoints beyond the
-    newest `keep` (and any not on the line LATEST leads to). Returns the key prefix.
+    newest `keep` (and any not on the line LATEST leads to). Returns the checkpoint's key
+    prefix without the trailing slash, "checkpoints/step-N" (what status.latestCheckpoint shows).
     """
     if step < 0 or keep < 1:
         raise ValueError(f"step must be >= 0 and keep >= 1, got step={step}, keep={keep}")
@@ -68,7 +70,7 @@ def publish_checkpoint(storage: Storage, local_dir: str | Path, step: int, keep:
     storage.write_bytes(LATEST, f"step-{step}\n".encode())
     log.info("checkpoint step-%d published to %s/%s", step, storage.uri, prefix)
     _prune(storage, step, keep)
-    return prefix
+    return prefix.removesuffix("/")
 
 
 def latest_checkpoint(storage: Storage) -> int | None:

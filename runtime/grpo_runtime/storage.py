@@ -401,7 +401,7 @@ class S3Storage:
 
     def check(self) -> None:
         """HEAD the bucket, then write and delete a probe object under the prefix."""
-        self._call("reach the bucket", lambda: _head_bucket(self.client, self.bucket))
+        self._call("access the bucket", lambda: _head_bucket(self.client, self.bucket))
         probe = self.prefix + ".grpo-write-check"
         self._call("write to the bucket", lambda: self.client.put_object(Bucket=self.bucket, Key=probe, Body=b""))
         self._call("delete from the bucket", lambda: self.client.delete_object(Bucket=self.bucket, Key=probe))
