@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages
 from grpo_runtime.data import PromptSampler
-from grpo_runtime.engines import Completion, Engine, SamplingConfig
+from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
 from grpo_runtime.rewards import Reward, reward_metrics, score
@@ -191,17 +191,8 @@ class Trainer:
 
     def generate(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[Completion]]:
         prompt_ids = encode_prompts(self.policy, self.job, rows)
-        sampling = SamplingConfig(
-            n=self.generation.num_generations,
-            max_tokens=self.generation.max_completion_length,
-            temperature=self.generation.temperature,
-            top_p=self.generation.top_p,
-            top_k=self.generation.top_k,
-            min_p=self.generation.min_p,
-            stop=tuple(self.generation.stop),
-            seed=self.training.seed * 100_003 + self.step,  # a resumed run samples what the original did
-            extra=dict(self.generation.sampling_params),
-        )
+        # seeded per step: a resumed run samples exactly what the uninterrupted one did
+        sampling = sampling_config(self.generation, seed=self.training.seed * 100_003 + self.step)
         self.engine.wake()
         completions = self.engine.generate(prompt_ids, sampling)
         self.engine.sleep()

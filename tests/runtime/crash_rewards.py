@@ -1,0 +1,21 @@
+"""Reward functions used by the trainer tests to kill or break a run at a chosen step."""
+
+import os
+
+_calls = {"n": 0}
+
+
+def die_on_call(prompts, completions, **kwargs):
+    """Scores like a length reward; on call number $GRPO_TEST_DIE_ON_CALL the process dies
+    without any clean-up, as a SIGKILL or a lost node would leave it."""
+    _calls["n"] += 1
+    if _calls["n"] == int(os.environ.get("GRPO_TEST_DIE_ON_CALL", "0")):
+        os._exit(137)
+    return [float(len(c) % 7) for c in completions]
+
+
+def raise_on_call(prompts, completions, **kwargs):
+    _calls["n"] += 1
+    if _calls["n"] == int(os.environ.get("GRPO_TEST_RAISE_ON_CALL", "0")):
+        raise ValueError("the grader fell over")
+    return [float(len(c) % 5) for c in completions]

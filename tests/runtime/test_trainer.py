@@ -1,0 +1,220 @@
+"""`grpo train` end to end on a tiny random model: metrics, checkpoints, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from grpo_runtime.spec import parse_job
+
+REPO = Path(__file__).resolve().parents[2]
+
+REQUIRED_METRICS = {
+    "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "frac_reward_zero_std",
+    "completion_length/mean", "completion_length/max", "clipped_ratio", "tokens_per_second",
+    "step_seconds", "peak_memory_mb", "grad_norm", "learning_rate",
+}
+
+
+def tiny_job(model_dir, output, *, rewards=None, **training):
+    doc = {
+        "apiVersion": "grpo.dev/v1alpha1",
+        "kind": "GRPOJob",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"name": str(model_dir), "maxSeqLength": 128},
+            "lora": {"rank": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
+            "dataset": {"source": "builtin:arithmetic", "systemPrompt": "Answer with a number."},
+            "rewards": rewards
+            or [
+                {"name": "correct", "function": "builtin:exact_answer"},
+                {"name": "short", "function": "builtin:length", "weight": 0.5, "args": {"target": 4, "scale": 8}},
+            ],
+            "generation": {"engine": "hf", "numGenerations": 4, "maxPromptLength": 48, "maxCompletionLength": 12},
+            "training": {
+                "maxSteps": 3,
+                "promptsPerStep": 2,
+                "learningRate": 5e-3,
+                "lossChunkSize": 16,
+                "gradientCheckpointing": "off",
+                **training,
+            },
+            "checkpoint": {"everySteps": 2, "keep": 2},
+            "output": {"uri": str(output)},
+        },
+    }
+    return doc
+
+
+def write_job(tmp_path, doc) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def grpo_train(job_path, *extra, env=None):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_runtime.cli", "train", str(job_path), "--quiet", *extra],
+        capture_output=True, text=True, env=full_env, timeout=600,
+    )
+
+
+def read_metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_in_process(doc, **overrides):
+    from grpo_runtime.run import run_job
+
+    return run_job(parse_job(doc), quiet=True, **overrides)
+
+
+def test_train_writes_metrics_samples_checkpoints_and_final_adapter(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_in_process(tiny_job(tiny_model_dir, out)) == 0
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert REQUIRED_METRICS <= m.keys()
+        assert {"rewards/correct/mean", "rewards/correct/std", "rewards/short/mean", "rewards/short/std"} <= m.keys()
+        assert 0 <= m["completion_length/mean"] <= m["completion_length/max"] <= 12
+        assert m["peak_memory_mb"] > 0 and m["tokens_per_second"] > 0
+    # the weighted sum is what the per-reward means say it is
+    assert metrics[0]["reward"] == pytest.approx(metrics[0]["rewards/correct/mean"] + 0.5 * metrics[0]["rewards/short/mean"], abs=1e-5)
+    assert (out / "spec.yaml").is_file() and yaml.safe_load((out / "spec.yaml").read_text())["spec"]["training"]["maxSteps"] == 3
+    samples = [json.loads(line) for line in (out / "samples" / "step-2.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "completion", "reward", "rewards"} <= samples[0].keys()
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-3"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-2", "step-3"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, out / "final")
+    state = torch.load(out / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 3
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "training left LoRA B at its zero init"
+
+
+def test_killed_run_resumes_and_reproduces_the_uninterrupted_metrics(tiny_model_dir, tmp_path):
+    rewards = [{"name": "len7", "function": "tests.runtime.crash_rewards:die_on_call"}]
+    straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
+    straight = write_job(tmp_path, tiny_job(tiny_model_dir, straight_out, rewards=rewards, maxSteps=4))
+    assert grpo_train(straight).returncode == 0
+
+    (tmp_path / "b").mkdir()
+    job_b = write_job(tmp_path / "b", tiny_job(tiny_model_dir, resumed_out, rewards=rewards, maxSteps=4))
+    killed = grpo_train(job_b, env={"GRPO_TEST_DIE_ON_CALL": "4"})  # dies inside step 4, after step-2's checkpoint
+    assert killed.returncode == 137
+    assert (resumed_out / "checkpoints" / "LATEST").read_text().strip() == "step-2"
+    assert [m["step"] for m in read_metrics(resumed_out)] == [1, 2, 3]
+
+    resumed = grpo_train(job_b)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoints/step-2 at step 2" in resumed.stderr
+    expected, got = read_metrics(straight_out), read_metrics(resumed_out)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]  # step 3 re-run, not duplicated
+    for a, b in zip(expected, got):
+        for key in ("reward", "reward_std", "loss", "kl", "grad_norm", "completion_length/mean", "rewards/len7/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_padding_to_max_lengths_changes_nothing_but_memory(tiny_model_dir):
+    """Step 0 runs at the maximum lengths so an OOM shows at once; the loss must not notice."""
+    from grpo_runtime.engines import Completion
+    from grpo_runtime.loss import LossConfig, grpo_loss
+    from grpo_runtime.model import lm_head, load_policy
+    from grpo_runtime.trainer import build_batch, completion_hidden
+
+    job = parse_job(tiny_job(tiny_model_dir, "unused"))
+    policy = load_policy(job.spec.model, job.spec.lora, seed=0)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    completions = [Completion(0, [11, 12, 13], "", False), Completion(1, [14], "", True)]
+    advantages = torch.tensor([1.0, -1.0])
+    weight, bias = lm_head(policy.model)
+    results = []
+    for pad_to in (None, (20, 30)):
+        batch = build_batch(prompts, completions, policy.tokenizer.pad_token_id, policy.device, pad_to)
+        loss, _ = grpo_loss(
+            completion_hidden(policy, batch), weight, batch.completion_ids, batch.completion_mask, advantages,
+            config=LossConfig(loss_type="grpo", chunk_size=8),
+        )
+        grads = torch.autograd.grad(loss, [p for p in policy.model.parameters() if p.requires_grad])
+        results.append((batch.input_ids.shape, loss, grads))
+    assert results[1][0] == (2, 50) and results[0][0] == (2, 7)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    for a, b in zip(results[0][2], results[1][2]):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_kl_is_zero_until_the_adapter_moves(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    doc = tiny_job(tiny_model_dir, out, maxSteps=2, beta=0.1, lossType="grpo", gradientAccumulationSteps=2)
+    assert run_in_process(doc) == 0
+    metrics = read_metrics(out)
+    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # before any update policy == reference
+    assert metrics[1]["kl"] > 0  # after an update the adapter has moved away from the reference
+
+
+def test_num_iterations_reuses_the_batch_with_the_clipped_ratio(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    doc = tiny_job(tiny_model_dir, out, maxSteps=1, beta=0.1, numIterations=3, epsilon=0.01, lossType="bnpo")
+    assert run_in_process(doc) == 0
+    (metrics,) = read_metrics(out)
+    # passes 2 and 3 see a policy that already moved: KL against the reference and clipping show it
+    assert metrics["kl"] > 0
+    assert metrics["clip_ratio"] > 0
+
+
+def test_train_to_s3(tiny_model_dir, tmp_path, s3_bucket):
+    import boto3
+
+    doc = tiny_job(tiny_model_dir, s3_bucket.uri("jobs/tiny"), maxSteps=2)
+    doc["spec"]["output"]["endpoint"] = s3_bucket.endpoint
+    assert run_in_process(doc) == 0
+    client = boto3.client("s3", endpoint_url=s3_bucket.endpoint, region_name="us-east-1")
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket.name, Prefix="jobs/tiny/")["Contents"]}
+    assert {"jobs/tiny/spec.yaml", "jobs/tiny/metrics.jsonl", "jobs/tiny/checkpoints/LATEST",
+            "jobs/tiny/final/adapter_model.safetensors", "jobs/tiny/checkpoints/step-2/trainer_state.pt"} <= keys
+    body = client.get_object(Bucket=s3_bucket.name, Key="jobs/tiny/metrics.jsonl")["Body"].read().decode()
+    assert len(body.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d, tmp: d["spec"]["model"].update(name=str(tmp / "no-such-model")), "spec.model.name"),
+        (lambda d, tmp: d["spec"]["dataset"].update(source=str(tmp / "empty.jsonl")), "has no rows"),
+        (lambda d, tmp: d["spec"]["rewards"].append({"name": "x", "function": "no_such_mod_q:fn"}), "spec.rewards[2].function: cannot import"),
+        (lambda d, tmp: d["spec"]["dataset"].update(source="builtin:nope"), "spec.dataset.source: unknown builtin dataset"),
+    ],
+    ids=["missing-model", "empty-dataset", "reward-import", "unknown-builtin"],
+)
+def test_bad_input_exits_2_naming_the_cause(tiny_model_dir, tmp_path, mutate, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    doc = tiny_job(tiny_model_dir, tmp_path / "out")
+    mutate(doc, tmp_path)
+    result = grpo_train(write_job(tmp_path, doc))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reward_that_raises_exits_2_and_keeps_written_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    rewards = [{"name": "grader", "function": "tests.runtime.crash_rewards:raise_on_call"}]
+    doc = tiny_job(tiny_model_dir, out, rewards=rewards, maxSteps=4)
+    result = grpo_train(write_job(tmp_path, doc), env={"GRPO_TEST_RAISE_ON_CALL": "3"})
+    assert result.returncode == 2
+    assert "reward 'grader' (tests.runtime.crash_rewards:raise_on_call) raised ValueError: the grader fell over" in result.stderr
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-2"
+    assert (out / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
