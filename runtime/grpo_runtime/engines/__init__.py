@@ -1,0 +1,107 @@
+"""Rollout engines: sample `n` completions per tokenised prompt from the current policy.
+
+`hf` runs transformers `generate` on the learner's own model (CPU, or where vLLM is absent);
+`vllm` (grpo_runtime.engines.vllm) runs vLLM in the training process and is pushed the
+learner's weights after every optimizer step. Both return the same plain data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """The generation section cannot be honoured (engine missing, unsupported parameter): exit 2."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    n: int  # completions per prompt
+    max_tokens: int
+    temperature: float = 1.0  # <= 0 means greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: tuple[str, ...] = ()  # strings that end a completion (kept in it)
+    seed: int | None = None  # None: draw from the global RNG
+    extra: dict[str, Any] = field(default_factory=dict)  # spec.generation.samplingParams
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    completion_ids: list[int]  # ends with EOS or the token completing a stop string, unless truncated
+    text: str  # completion_ids decoded, special tokens skipped
+    truncated: bool  # hit max_tokens without EOS or a stop string
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        """len(prompt_ids) * n completions, grouped: all n of prompt 0, then prompt 1, ..."""
+        ...
+
+    def sync(self, policy) -> None:
+        """Make the engine sample from the learner's current weights."""
+        ...
+
+    def sleep(self) -> None:
+        """Release what generation holds (KV cache, weights) while the learner trains."""
+        ...
+
+    def wake(self) -> None:
+        """Take it back before the next rollout."""
+        ...
+
+
+def sampling_config(generation_spec, *, seed: int | None = None, n: int | None = None) -> SamplingConfig:
+    """The SamplingConfig a GenerationSpec describes."""
+    return SamplingConfig(
+        n=n if n is not None else generation_spec.num_generations,
+        max_tokens=generation_spec.max_completion_length,
+        temperature=generation_spec.temperature,
+        top_p=generation_spec.top_p,
+        top_k=generation_spec.top_k,
+        min_p=generation_spec.min_p,
+        stop=tuple(generation_spec.stop),
+        seed=seed,
+        extra=dict(generation_spec.sampling_params),
+    )
+
+
+def make_engine(generation_spec, policy) -> Engine:
+    """auto: vLLM when CUDA is present and `import vllm` works, else hf."""
+    import torch
+
+    choice = generation_spec.engine
+    if choice == "auto":
+        choice = "vllm" if torch.cuda.is_available() and _vllm_importable() else "hf"
+        log.info("generation engine: %s (engine: auto)", choice)
+    if choice == "vllm":
+        try:
+            from grpo_runtime.engines.vllm import VLLMEngine
+        except ImportError as exc:
+            raise EngineError(
+                f"spec.generation.engine: vllm is not usable here ({exc}); install the gpu extra or use engine: hf"
+            ) from None
+        return VLLMEngine(generation_spec, policy)
+    if choice != "hf":
+        raise EngineError(f"spec.generation.engine: must be auto, vllm or hf, got {choice!r}")
+    from grpo_runtime.engines.hf import HFEngine, hf_sampling_kwargs
+
+    hf_sampling_kwargs(generation_spec.sampling_params)  # refuse vLLM-only parameters before training starts
+    return HFEngine(policy)
+
+
+def _vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # a broken install is as good as none: fall back to hf
+        log.info("vllm not importable (%s); using the hf engine", exc)
+        return False
+    return True

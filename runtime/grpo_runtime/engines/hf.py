@@ -1,0 +1,187 @@
+"""Sampling with transformers `generate` on the learner's own model (no copy, nothing to sync).
+
+The batch is left-padded with an attention mask; `generate` derives position ids from the mask,
+so a prompt sees the same positions and context alone or beside longer ones (greedy output is
+identical either way). A stop string counts only in the generated text (as in vLLM), never
+across the prompt boundary, so it is matched by our own stopping criterion rather than
+transformers' `stop_strings` (which also matches a stop string straddling the prompt's end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from grpo_runtime.engines import Completion, EngineError, SamplingConfig
+
+# spec.generation.samplingParams the hf engine understands (vLLM name -> generate() name).
+HF_EXTRA_PARAMS = {"repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens"}
+
+
+def hf_sampling_kwargs(extra: dict[str, Any]) -> dict[str, Any]:
+    """generate() kwargs for spec.generation.samplingParams; EngineError for any it cannot honour."""
+    unknown = sorted(set(extra) - set(HF_EXTRA_PARAMS))
+    if unknown:
+        raise EngineError(
+            f"spec.generation.samplingParams: {', '.join(unknown)} not supported by the hf engine "
+            f"(supported: {', '.join(HF_EXTRA_PARAMS)}; the rest need engine: vllm)"
+        )
+    return {HF_EXTRA_PARAMS[key]: value for key, value in extra.items()}
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, policy, *, max_batch_sequences: int = 64):
+        self.model = policy.model
+        self.tokenizer = policy.tokenizer
+        self.device = policy.device
+        self.max_batch_sequences = max_batch_sequences  # sequences per generate() call
+
+    def sync(self, policy) -> None:
+        """Nothing to copy: generation runs on the learner's model itself (rebound in case it changed)."""
+        self.model, self.tokenizer, self.device = policy.model, policy.tokenizer, policy.device
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        if any(len(ids) == 0 for ids in prompt_ids):
+            raise ValueError("every prompt needs at least one token")
+        eos_ids = self._eos_ids()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
+        kwargs = self._generate_kwargs(sampling, eos_ids, pad_id)
+        per_call = max(1, self.max_batch_sequences // sampling.n)
+
+        completions: list[Completion] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), _seeded(sampling.seed, self.device):
+                for start in range(0, len(prompt_ids), per_call):
+                    # Each prompt repeated n times (grouped); greedy generate has no num_return_sequences > 1.
+                    rows = [ids for ids in prompt_ids[start : start + per_call] for _ in range(sampling.n)]
+                    input_ids, attention_mask = _left_pad(rows, pad_id, self.device)
+                    stopping = StoppingCriteriaList()
+                    if sampling.stop:
+                        stopping.append(_StopStrings(self.tokenizer, sampling.stop, input_ids.shape[1]))
+                    output = self.model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stopping, **kwargs
+                    )
+                    for row, ids in enumerate(output[:, input_ids.shape[1] :].tolist()):
+                        completions.append(self._completion(start + row // sampling.n, ids, set(eos_ids), sampling))
+        finally:
+            self.model.train(was_training)
+        return completions
+
+    def _eos_ids(self) -> list[int]:
+        ids = []
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            for token in source if isinstance(source, list) else [source]:
+                if token is not None and token not in ids:
+                    ids.append(token)
+        if not ids:
+            raise EngineError("spec.model.name: the tokenizer has no EOS token; the hf engine needs one")
+        return ids
+
+    def _generate_kwargs(self, sampling: SamplingConfig, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens,
+            "eos_token_id": eos_ids,
+            "pad_token_id": pad_id,
+            "use_cache": True,  # training turns it off in the config; sampling wants the KV cache
+            "repetition_penalty": 1.0,  # exactly the distribution asked for, not the model's defaults
+        }
+        if sampling.temperature <= 0:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or 0,  # 0 disables top-k (transformers' default would be 50)
+                min_p=sampling.min_p,
+            )
+        kwargs.update(hf_sampling_kwargs(sampling.extra))
+        return kwargs
+
+    def _completion(self, prompt_index: int, ids: list[int], eos: set[int], sampling: SamplingConfig) -> Completion:
+        ended = False
+        for i, token in enumerate(ids):
+            if token in eos:
+                ids, ended = ids[: i + 1], True
+                break
+        if sampling.stop:
+            cut = _first_stop(self.tokenizer, ids, sampling.stop)
+            if cut is not None:
+                ids, ended = ids[:cut], True
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(prompt_index=prompt_index, completion_ids=ids, text=text, truncated=not ended)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """Sample from `seed` without disturbing the global RNG streams (the trainer's own)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _first_stop(tokenizer, ids: list[int], stops: tuple[str, ...]) -> int | None:
+    """Length of the shortest prefix of `ids` whose text contains a stop string, or None."""
+
+    def hit(length: int) -> bool:
+        text = tokenizer.decode(ids[:length], skip_special_tokens=True)
+        return any(stop in text for stop in stops)
+
+    if not ids or not hit(len(ids)):
+        return None
+    low, high = 1, len(ids)  # hit(high) holds; find the smallest such length
+    while low < high:
+        middle = (low + high) // 2
+        if hit(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+class _StopStrings(StoppingCriteria):
+    """Marks a row done once its generated text (not the prompt) contains a stop string.
+
+    Only the last few tokens are decoded each step: a stop string of b bytes spans at most b
+    tokens, plus one token of context so tokenizers that drop a leading space still show it.
+    The exact cut is made afterwards by `_first_stop` on the whole completion.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_width = prompt_width
+        self.window = max(len(stop.encode()) for stop in stops) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_width :]
+        tails = generated[:, -self.window :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

