@@ -36,7 +36,7 @@ def arithmetic_problems(count: int = 2000, seed: int = 1234) -> list[dict[str, A
     for _ in range(count):
         template, solve = rng.choice(_TEMPLATES)
         name, pronoun = rng.choice(_NAMES)
-        a, b = rng.randint(2, 20), rng.randint(2, 9)
+        a, b = rng.randint(2, 12), rng.randint(2, 9)
         if solve(a, b) < 0:
             a, b = b, a
         question = template.format(name=name, pronoun=pronoun, item=rng.choice(_ITEMS), a=a, b=b)

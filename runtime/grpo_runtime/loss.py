@@ -16,12 +16,13 @@ batch x max length) is known before the first chunk, so dL/dlogp_i is known the 
 is. One pass per chunk therefore does everything with the logits it has just computed:
 logits = h W^T, then dlogits = dlogp * (onehot - softmax) / temperature, grad_h = dlogits W,
 grad_W += dlogits^T h. That is the naive implementation's three matmuls and nothing more.
-Recomputing in backward needs a fourth (the forward projection twice). Measured here
-(2 CPU cores, fp32, B=8, T=1024, D=576, V=49152, lm_head trainable, full mask):
-grad-in-forward 11.4 s, recompute 15.3 s, naive full logits 12.1 s; peak memory within
-a few MB of each other (one [chunk, V] float32 buffer dominates both). The price of grad in
-forward: backward of anything before this loss still waits for the whole forward, and a
-forward without backward (evaluation) pays for the gradients; use ``token_logprobs`` there.
+Recomputing in backward needs a fourth (the forward projection twice). Measured here (2 CPU
+cores, fp32, B=8, T=1024, D=576, V=49152, lm_head trainable, every token counted, CPU seconds
+of the process, which other load on the machine barely moves): grad in forward 16.2 s,
+recompute in backward 22.7 s, naive full logits 26.7 s; peak memory the same for both (one
+[chunk, V] float32 buffer dominates). The price of grad in forward: a forward without backward
+pays for the gradients, so under torch.no_grad() none are computed (and ``token_logprobs`` is
+the call for log-probs alone).
 
 Only tokens with ``mask != 0`` do any vocabulary work: they are gathered first, so padding
 costs nothing (completions of one group differ widely in length).
@@ -33,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from . import kernels
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -46,7 +49,7 @@ class LossConfig:
     epsilon: float = 0.2  # ratio clipped below at 1 - epsilon
     epsilon_high: float | None = None  # ratio clipped above at 1 + epsilon_high; None -> epsilon
     temperature: float = 1.0  # logits are divided by it before the log-softmax (the sampling one)
-    chunk_size: int = 1024  # token rows per chunk: peak memory ~ chunk_size x vocab x 4 bytes
+    chunk_size: int = 512  # token rows per chunk: peak memory ~ chunk_size x vocab x 4 bytes
     max_completion_length: int | None = None  # dr_grpo normaliser B x this; None -> T
 
     def __post_init__(self) -> None:
@@ -61,19 +64,23 @@ class LossConfig:
 # --------------------------------------------------------------------------- the chunking
 
 
-def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
-    """float32 logits / temperature of a chunk of rows [n, D] -> [n, V]."""
+def _project(h, weight, bias, out: torch.Tensor) -> torch.Tensor:
+    """Logits of a chunk of rows h [n, D], written into out [n, V] (float32, or the weight's dtype).
+
+    One buffer reused by every chunk: a fresh [chunk, V] allocation pays its page faults again
+    each time (~12% of the chunk's projection on CPU)."""
     h = h.to(weight.dtype)
-    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-    z = z.float()  # a no-op for float32; bf16 logits get a float32 copy (the logsumexp is float32)
+    if out.dtype == weight.dtype:
+        return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+    # bf16/fp16 matmul, then a float32 copy: the torch path accumulates the logsumexp in float32
+    return out.copy_(h @ weight.T if bias is None else torch.addmm(bias, h, weight.T))
+
+
+def _logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) of each row of float32 logits z [n, V] at temperature 1 / inv_temp.
+    Overwrites z with exp(z / T - rowmax), kept for the gradient, and returns its row sums too."""
     if inv_temp != 1.0:
         z.mul_(inv_temp)
-    return z
-
-
-def _logp_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) of each row of float32 logits z [n, V]. Overwrites z with exp(z - rowmax)
-    (kept for the gradient) and also returns the row sums of that."""
     target_logit = z.gather(1, targets[:, None]).squeeze(1)
     row_max = z.amax(1, keepdim=True)
     z.sub_(row_max).exp_()
@@ -81,12 +88,26 @@ def _logp_(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.
     return target_logit - row_max.squeeze(1) - row_sum.log(), row_sum
 
 
-def _dlogits_(e: torch.Tensor, row_sum: torch.Tensor, targets: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
-    """In place: e = exp(z - rowmax) [n, V] becomes dL/dlogits = dlogp (onehot - softmax) / temperature."""
+def _dlogits_(e: torch.Tensor, targets: torch.Tensor, row_sum: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
+    """In place: e = exp(z / T - rowmax) [n, V] becomes dL/dlogits = dlogp (onehot - softmax) / T."""
     g = dlogp * inv_temp
     e.mul_((-g / row_sum)[:, None])
     e.scatter_add_(1, targets[:, None], g[:, None])
     return e
+
+
+_TRITON: bool | None = None  # None: the Triton kernels on CUDA when triton imports; True/False force it (tests)
+
+
+def _chunk_ops(weight: torch.Tensor):
+    """(logp_, dlogits_, buffer dtype) for the chunks: the Triton kernels (in place, in the weight's
+    dtype, float32 statistics) on GPU, torch ops on a float32 buffer elsewhere."""
+    use = _TRITON if _TRITON is not None else weight.is_cuda and kernels.available()
+    if use:
+        from .kernels import logsoftmax
+
+        return logsoftmax.logp_, logsoftmax.dlogits_, weight.dtype
+    return _logp_, _dlogits_, torch.float32
 
 
 TokenLoss = Callable[[torch.Tensor, slice], torch.Tensor]
@@ -99,10 +120,13 @@ class FusedLinearTokenLoss(torch.autograd.Function):
 
     hidden [N, D], targets [N], rows [M] (the selected rows, e.g. mask != 0). Returns the loss
     and the selected tokens' log-probs [M] (float32, not differentiable: for metrics).
-    Memory: one [chunk_size, V] float32 buffer, plus grad buffers the size of hidden and weight.
+    Memory: one [chunk_size, V] buffer (float32; the weight's dtype on the Triton path), reused by
+    every chunk, plus the gradients (the size of hidden, and of weight when it needs one).
     """
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)  # dtypes are chosen here: bf16 matmuls, float32 statistics
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, hidden, weight, bias, targets, rows, token_loss: TokenLoss, temperature: float, chunk_size: int):
         inv_temp = 1.0 / temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -112,12 +136,14 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         logps = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        logp_, dlogits_, buf_dtype = _chunk_ops(weight)
+        buf = torch.empty(min(chunk_size, rows.numel()), weight.shape[0], dtype=buf_dtype, device=hidden.device)
         for start in range(0, rows.numel(), chunk_size):
             sl = slice(start, start + chunk_size)
             idx = rows[sl]
             h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
-            z = _project(h, weight, bias, inv_temp)
-            logp, row_sum = _logp_(z, t)
+            z = _project(h, weight, bias, buf[: idx.numel()])
+            logp, stats = logp_(z, t, inv_temp)
             logps[sl] = logp
             with torch.enable_grad():
                 leaf = logp.detach().requires_grad_()
@@ -126,7 +152,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
             loss += chunk_loss.detach()
             if not (need_h or need_w or need_b):
                 continue
-            dz = _dlogits_(z, row_sum, t, dlogp, inv_temp)
+            dz = dlogits_(z, t, stats, dlogp, inv_temp)
             dzc = dz.to(weight.dtype)  # no copy for float32
             if need_h:
                 grad_h.index_copy_(0, idx, (dzc @ weight).to(hidden.dtype))
@@ -136,8 +162,8 @@ class FusedLinearTokenLoss(torch.autograd.Function):
                 else:  # bf16 matmul (float32 accumulation inside), summed over chunks in float32
                     grad_w += (dzc.T @ h.to(weight.dtype)).float()
             if need_b:
-                grad_b += dz.sum(0)
-            del z, dz, dzc
+                grad_b += dz.sum(0, dtype=torch.float32)
+            del dzc
         # Not save_for_backward: these are neither inputs nor outputs, and backward scales them in place.
         ctx.grads = (
             grad_h,
@@ -158,14 +184,16 @@ class FusedLinearTokenLoss(torch.autograd.Function):
 
 
 @torch.no_grad()
-def token_logprobs(hidden, weight, target_ids, *, temperature=1.0, chunk_size=1024, bias=None) -> torch.Tensor:
+def token_logprobs(hidden, weight, target_ids, *, temperature=1.0, chunk_size=512, bias=None) -> torch.Tensor:
     """log p(target_ids) [B, T] (float32, no grad), chunk by chunk: the old/ref log-probs."""
     batch, seq = target_ids.shape
     h, t = hidden.reshape(batch * seq, -1), target_ids.reshape(-1)
     out = torch.empty(batch * seq, dtype=torch.float32, device=hidden.device)
+    logp_, _, buf_dtype = _chunk_ops(weight)
+    buf = torch.empty(min(chunk_size, batch * seq), weight.shape[0], dtype=buf_dtype, device=hidden.device)
     for start in range(0, batch * seq, chunk_size):
         sl = slice(start, start + chunk_size)
-        out[sl], _ = _logp_(_project(h[sl], weight, bias, 1.0 / temperature), t[sl])
+        out[sl], _ = logp_(_project(h[sl], weight, bias, buf[: t[sl].numel()]), t[sl], 1.0 / temperature)
     return out.view(batch, seq)
 
 
@@ -237,12 +265,16 @@ def grpo_loss(
         return None if x is None else x.reshape(-1).index_select(0, rows).float().detach()
 
     old, ref, w = select(old_logps), select(ref_logps), select(weights)
-    adv = advantages.detach().float().repeat_interleave(seq).index_select(0, rows)
+    adv = advantages.detach().float().reshape(batch, -1).expand(batch, seq).reshape(-1).index_select(0, rows)
 
     def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
-        pick = (lambda x: None if x is None else x[sl])
+        def pick(x):
+            return None if x is None else x[sl]
+
         return (grpo_token_loss(logp, pick(old), pick(ref), adv[sl], config) * w[sl]).sum()
 
+    if not torch.is_grad_enabled():  # evaluation: the Function would still see requires_grad and do the work
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     loss, logp = FusedLinearTokenLoss.apply(
         hidden.reshape(batch * seq, -1), weight, bias, target_ids.reshape(-1), rows, token_loss,
         config.temperature, config.chunk_size,

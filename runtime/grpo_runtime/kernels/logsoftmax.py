@@ -1,0 +1,75 @@
+"""Triton kernels for one chunk of the fused loss: the GPU fast path of grpo_runtime.loss.
+
+They work in place on the chunk's logits in the lm_head's own dtype (bf16 on GPU), so the
+chunk needs no float32 copy of its logits and the temperature scaling, log-sum-exp, gather and
+softmax gradient are two passes over the chunk instead of the torch path's six:
+
+- ``logp_(z, targets, inv_temp)``: per row, an online (running max) float32 log-sum-exp of
+  z / T over the vocabulary and the target's log-prob. Returns (logp, lse), both float32.
+- ``dlogits_(z, targets, lse, dlogp, inv_temp)``: overwrites z with
+  dL/dlogits = dlogp (onehot(target) - softmax(z / T)) / T, in z's dtype.
+
+On CPU they run under TRITON_INTERPRET=1 (that is how the tests check them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+
+
+@triton.jit
+def _logp_kernel(z_ptr, z_stride, t_ptr, logp_ptr, lse_ptr, V, inv_temp, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.load(t_ptr + row)
+    z_target = tl.load(z_row + target).to(tl.float32) * inv_temp
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, z_target - lse)
+
+
+@triton.jit
+def _dlogits_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, V, inv_temp, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row) * inv_temp
+    target = tl.load(t_ptr + row)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < V
+        x = tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
+        d = g * (tl.where(cols == target, 1.0, 0.0) - tl.exp(x - lse))
+        tl.store(z_row + cols, d.to(z_ptr.dtype.element_ty), mask=inside)
+
+
+def logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    n, vocab = z.shape
+    assert z.stride(1) == 1 and targets.shape == (n,)
+    logp = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n:
+        block = min(BLOCK, triton.next_power_of_2(vocab))
+        _logp_kernel[(n,)](z, z.stride(0), targets, logp, lse, vocab, inv_temp, BLOCK=block)
+    return logp, lse
+
+
+def dlogits_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
+    n, vocab = z.shape
+    assert z.stride(1) == 1 and lse.shape == dlogp.shape == (n,)
+    if n:
+        block = min(BLOCK, triton.next_power_of_2(vocab))
+        _dlogits_kernel[(n,)](z, z.stride(0), targets, lse, dlogp.float().contiguous(), vocab, inv_temp, BLOCK=block)
+    return z
