@@ -1,0 +1,120 @@
+"""The operator's few Kubernetes API calls, on the official client's asyncio flavour.
+
+kopf watches and posts events itself; this is what it does not do: read a job and its
+pod, create the children, patch the job's status, delete pods (and jobs past their TTL).
+Objects come back as plain camelCase dicts, as the API server serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kubernetes.aio import client, config
+
+from grpo_operator.crd import GROUP, PLURAL, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class APIError(Exception):
+    """The API server refused a request (other than the 404s and 409s handled here)."""
+
+
+def _check(status: int, body: dict[str, Any], what: str) -> None:
+    if not 200 <= status < 300:
+        raise APIError(f"{what}: HTTP {status} {body.get('reason', '')}: {body.get('message', '')}".strip())
+
+
+class Conflict(Exception):
+    """The object exists already (HTTP 409 on create)."""
+
+
+async def connect() -> client.ApiClient:
+    """In-cluster service account first, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        await config.load_kube_config(config_file=path, client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        # The *_without_preload_content calls: objects as served, not re-validated through the
+        # client's models (which refuse, e.g., a container status a kubelet left incomplete).
+        self._create = {
+            "ServiceAccount": self.core.create_namespaced_service_account_without_preload_content,
+            "ConfigMap": self.core.create_namespaced_config_map_without_preload_content,
+            "Pod": self.core.create_namespaced_pod_without_preload_content,
+            "Role": self.rbac.create_namespaced_role_without_preload_content,
+            "RoleBinding": self.rbac.create_namespaced_role_binding_without_preload_content,
+        }
+        self._read = {
+            "ServiceAccount": self.core.read_namespaced_service_account_without_preload_content,
+            "ConfigMap": self.core.read_namespaced_config_map_without_preload_content,
+            "Pod": self.core.read_namespaced_pod_without_preload_content,
+            "Role": self.rbac.read_namespaced_role_without_preload_content,
+            "RoleBinding": self.rbac.read_namespaced_role_binding_without_preload_content,
+        }
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    @staticmethod
+    async def _json(response: Any) -> tuple[int, dict[str, Any]]:
+        body = await response.read()
+        try:
+            return response.status, (json.loads(body) if body else {})
+        except ValueError:  # not the API server talking (a proxy's error page)
+            return response.status, {"message": body[:200].decode(errors="replace")}
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH
+        )
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        try:
+            await self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+            )
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, body = await self._json(await self._read[kind](name, namespace))
+        if status == 404:
+            return None
+        _check(status, body, f"get {kind} {namespace}/{name}")
+        return body
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create; raises Conflict when an object of that name exists."""
+        meta = obj["metadata"]
+        status, body = await self._json(await self._create[obj["kind"]](meta["namespace"], obj))
+        if status == 409:
+            raise Conflict(f"{obj['kind']} {meta['name']} exists")
+        _check(status, body, f"create {obj['kind']} {meta['namespace']}/{meta['name']}")
+        return body
+
+    async def delete_pod(self, namespace: str, name: str) -> None:
+        status, body = await self._json(await self.core.delete_namespaced_pod_without_preload_content(name, namespace))
+        if status != 404:
+            _check(status, body, f"delete Pod {namespace}/{name}")

@@ -1,0 +1,219 @@
+"""GRPOJob -> the Kubernetes objects that run it. Pure: plain dicts in, plain dicts out.
+
+Per job: a ServiceAccount, a Role that may only get/patch the job's own status (the
+runtime's progress reports), a RoleBinding, a ConfigMap holding the job manifest the pod
+trains from, and one Pod per attempt. Owner references are added by the caller
+(handlers.py) from the live object, which alone knows the job's uid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from grpo_runtime.spec import GRPOJob
+
+from grpo_operator.crd import GROUP, PLURAL
+
+LABEL_JOB = "grpo.dev/job-name"
+LABEL_ATTEMPT = "grpo.dev/attempt"
+CONTAINER = "trainer"
+SPEC_DIR = "/etc/grpo"
+SPEC_FILE = "job.yaml"
+WORKDIR = "/workspace"
+RUNTIME_UID = 1000  # the runtime image's user; the pod never runs as root
+GPU = "nvidia.com/gpu"
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def runtime_name(job: str) -> str:
+    """The ServiceAccount, Role and RoleBinding of a job."""
+    return f"{job}-runtime"
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-spec"
+
+
+def pod_name(job: str, attempt: int) -> str:
+    """Deterministic per attempt: creating the same attempt twice is a 409, never a second pod."""
+    return f"{job}-attempt-{attempt}"
+
+
+def _labels(job: GRPOJob, component: str) -> dict[str, str]:
+    return {
+        LABEL_JOB: job.metadata.name,
+        "app.kubernetes.io/name": "grpo-runtime",
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "grpo-operator",
+    }
+
+
+def _meta(job: GRPOJob, name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": job.metadata.namespace, "labels": _labels(job, component)}
+
+
+def job_document(job: GRPOJob, *, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """The manifest the pod trains from: the validated spec with defaults filled in.
+
+    Only name and namespace are kept of the metadata (not kubectl's or kopf's annotations).
+    The operator's default S3 endpoint fills spec.output.endpoint when the job has none.
+    """
+    manifest = job.to_manifest()
+    manifest["metadata"] = {k: v for k, v in manifest["metadata"].items() if k in ("name", "namespace")}
+    output = manifest["spec"].setdefault("output", {})
+    if s3_endpoint and not output.get("endpoint"):
+        output["endpoint"] = s3_endpoint
+    return manifest
+
+
+def service_account(job: GRPOJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(job, runtime_name(job.metadata.name), "runtime-identity"),
+    }
+
+
+def role(job: GRPOJob) -> dict[str, Any]:
+    """Least privilege: read and patch the status of this one job, nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(job, runtime_name(job.metadata.name), "runtime-identity"),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [job.metadata.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def role_binding(job: GRPOJob) -> dict[str, Any]:
+    name = runtime_name(job.metadata.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(job, name, "runtime-identity"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.metadata.namespace}],
+    }
+
+
+def config_map(job: GRPOJob, *, s3_endpoint: str | None = None) -> dict[str, Any]:
+    document = job_document(job, s3_endpoint=s3_endpoint)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, config_map_name(job.metadata.name), "job-spec"),
+        "data": {SPEC_FILE: yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def _quantities(values: dict[str, str | int]) -> dict[str, str]:
+    return {key: str(value) for key, value in values.items()}
+
+
+def _resources(job: GRPOJob) -> dict[str, Any]:
+    """The spec's resources with exactly one GPU: extended resources need requests == limits."""
+    requests = _quantities(job.spec.resources.requests)
+    limits = _quantities(job.spec.resources.limits)
+    limits[GPU] = "1"
+    if GPU in requests:
+        requests[GPU] = "1"
+    return {"requests": requests, "limits": limits} if requests else {"limits": limits}
+
+
+def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "GRPOJOB_NAME", "value": job.metadata.name},
+        {"name": "GRPOJOB_NAMESPACE", "value": job.metadata.namespace},
+        {"name": "GRPO_ATTEMPT", "value": str(attempt)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    secret = job.spec.output.credentials_secret
+    if secret:
+        # A reference only: the kubelet resolves it; the values never pass through the operator.
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in SECRET_KEYS
+        ]
+    return env
+
+
+def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
+    """The training pod of one attempt; `image` is the operator's default unless spec.image is set.
+
+    Without spec.output.uri the runtime writes to ./grpo-runs/<name> under the working
+    directory, an emptyDir: checkpoints and metrics live as long as this pod, so a retry
+    starts from step 0. That is allowed (a smoke test needs no bucket) but reported by a
+    Warning event and the OutputPersistent=False condition (lifecycle.py).
+    """
+    spec = job.spec
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["grpo", "train", f"{SPEC_DIR}/{SPEC_FILE}"],
+        "workingDir": WORKDIR,
+        "env": _env(job, attempt),
+        "resources": _resources(job),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "job-spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "workspace", "mountPath": WORKDIR},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": runtime_name(job.metadata.name),
+        "restartPolicy": "Never",  # the operator retries, as a new attempt resuming from LATEST
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "job-spec",
+                "configMap": {
+                    "name": config_map_name(job.metadata.name),
+                    "items": [{"key": SPEC_FILE, "path": SPEC_FILE}],
+                },
+            },
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "workspace", "emptyDir": {}},
+        ],
+    }
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+
+    meta = _meta(job, pod_name(job.metadata.name, attempt), "trainer")
+    meta["labels"][LABEL_ATTEMPT] = str(attempt)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def support_objects(job: GRPOJob, *, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
+    """Everything the pod needs to exist first, in creation order (the pod's SA must exist)."""
+    return [service_account(job), role(job), role_binding(job), config_map(job, s3_endpoint=s3_endpoint)]
+

@@ -1,0 +1,296 @@
+"""A "local kubelet" test double: runs the pods of an API server as local processes.
+
+It does over HTTP what a kubelet does for its node: watch pods, prepare volumes and
+environment, start the container's command, and report the pod's status:
+Pending -> Running -> Succeeded | Failed, with
+containerStatuses[].state.terminated.exitCode. Deleting a pod kills its process.
+
+Where a laptop is not a node, it translates:
+- volumes become directories under `root/<namespace>/<pod>-<uid>/volumes/<volume>`: a configMap volume is
+  materialised from the ConfigMap (its items, or all keys), an emptyDir is an empty
+  directory, /dev/shm is left alone; a path argument under a mountPath, and the
+  workingDir, are rewritten to the directory;
+- env: `value`, `valueFrom.secretKeyRef` (read from the API server's Secret, decoded),
+  `valueFrom.configMapKeyRef` and `fieldRef` (metadata.name/namespace); no image: the
+  process inherits PATH/HOME/PYTHONPATH/LANG from this process plus `env` given here
+  (e.g. a KUBECONFIG for the double, where a real pod has its service-account token);
+- the command: `grpo` runs as `python -m grpo_runtime.cli` of this interpreter, and
+  `commands` may map other executables (or override a pod's argv entirely via `argv`).
+A missing Secret or key leaves the pod Pending with CreateContainerConfigError, a
+missing ConfigMap with ContainerCreating, as a kubelet would, until they appear.
+
+`run=False` makes it a "scripted" kubelet: pods go Running and stay there until the
+test calls `finish(namespace, name, exit_code)` or `evict(namespace, name)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+INHERITED_ENV = ("PATH", "HOME", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
+RETRY_SECONDS = 0.2
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _container_status(container: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A complete v1 ContainerStatus (clients validate the required image/imageID/ready fields)."""
+    return {
+        "name": container["name"],
+        "image": container.get("image", ""),
+        "imageID": f"local://{container.get('image', '')}",
+        "ready": "running" in state,
+        "started": "running" in state,
+        "restartCount": 0,
+        "state": state,
+    }
+
+
+class PodNotReady(Exception):
+    """A volume or env source is missing; the kubelet retries (reason, message)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class LocalKubelet:
+    def __init__(
+        self,
+        server: str,
+        *,
+        root: Path,
+        env: dict[str, str] | None = None,
+        run: bool = True,
+        commands: dict[str, list[str]] | None = None,
+        argv: Callable[[dict[str, Any]], list[str] | None] | None = None,
+    ):
+        self.server = server.rstrip("/")
+        self.root = Path(root)
+        self.env = dict(env or {})
+        self.run = run
+        self.commands = {"grpo": [sys.executable, "-m", "grpo_runtime.cli"], **(commands or {})}
+        self.argv = argv
+        self.processes: dict[tuple[str, str], asyncio.subprocess.Process] = {}
+        self.exit_codes: dict[tuple[str, str], int] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # by pod uid: a namesake pod is a new pod
+        self._by_uid: dict[str, asyncio.subprocess.Process] = {}
+        self._containers: dict[tuple[str, str], dict[str, Any]] = {}
+        self._dirs: dict[tuple[str, str], Path] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LocalKubelet:
+        self._session = aiohttp.ClientSession(headers={"Authorization": "Bearer kubelet"})
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        tasks = [t for t in [self._watcher, *self._tasks.values()] if t]
+        for task in tasks:
+            task.cancel()
+        for process in self.processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for process in self.processes.values():
+            with contextlib.suppress(Exception):
+                await process.wait()
+        assert self._session is not None
+        await self._session.close()
+
+    def pod_dir(self, namespace: str, pod: str) -> Path:
+        """Where the (latest) pod of that name keeps its volumes and log."""
+        return self._dirs.get((namespace, pod), self.root / namespace / pod)
+
+    def log(self, namespace: str, pod: str) -> str:
+        """What the pod's process wrote (stdout and stderr), like `kubectl logs`."""
+        path = self.pod_dir(namespace, pod) / "log"
+        return path.read_text() if path.exists() else ""
+
+    # ---- API -----------------------------------------------------------------------------------
+
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        assert self._session is not None
+        async with self._session.get(self.server + path) as response:
+            if response.status == 404:
+                return None
+            response.raise_for_status()
+            return await response.json()
+
+    async def _patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        assert self._session is not None
+        url = f"{self.server}/api/v1/namespaces/{namespace}/pods/{name}/status"
+        headers = {"Content-Type": "application/merge-patch+json"}
+        async with self._session.patch(url, data=json.dumps({"status": status}), headers=headers) as response:
+            if response.status != 404:  # deleted meanwhile: nothing to report
+                response.raise_for_status()
+
+    async def _watch(self) -> None:
+        assert self._session is not None
+        while True:
+            try:
+                async with self._session.get(
+                    f"{self.server}/api/v1/pods", params={"watch": "true"}, timeout=aiohttp.ClientTimeout(total=None)
+                ) as response:
+                    async for line in response.content:
+                        if line.strip():
+                            self._on_event(json.loads(line))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                await asyncio.sleep(RETRY_SECONDS)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        pod = event.get("object") or {}
+        meta = pod.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
+            process = self._by_uid.get(uid)
+            if process and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+            return
+        phase = (pod.get("status") or {}).get("phase", "Pending")
+        if uid not in self._tasks and phase == "Pending":
+            self._tasks[uid] = asyncio.create_task(self._start(pod))
+
+    # ---- one pod -------------------------------------------------------------------------------
+
+    async def _start(self, pod: dict[str, Any]) -> None:
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        container = pod["spec"]["containers"][0]
+        # A directory per pod, not per name: a namesake pod gets fresh emptyDirs, as on a node.
+        self._dirs[(namespace, name)] = self.root / namespace / f"{name}-{pod['metadata'].get('uid', '')[:8]}"
+        while True:
+            try:
+                mounts = await self._volumes(pod, container)
+                env = await self._environment(pod, container)
+                break
+            except PodNotReady as exc:
+                waiting = {"waiting": {"reason": exc.reason, "message": str(exc)}}
+                await self._patch_status(namespace, name, {
+                    "phase": "Pending", "containerStatuses": [_container_status(container, waiting)]})
+                await asyncio.sleep(RETRY_SECONDS)
+                if await self._get(f"/api/v1/namespaces/{namespace}/pods/{name}") is None:
+                    return
+
+        started = _now()
+        self._containers[(namespace, name)] = container
+        await self._patch_status(namespace, name, {
+            "phase": "Running", "startTime": started,
+            "containerStatuses": [_container_status(container, {"running": {"startedAt": started}})],
+        })
+        if not self.run:
+            return  # scripted: finish() or evict() ends it
+
+        argv = self.argv(pod) if self.argv else None
+        argv = argv or self._argv(container, mounts)
+        workdir = mounts.get(container.get("workingDir", ""), self.pod_dir(namespace, name) / "cwd")
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = (self.pod_dir(namespace, name) / "log").open("wb")
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=workdir, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
+        )
+        self.processes[(namespace, name)] = self._by_uid[pod["metadata"].get("uid", "")] = process
+        code = await process.wait()
+        log.close()
+        await self.finish(namespace, name, code, started=started)
+
+    async def finish(self, namespace: str, name: str, exit_code: int, *, started: str | None = None) -> None:
+        """The container ended with this exit code: the pod Succeeded (0) or Failed."""
+        self.exit_codes[(namespace, name)] = exit_code
+        terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                      "startedAt": started or _now(), "finishedAt": _now()}
+        container = self._containers.get((namespace, name), {"name": "main", "image": "unknown"})
+        await self._patch_status(namespace, name, {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [_container_status(container, {"terminated": terminated})],
+        })
+
+    async def evict(self, namespace: str, name: str) -> None:
+        """Node-pressure eviction: Failed with reason Evicted, no container exit code."""
+        process = self.processes.get((namespace, name))
+        if process and process.returncode is None:
+            process.kill()
+        await self._patch_status(namespace, name, {
+            "phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: memory.", "containerStatuses": [],
+        })
+
+    async def _volumes(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, Path]:
+        """mountPath -> local directory, with configMaps materialised."""
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or []:
+            if mount["mountPath"] == "/dev/shm":
+                continue
+            volume = volumes[mount["name"]]
+            directory = self.pod_dir(namespace, name) / "volumes" / mount["name"]
+            directory.mkdir(parents=True, exist_ok=True)
+            if "configMap" in volume:
+                source = volume["configMap"]
+                config_map = await self._get(f"/api/v1/namespaces/{namespace}/configmaps/{source['name']}")
+                if config_map is None:
+                    raise PodNotReady("ContainerCreating", f'configmap "{source["name"]}" not found')
+                data = config_map.get("data") or {}
+                items = source.get("items") or [{"key": key, "path": key} for key in data]
+                for item in items:
+                    (directory / item["path"]).write_text(data[item["key"]])
+            mounts[mount["mountPath"]] = directory
+        return mounts
+
+    async def _environment(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        namespace = pod["metadata"]["namespace"]
+        env = {key: os.environ[key] for key in INHERITED_ENV if key in os.environ}
+        env.update(self.env)
+        for var in container.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = str(var["value"])
+                continue
+            source = var.get("valueFrom") or {}
+            if "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                secret = await self._get(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
+                if secret is None or ref["key"] not in (secret.get("data") or {}):
+                    raise PodNotReady("CreateContainerConfigError",
+                                      f'secret "{ref["name"]}" or its key "{ref["key"]}" not found')
+                env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            elif "configMapKeyRef" in source:
+                ref = source["configMapKeyRef"]
+                config_map = await self._get(f"/api/v1/namespaces/{namespace}/configmaps/{ref['name']}")
+                if config_map is None or ref["key"] not in (config_map.get("data") or {}):
+                    raise PodNotReady("CreateContainerConfigError", f'configmap "{ref["name"]}" not found')
+                env[var["name"]] = config_map["data"][ref["key"]]
+            elif "fieldRef" in source:
+                path = source["fieldRef"]["fieldPath"]
+                env[var["name"]] = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace}.get(
+                    path, ""
+                )
+        return env
+
+    def _argv(self, container: dict[str, Any], mounts: dict[str, Path]) -> list[str]:
+        argv = list(container.get("command") or []) + list(container.get("args") or [])
+        if argv and argv[0] in self.commands:
+            argv = self.commands[argv[0]] + argv[1:]
+
+        def local(arg: str) -> str:
+            for mount_path, directory in mounts.items():
+                if arg == mount_path or arg.startswith(mount_path.rstrip("/") + "/"):
+                    return str(directory) + arg[len(mount_path.rstrip("/")):]
+            return arg
+
+        return [local(arg) for arg in argv]

@@ -1,0 +1,152 @@
+"""The local kubelet double: pods of the API-server double run as local processes.
+
+Real processes take real time, so these tests run on the real clock (no looptime).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sys
+from typing import Any
+
+import pytest
+
+from k8s_doubles import eventually, stored
+from local_kubelet import LocalKubelet
+
+pytestmark = pytest.mark.asyncio
+
+PY = sys.executable
+
+
+async def create(apiserver, path: str, body: dict[str, Any]) -> None:
+    response = await apiserver.post(path, json=body)
+    assert response.status == 201, await response.text()
+
+
+async def create_secret(apiserver, name: str, values: dict[str, str]) -> None:
+    await create(apiserver, "/api/v1/namespaces/default/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()},
+    })
+
+
+async def create_pod(apiserver, name: str, command: list[str], **container: Any) -> None:
+    await create(apiserver, "/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "local", "command": command, **container}],
+            "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "work", "emptyDir": {}}],
+        },
+    })
+
+
+def pod(apiserver, name: str) -> dict[str, Any]:
+    return stored(apiserver, "v1/pods", "default", name) or {}
+
+
+def terminated(apiserver, name: str) -> dict[str, Any] | None:
+    statuses = pod(apiserver, name).get("status", {}).get("containerStatuses") or [{}]
+    return statuses[0].get("state", {}).get("terminated")
+
+
+SCRIPT = """
+import os, pathlib, sys
+print("config:", pathlib.Path(sys.argv[1]).read_text())
+print("secret:", os.environ["TOKEN"], "plain:", os.environ["PLAIN"], "ns:", os.environ["NS"])
+pathlib.Path("out.txt").write_text("written in the workingDir")
+"""
+
+
+async def test_runs_the_pod_command_with_its_env_volumes_and_reports_success(apiserver, kubelet):
+    await create(apiserver, "/api/v1/namespaces/default/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"greeting.txt": "hello"}})
+    await create_secret(apiserver, "tok", {"TOKEN": "t0ken"})
+    await create_pod(
+        apiserver, "p1", [PY, "-c", SCRIPT, "/etc/cfg/greeting.txt"],
+        workingDir="/work",
+        env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "TOKEN"}}},
+             {"name": "PLAIN", "value": "p"},
+             {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
+        volumeMounts=[{"name": "cfg", "mountPath": "/etc/cfg"}, {"name": "work", "mountPath": "/work"}],
+    )
+    await eventually(lambda: pod(apiserver, "p1").get("status", {}).get("phase") == "Succeeded")
+    assert terminated(apiserver, "p1")["exitCode"] == 0
+    log = kubelet.log("default", "p1")
+    assert "config: hello" in log
+    assert "secret: t0ken plain: p ns: default" in log
+    assert (kubelet.pod_dir("default", "p1") / "volumes" / "work" / "out.txt").exists()
+
+
+async def test_mount_paths_in_arguments_are_rewritten(apiserver, kubelet):
+    await create(apiserver, "/api/v1/namespaces/default/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"job.yaml": "kind: X"}})
+    await create_pod(apiserver, "p2", [PY, "-c", "import sys; print(open(sys.argv[1]).read())", "/etc/grpo/job.yaml"],
+                     volumeMounts=[{"name": "cfg", "mountPath": "/etc/grpo"}])
+    await eventually(lambda: terminated(apiserver, "p2"))
+    assert terminated(apiserver, "p2")["exitCode"] == 0
+    assert "kind: X" in kubelet.log("default", "p2")
+
+
+async def test_non_zero_exit_fails_the_pod_with_its_exit_code(apiserver, kubelet):
+    await create(apiserver, "/api/v1/namespaces/default/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {}})
+    await create_pod(apiserver, "p3", [PY, "-c", "raise SystemExit(3)"])
+    await eventually(lambda: pod(apiserver, "p3").get("status", {}).get("phase") == "Failed")
+    assert terminated(apiserver, "p3")["exitCode"] == 3
+    assert terminated(apiserver, "p3")["reason"] == "Error"
+
+
+async def test_missing_secret_waits_like_a_kubelet(apiserver, kubelet):
+    await create(apiserver, "/api/v1/namespaces/default/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {}})
+    await create_pod(apiserver, "p4", [PY, "-c", "import os; print(os.environ['K'])"],
+                     env=[{"name": "K", "valueFrom": {"secretKeyRef": {"name": "late", "key": "K"}}}])
+
+    def waiting_reason():
+        statuses = pod(apiserver, "p4").get("status", {}).get("containerStatuses") or [{}]
+        return statuses[0].get("state", {}).get("waiting", {}).get("reason")
+
+    await eventually(lambda: waiting_reason() == "CreateContainerConfigError")
+    await create_secret(apiserver, "late", {"K": "arrived"})
+    await eventually(lambda: terminated(apiserver, "p4"))
+    assert "arrived" in kubelet.log("default", "p4")
+
+
+async def test_deleting_the_pod_kills_its_process(apiserver, kubelet):
+    await create(apiserver, "/api/v1/namespaces/default/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {}})
+    await create_pod(apiserver, "p5", [PY, "-c", "import time; time.sleep(600)"])
+    await eventually(lambda: ("default", "p5") in kubelet.processes)
+    response = await apiserver.delete("/api/v1/namespaces/default/pods/p5")
+    assert response.status == 200
+    process = kubelet.processes[("default", "p5")]
+    await eventually(lambda: process.returncode is not None, timeout=10)
+
+
+async def test_secret_values_never_reach_status_events_or_logs(apiserver, operator, kubeconfig, tmp_path, caplog):
+    """The operator passes a secretKeyRef; only the kubelet (and the process) ever see the values."""
+    caplog.set_level(logging.DEBUG)
+    values = {"AWS_ACCESS_KEY_ID": "AKIA-very-secret-id", "AWS_SECRET_ACCESS_KEY": "s3cr3t/Value+xyz"}
+    await create_secret(apiserver, "s3-creds", values)
+    check = "import os,sys; sys.exit(0 if os.environ['AWS_SECRET_ACCESS_KEY'] == 's3cr3t/Value+xyz' else 3)"
+    job = {
+        "apiVersion": "grpo.dev/v1alpha1", "kind": "GRPOJob", "metadata": {"name": "creds"},
+        "spec": {"model": {"name": "tiny"}, "dataset": {"source": "builtin:arithmetic"},
+                 "rewards": [{"name": "a", "function": "builtin:exact_answer"}],
+                 "output": {"uri": "s3://b/p", "credentialsSecret": "s3-creds"}},
+    }
+    async with LocalKubelet(str(apiserver.url), root=tmp_path / "k", argv=lambda pod: [PY, "-c", check]) as kubelet:
+        async with operator():
+            await create(apiserver, "/apis/grpo.dev/v1alpha1/namespaces/default/grpojobs", job)
+            await eventually(lambda: (stored(apiserver, "grpo.dev/v1alpha1/grpojobs", "default", "creds") or {})
+                             .get("status", {}).get("phase") == "Succeeded")
+        assert kubelet.exit_codes[("default", "creds-attempt-1")] == 0  # the process did get the values
+    seen = json.dumps([obj.raw for obj in apiserver.objects.values() if not obj.deleted and
+                       obj.get("kind") != "Secret"]) + caplog.text
+    for value in values.values():
+        assert value not in seen
+        assert base64.b64encode(value.encode()).decode() not in seen

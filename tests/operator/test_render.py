@@ -1,0 +1,153 @@
+"""render.py: the objects a GRPOJob becomes (pure functions, no cluster)."""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from grpo_operator import render
+from grpo_runtime.spec import parse_job
+
+MANIFEST = {
+    "apiVersion": "grpo.dev/v1alpha1",
+    "kind": "GRPOJob",
+    "metadata": {
+        "name": "gsm8k",
+        "namespace": "team-a",
+        "labels": {"kueue.x-k8s.io/queue-name": "gpu"},
+        "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+    },
+    "spec": {
+        "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "loadIn4Bit": True},
+        "dataset": {"source": "s3://data/gsm8k.jsonl"},
+        "rewards": [{"name": "answer", "function": "builtin:exact_answer"}],
+        "output": {"uri": "s3://runs/gsm8k", "credentialsSecret": "s3-creds"},
+        "resources": {"requests": {"cpu": 4, "memory": "32Gi"}, "limits": {"memory": "48Gi", "nvidia.com/gpu": 2}},
+        "nodeSelector": {"gpu": "a100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}},
+        "priorityClassName": "training",
+        "imagePullSecrets": ["regcred"],
+    },
+}
+
+
+def job(**spec_overrides):
+    manifest = copy.deepcopy(MANIFEST)
+    manifest["spec"].update(spec_overrides)
+    return parse_job(manifest)
+
+
+def env_of(pod):
+    return {var["name"]: var for var in pod["spec"]["containers"][0]["env"]}
+
+
+def test_pod_runs_grpo_train_on_the_mounted_job_spec():
+    pod = render.pod(job(), 1, image="registry/runtime:1")
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["grpo", "train", "/etc/grpo/job.yaml"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/grpo")
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == render.config_map_name("gsm8k")
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["serviceAccountName"] == render.runtime_name("gsm8k")
+
+
+def test_pod_image_is_the_operator_default_unless_the_spec_sets_one():
+    assert render.pod(job(), 1, image="registry/runtime:1")["spec"]["containers"][0]["image"] == "registry/runtime:1"
+    custom = render.pod(job(image="mine:2"), 1, image="registry/runtime:1")
+    assert custom["spec"]["containers"][0]["image"] == "mine:2"
+
+
+def test_pod_names_and_labels_identify_job_and_attempt():
+    pod = render.pod(job(), 3, image="x")
+    assert pod["metadata"]["name"] == "gsm8k-attempt-3" == render.pod_name("gsm8k", 3)
+    assert pod["metadata"]["namespace"] == "team-a"
+    assert pod["metadata"]["labels"][render.LABEL_JOB] == "gsm8k"
+    assert pod["metadata"]["labels"][render.LABEL_ATTEMPT] == "3"
+    assert env_of(pod)["GRPO_ATTEMPT"]["value"] == "3"
+    assert env_of(pod)["GRPOJOB_NAME"]["value"] == "gsm8k"
+    assert env_of(pod)["GRPOJOB_NAMESPACE"]["value"] == "team-a"
+
+
+def test_job_labels_such_as_kueue_queue_name_do_not_reach_the_pod():
+    pod = render.pod(job(), 1, image="x")
+    assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+
+
+def test_credentials_are_secret_references_never_values():
+    env = env_of(render.pod(job(), 1, image="x"))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
+
+
+def test_no_credentials_env_without_a_secret():
+    output = {"uri": "s3://runs/gsm8k"}
+    assert "AWS_ACCESS_KEY_ID" not in env_of(render.pod(job(output=output), 1, image="x"))
+
+
+def test_exactly_one_gpu_and_the_spec_resources():
+    resources = render.pod(job(), 1, image="x")["spec"]["containers"][0]["resources"]
+    assert resources["limits"] == {"memory": "48Gi", "nvidia.com/gpu": "1"}
+    assert resources["requests"] == {"cpu": "4", "memory": "32Gi"}
+    bare = render.pod(job(resources={}), 1, image="x")["spec"]["containers"][0]["resources"]
+    assert bare == {"limits": {"nvidia.com/gpu": "1"}}
+
+
+def test_scheduling_knobs_pass_through():
+    spec = render.pod(job(), 1, image="x")["spec"]
+    assert spec["nodeSelector"] == {"gpu": "a100"}
+    assert spec["tolerations"] == MANIFEST["spec"]["tolerations"]
+    assert spec["affinity"] == MANIFEST["spec"]["affinity"]
+    assert spec["priorityClassName"] == "training"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_pod_is_locked_down_and_has_shared_memory():
+    spec = render.pod(job(), 1, image="x")["spec"]
+    container = spec["containers"][0]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"] == {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"] == {"medium": "Memory"}
+
+
+def test_role_may_only_get_and_patch_this_jobs_status():
+    role = render.role(job())
+    assert role["rules"] == [
+        {"apiGroups": ["grpo.dev"], "resources": ["grpojobs/status"], "resourceNames": ["gsm8k"],
+         "verbs": ["get", "patch"]}
+    ]
+    binding = render.role_binding(job())
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "gsm8k-runtime", "namespace": "team-a"}]
+    assert render.service_account(job())["metadata"]["name"] == "gsm8k-runtime"
+
+
+def test_config_map_holds_the_validated_job_with_defaults_and_clean_metadata():
+    config_map = render.config_map(job())
+    document = yaml.safe_load(config_map["data"]["job.yaml"])
+    assert document["metadata"] == {"name": "gsm8k", "namespace": "team-a"}
+    assert parse_job(document).spec == job().spec  # the runtime reads back exactly this spec
+    assert document["spec"]["training"]["maxSteps"] == 100  # defaults spelled out
+
+
+def test_operator_s3_endpoint_fills_only_an_unset_endpoint():
+    unset = yaml.safe_load(render.config_map(job(), s3_endpoint="http://minio:9000")["data"]["job.yaml"])
+    assert unset["spec"]["output"]["endpoint"] == "http://minio:9000"
+    own = job(output={"uri": "s3://b/p", "endpoint": "https://r2.example"})
+    kept = yaml.safe_load(render.config_map(own, s3_endpoint="http://minio:9000")["data"]["job.yaml"])
+    assert kept["spec"]["output"]["endpoint"] == "https://r2.example"
+
+
+def test_support_objects_come_before_the_pod_in_creation_order():
+    kinds = [obj["kind"] for obj in render.support_objects(job())]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap"]
+    assert all(obj["metadata"]["namespace"] == "team-a" for obj in render.support_objects(job()))
