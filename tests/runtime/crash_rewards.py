@@ -5,11 +5,12 @@ import os
 _calls = {"n": 0}
 
 
-def die_on_call(prompts, completions, **kwargs):
-    """Scores like a length reward; on call number $GRPO_TEST_DIE_ON_CALL the process dies
-    without any clean-up, as a SIGKILL or a lost node would leave it."""
+def die_on_call(prompts, completions, die_on_call=None, **kwargs):
+    """Scores like a length reward; on call number `die_on_call` (a reward arg, or
+    $GRPO_TEST_DIE_ON_CALL) of this process, the process dies without any clean-up, as a
+    SIGKILL or a lost node would leave it."""
     _calls["n"] += 1
-    if _calls["n"] == int(os.environ.get("GRPO_TEST_DIE_ON_CALL", "0")):
+    if _calls["n"] == int(die_on_call or os.environ.get("GRPO_TEST_DIE_ON_CALL", "0")):
         os._exit(137)
     return [float(len(c) % 7) for c in completions]
 
