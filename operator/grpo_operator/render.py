@@ -22,6 +22,7 @@ CONTAINER = "trainer"
 SPEC_DIR = "/etc/grpo"
 SPEC_FILE = "job.yaml"
 WORKDIR = "/workspace"
+REWARD_MODULES_DIR = "/opt/grpo/rewards"  # not under SPEC_DIR: that is a read-only configMap mount
 RUNTIME_UID = 1000  # the runtime image's user; the pod never runs as root
 GPU = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -135,6 +136,8 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
         {"name": "GRPO_ATTEMPT", "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if job.spec.reward_modules.config_map:
+        env.append({"name": "PYTHONPATH", "value": REWARD_MODULES_DIR})
     secret = job.spec.output.credentials_secret
     if secret:
         # A reference only: the kubelet resolves it; the values never pass through the operator.
@@ -197,6 +200,9 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
             {"name": "workspace", "emptyDir": {}},
         ],
     }
+    if spec.reward_modules.config_map:
+        container["volumeMounts"].append({"name": "reward-modules", "mountPath": REWARD_MODULES_DIR, "readOnly": True})
+        pod_spec["volumes"].append({"name": "reward-modules", "configMap": {"name": spec.reward_modules.config_map}})
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
     if spec.node_selector:

@@ -58,6 +58,7 @@ class ModelSpec(Section):
     )
     load_in_4bit: bool = Field(
         False,
+        alias="loadIn4bit",  # as transformers spells load_in_4bit, not to_camel's loadIn4Bit
         description="Quantize the frozen base to 4-bit NF4 with bitsandbytes (QLoRA). Needs CUDA; "
         "cuts base-weight memory about 4x against bfloat16.",
     )
@@ -258,11 +259,23 @@ class ResourcesSpec(Section):
     )
 
 
+class RewardModulesSpec(Section):
+    config_map: str | None = Field(
+        None,
+        description="A ConfigMap of Python files (e.g. my_rewards.py) mounted read-only at /opt/grpo/rewards in the "
+        "pod and put on PYTHONPATH, so spec.rewards can name them as module:function without a custom image. "
+        "Ignored by a local `grpo train`, which imports from its own PYTHONPATH.",
+    )
+
+
 class GRPOJobSpec(Section):
     model: ModelSpec = Field(description="The base model to train.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter configuration.")
     dataset: DatasetSpec = Field(description="Prompts (and reference answers).")
     rewards: list[RewardSpec] = Field(min_length=1, description="Reward functions, summed with their weights.")
+    reward_modules: RewardModulesSpec = Field(
+        default_factory=RewardModulesSpec, description="Where the pod finds user reward modules."
+    )
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling of completions.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation and the GRPO loss.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and resume.")

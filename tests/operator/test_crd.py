@@ -20,7 +20,7 @@ FULL_JOB = {
     "kind": "GRPOJob",
     "metadata": {"name": "full", "namespace": "ns"},
     "spec": {
-        "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "revision": "main", "loadIn4Bit": True},
+        "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "revision": "main", "loadIn4bit": True},
         "lora": {"rank": 8, "targetModules": ["q_proj"]},
         "dataset": {"source": "s3://d/gsm8k.jsonl", "systemPrompt": "Think.", "maxSamples": 100},
         "rewards": [{"name": "fmt", "function": "builtin:format", "weight": 0.5, "args": {"pattern": "<a>.*</a>"}}],

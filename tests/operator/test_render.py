@@ -19,7 +19,7 @@ MANIFEST = {
         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
     },
     "spec": {
-        "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "loadIn4Bit": True},
+        "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "loadIn4bit": True},
         "dataset": {"source": "s3://data/gsm8k.jsonl"},
         "rewards": [{"name": "answer", "function": "builtin:exact_answer"}],
         "output": {"uri": "s3://runs/gsm8k", "credentialsSecret": "s3-creds"},
@@ -151,3 +151,16 @@ def test_support_objects_come_before_the_pod_in_creation_order():
     kinds = [obj["kind"] for obj in render.support_objects(job())]
     assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap"]
     assert all(obj["metadata"]["namespace"] == "team-a" for obj in render.support_objects(job()))
+
+
+def test_reward_modules_config_map_is_mounted_and_importable():
+    pod = render.pod(job(rewardModules={"configMap": "my-rewards"}), 1, image="registry/runtime:1")
+    container = pod["spec"]["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == render.REWARD_MODULES_DIR)
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "my-rewards"
+    assert env_of(pod)["PYTHONPATH"]["value"] == render.REWARD_MODULES_DIR
+    plain = render.pod(job(), 1, image="registry/runtime:1")
+    assert "PYTHONPATH" not in env_of(plain)
+    assert all(m["mountPath"] != render.REWARD_MODULES_DIR for m in plain["spec"]["containers"][0]["volumeMounts"])

@@ -268,4 +268,6 @@ def test_the_custom_reward_image_extends_the_default_runtime_image():
     job = yaml.safe_load((REPO / "examples" / "custom-reward" / "grpojob.yaml").read_text())
     module = Path(source).stem
     assert all(r["function"].startswith(("builtin:", f"{module}:")) for r in job["spec"]["rewards"])
-    assert job["spec"]["image"], "the job must name the image that carries its reward module"
+    from grpo_operator.render import REWARD_MODULES_DIR
+
+    assert destination.rstrip("/") == REWARD_MODULES_DIR  # the same path the ConfigMap route mounts

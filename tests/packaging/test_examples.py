@@ -229,3 +229,37 @@ def test_health_check_covers_every_phase_the_operator_sets():
         "Failed": "Degraded",
         "Suspended": "Suspended",
     }
+
+
+def test_custom_reward_kustomization_ships_the_module_the_pod_imports(kubectl, tmp_path):
+    """`kubectl apply -k examples/custom-reward` makes a ConfigMap the job's pod mounts on PYTHONPATH;
+    the module imported from the mounted file scores completions."""
+    import importlib.util
+
+    from grpo_operator import render as render_objects
+    from grpo_runtime.spec import parse_job
+    from tests.packaging.helpers import documents, one, run
+
+    result = run([kubectl, "kustomize", str(CUSTOM)])
+    assert result.returncode == 0, result.stderr
+    manifests = documents(result.stdout)
+    config_map, job = one(manifests, "ConfigMap"), one(manifests, "GRPOJob")
+    parsed = parse_job(job)
+    assert config_map["metadata"]["name"] == parsed.spec.reward_modules.config_map
+    pod = render_objects.pod(parsed.model_copy(update={"metadata": parsed.metadata.model_copy(update={"namespace": "default"})}), 1, image="img")
+    volume = next(v for v in pod["spec"]["volumes"] if v.get("configMap", {}).get("name") == config_map["metadata"]["name"])
+    mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    # materialise the ConfigMap as the kubelet would and import the module from there
+    for key, text in config_map["data"].items():
+        (tmp_path / key).write_text(text)
+    modules = {r.function.split(":")[0] for r in parsed.spec.rewards if not r.function.startswith("builtin:")}
+    assert modules == {Path(key).stem for key in config_map["data"]}
+    for module in modules:
+        spec = importlib.util.spec_from_file_location(module, tmp_path / f"{module}.py")
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        for reward in parsed.spec.rewards:
+            if reward.function.startswith(f"{module}:"):
+                scores = getattr(loaded, reward.function.split(":")[1])(["p"], ["<think>a</think><answer>4</answer>"], answer=["4"], **reward.args)
+                assert len(scores) == 1
+    assert mount["mountPath"] == render_objects.REWARD_MODULES_DIR
