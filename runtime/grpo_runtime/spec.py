@@ -154,7 +154,7 @@ class GenerationSpec(Section):
     gpu_memory_utilization: float = Field(
         0.5, gt=0.0, le=1.0, description="vLLM: share of GPU memory its weights + KV cache may take."
     )
-    float8_kv_cache: bool = Field(False, description="vLLM: keep the KV cache in fp8 (halves it; CUDA only).")
+    float8_kv_cache: bool = Field(False, description="vLLM: keep the KV cache in fp8 (halves it).")
     sampling_params: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM SamplingParams passed through (e.g. repetition_penalty)."
     )

@@ -85,7 +85,7 @@ def make_engine(generation_spec, policy) -> Engine:
     if choice == "vllm":
         try:
             from grpo_runtime.engines.vllm import VLLMEngine
-        except ImportError as exc:
+        except Exception as exc:  # ImportError, or a broken install failing at import: the user's to fix
             raise EngineError(
                 f"spec.generation.engine: vllm is not usable here ({exc}); install the gpu extra or use engine: hf"
             ) from None
