@@ -59,6 +59,19 @@ class Engine(Protocol):
         ...
 
 
+def eos_token_ids(model, tokenizer, engine: str) -> list[int]:
+    """The tokens that end a completion: the generation config's EOS and the tokenizer's, deduplicated."""
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for token in source if isinstance(source, list) else [source]:
+            if token is not None and token not in ids:
+                ids.append(token)
+    if not ids:
+        raise EngineError(f"spec.model.name: the tokenizer has no EOS token; the {engine} engine needs one")
+    return ids
+
+
 def sampling_config(generation_spec, *, seed: int | None = None, n: int | None = None) -> SamplingConfig:
     """The SamplingConfig a GenerationSpec describes."""
     return SamplingConfig(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from grpo_runtime.engines import Completion, EngineError, SamplingConfig
+from grpo_runtime.engines import Completion, EngineError, SamplingConfig, eos_token_ids
 
 # spec.generation.samplingParams the hf engine understands (vLLM name -> generate() name).
 HF_EXTRA_PARAMS = {"repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens"}
@@ -54,7 +54,7 @@ class HFEngine:
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         if any(len(ids) == 0 for ids in prompt_ids):
             raise ValueError("every prompt needs at least one token")
-        eos_ids = self._eos_ids()
+        eos_ids = eos_token_ids(self.model, self.tokenizer, self.name)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_ids[0]
         kwargs = self._generate_kwargs(sampling, eos_ids, pad_id)
         per_call = max(1, self.max_batch_sequences // sampling.n)
@@ -79,16 +79,6 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         return completions
-
-    def _eos_ids(self) -> list[int]:
-        ids = []
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            for token in source if isinstance(source, list) else [source]:
-                if token is not None and token not in ids:
-                    ids.append(token)
-        if not ids:
-            raise EngineError("spec.model.name: the tokenizer has no EOS token; the hf engine needs one")
-        return ids
 
     def _generate_kwargs(self, sampling: SamplingConfig, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

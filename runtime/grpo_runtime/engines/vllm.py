@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpo_runtime.engines import Completion, EngineError, SamplingConfig, sampling_config
+from grpo_runtime.engines import Completion, EngineError, SamplingConfig, eos_token_ids, sampling_config
 
 # The engine core must live in this process: weights are pushed from the learner's tensors.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -100,7 +100,7 @@ class VLLMEngine:
 
     def __init__(self, generation_spec, policy):
         self.tokenizer = policy.tokenizer
-        self.eos_ids = _eos_ids(policy)
+        self.eos_ids = eos_token_ids(policy.model, policy.tokenizer, self.name)
         try:  # refuse bad samplingParams, alone or with the rest of the section, before loading anything
             self._sampling_params(sampling_config(generation_spec, seed=0), 0)
         except (ValueError, VLLMValidationError) as exc:
@@ -290,19 +290,6 @@ def _kv_bytes_per_token(policy, fp8: bool) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     element = 1 if fp8 else policy.dtype.itemsize
     return 2 * config.num_hidden_layers * kv_heads * head_dim * element
-
-
-def _eos_ids(policy) -> list[int]:
-    """The hf engine's end tokens: the generation config's and the tokenizer's EOS."""
-    ids: list[int] = []
-    generation_config = getattr(policy.model, "generation_config", None)
-    for source in (getattr(generation_config, "eos_token_id", None), policy.tokenizer.eos_token_id):
-        for token in source if isinstance(source, list) else [source]:
-            if token is not None and token not in ids:
-                ids.append(token)
-    if not ids:
-        raise EngineError("spec.model.name: the tokenizer has no EOS token; the vllm engine needs one")
-    return ids
 
 
 def _first_line(exc: BaseException) -> str:
