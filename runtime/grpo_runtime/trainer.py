@@ -173,9 +173,9 @@ class Trainer:
             chunk_size=spec.training.loss_chunk_size,
             max_completion_length=spec.generation.max_completion_length,
         )
-        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay
+            self.params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay
         )
         total = spec.training.max_steps * spec.training.num_iterations
         self.scheduler = get_scheduler(
@@ -247,8 +247,7 @@ class Trainer:
                 sums["loss"] += scaled.item()
                 sums["kl"] += metrics["kl"].item() / micro_batches
                 sums["clip_ratio"] += metrics["clip_ratio"].item() / micro_batches
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm).item()
+            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm).item()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
