@@ -1,0 +1,721 @@
+"""The GPU proof: one command that measures, on a real GPU, what users buy this project for.
+
+    bash bench/gpu_suite.sh                # on a bare GPU machine: installs the carried wheels, runs every part
+    python bench/gpu_suite.py --smoke      # the very same code at tiny shapes on CPU (the test suite runs it)
+
+Parts, side by side in one process, each written to the results as soon as it ends (a run cut short
+still leaves what it measured):
+
+  a. loss     the GRPO loss forward + backward in bf16 at the seeds' shape (B=8, V=128256, D=4096,
+              T in 2048, 8192, 20480): naive full logits (where it fits), ours on the torch path, ours
+              on the Triton path; loss and hidden-state gradient agree within bf16 tolerance.
+  b. step     one whole learner step (Trainer.optimise: forward with checkpointing, the chunked loss,
+              backward, AdamW on LoRA r16 over all 7 projections) on random-init models of the real
+              shapes loaded through load_policy, the production path: Qwen2.5-1.5B with an NF4 base,
+              8 x (256 + 768) tokens; Llama-3.1-8B (NF4, as examples/llama3.1-8b-20k-context.yaml) at
+              8 x 20480 tokens with offload. The examples' knobs; the token counts of the GPU-proof issue.
+  c. offload  on the Llama shape, one 20480-token micro-batch: step time of `offload` against `on`,
+              and LoRA gradients equal within bf16 tolerance.
+  d. kernels  the Triton chunk kernels against the torch chunk ops on one [512, V] chunk: max abs
+              difference of log-probs and dlogits, and their times.
+
+Every part reports peak torch.cuda.max_memory_allocated and CUDA-event times (on CPU: wall time,
+memory not measured). A part that cannot run (a missing package, the time budget spent) is listed
+as "not run" with the reason and never as passed; the exit code is 0 only when every part ran and
+every check passed (1: a check failed or a part broke; 3: nothing failed but something did not run).
+Claims (the seeds' figures: naive 78.3 GB and Unsloth 9.8 GB for the loss at T=20480; 5 GB for the
+whole Qwen 1.5B job; 42 GB training / 54.3 GB total for Llama 8B at 20K; offload about 1% slower)
+are shown beside ours; whether each holds is reported, not a check, because a claim that does not
+hold on some card is a finding, not a broken suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "bench")]
+
+GiB = 2**30
+BF16_REL = 2e-2  # relative error (norm of the difference / norm of the reference) accepted between bf16 paths
+
+QWEN_1_5B = dict(  # Qwen/Qwen2.5-1.5B-Instruct config.json
+    model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+LLAMA_8B = dict(  # meta-llama/Llama-3.1-8B-Instruct config.json (llama3 rope scaling left out: same cost)
+    model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=4096)
+
+
+@dataclass(frozen=True)
+class StepCase:
+    name: str
+    example: str  # the manifest whose model, LoRA and training knobs the step uses
+    config: dict
+    prompt_tokens: int
+    completion_tokens: int
+    completions: int = 8
+    accumulation: int | None = None  # None: the example's gradientAccumulationSteps
+    claims: tuple = ()  # (label, bytes): the seeds' figure the step's peak is shown beside
+
+
+@dataclass(frozen=True)
+class Shapes:
+    loss: tuple  # B, V, D
+    loss_T: tuple
+    kernel_rows: int
+    kernel_V: int
+    qwen: StepCase
+    llama: StepCase
+    offload_tokens: int  # one completion of this many tokens (prompt + completion) for part c
+    claims: bool  # compare with the seeds' figures (real shapes only)
+
+
+REAL = Shapes(
+    loss=(8, 128256, 4096), loss_T=(2048, 8192, 20480), kernel_rows=512, kernel_V=128256,
+    qwen=StepCase("Qwen2.5-1.5B NF4", "examples/gsm8k-qwen2.5-1.5b-qlora.yaml", QWEN_1_5B, 256, 768, accumulation=1,
+                  claims=(("seeds: whole Qwen 1.5B job", 5e9),)),
+    llama=StepCase("Llama-3.1-8B NF4", "examples/llama3.1-8b-20k-context.yaml", LLAMA_8B, 4096, 16384,
+                   claims=(("seeds: Llama 8B at 20K, training", 42e9), ("seeds: Llama 8B at 20K, total", 54.3e9))),
+    offload_tokens=20480, claims=True,
+)
+SMOKE = Shapes(
+    loss=(2, 512, 64), loss_T=(64, 128), kernel_rows=8, kernel_V=5000,
+    qwen=StepCase("tiny qwen2 NF4", "examples/gsm8k-qwen2.5-1.5b-qlora.yaml", dict(TINY, model_type="qwen2",
+                  tie_word_embeddings=True), 8, 24, completions=4, accumulation=1),
+    llama=StepCase("tiny llama NF4", "examples/llama3.1-8b-20k-context.yaml", dict(TINY, model_type="llama"),
+                   16, 48, completions=4, accumulation=4),
+    offload_tokens=64, claims=False,
+)
+LOSS_CLAIMS = {20480: (("seeds: naive", 78.3e9), ("seeds: Unsloth", 9.8e9))}
+
+
+class NotRun(Exception):
+    """A part (or a row of one) could not run here; the reason is reported, never a pass."""
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measured:
+    seconds: float = math.nan
+    peak_bytes: int | None = None  # above what was allocated before (None on CPU)
+    peak_total_bytes: int | None = None  # absolute: weights and everything else included
+
+
+@contextmanager
+def measure(device):
+    """CUDA events and max_memory_allocated on a GPU; wall time only on CPU."""
+    import torch
+
+    result = Measured()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield result
+        end.record()
+        torch.cuda.synchronize()
+        result.seconds = start.elapsed_time(end) / 1000
+        result.peak_total_bytes = torch.cuda.max_memory_allocated()
+        result.peak_bytes = result.peak_total_bytes - base
+    else:
+        t0 = time.perf_counter()
+        yield result
+        result.seconds = time.perf_counter() - t0
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def rel_err(got, want) -> float:
+    """Norm of the difference over the norm of the reference, in float32."""
+    got, want = got.float(), want.float()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+@dataclass
+class Part:
+    key: str
+    title: str
+    status: str = "not run"  # passed | failed | error | not run | running (the run was cut short inside it)
+    reason: str = ""
+    rows: list = field(default_factory=list)  # dicts: what was measured
+    checks: list = field(default_factory=list)  # dicts: name, value, limit, passed
+    claims: list = field(default_factory=list)  # dicts: what, ours, seeds, holds
+
+    def check(self, name: str, value: float, limit: float) -> None:
+        self.checks.append({"name": name, "value": value, "limit": limit, "passed": bool(value <= limit)})
+
+    def claim(self, what: str, ours_bytes: int | None, seeds_bytes: float) -> None:
+        holds = None if ours_bytes is None else bool(ours_bytes <= seeds_bytes)
+        self.claims.append({"what": what, "ours_gb": None if ours_bytes is None else ours_bytes / 1e9,
+                            "seeds_gb": seeds_bytes / 1e9, "holds": holds})
+
+
+# --------------------------------------------------------------------------- a. the loss
+
+
+def _loss_inputs(B, V, D, T, device, seed=0):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf16 = torch.bfloat16
+    hidden = torch.randn(B, T, D, generator=g, device=device, dtype=bf16).requires_grad_()
+    weight = (torch.randn(V, D, generator=g, device=device, dtype=bf16) * D**-0.5)  # frozen, as under LoRA
+    targets = torch.randint(0, V, (B, T), generator=g, device=device)
+    mask = torch.ones(B, T, device=device)
+    adv = torch.randn(B, generator=g, device=device)
+    old = -torch.rand(B, T, generator=g, device=device) * 3 - 9  # near log(1/V) of random logits
+    ref = old + 0.1 * torch.randn(B, T, generator=g, device=device)
+    return hidden, weight, targets, mask, adv, old, ref
+
+
+def _loss_variants():
+    from grpo_runtime import loss as loss_module
+    from loss_memory import naive_loss, ours_loss
+
+    def ours(triton: bool):
+        def run(*inputs):
+            loss_module._TRITON = triton
+            try:
+                return ours_loss(*inputs, chunk_size=512)
+            finally:
+                loss_module._TRITON = None
+        return run
+
+    return {"naive": naive_loss, "ours-torch": ours(False), "ours-triton": ours(True)}
+
+
+def part_loss(part: Part, shapes: Shapes, device, deadline: float, flush) -> None:
+    import torch
+
+    from grpo_runtime import kernels
+
+    B, V, D = shapes.loss
+    variants = _loss_variants()
+    if not kernels.available():
+        raise NotRun("triton is not importable")
+    for name, fn in variants.items():  # warm-up: Triton compiles, cuBLAS picks its kernels
+        inputs = _loss_inputs(B, V, D, 64, device, seed=1)
+        fn(*inputs).backward()
+    del inputs
+    for T in shapes.loss_T:
+        results = {}
+        for name, fn in variants.items():
+            row = {"T": T, "variant": name}
+            part.rows.append(row)
+            if time.monotonic() > deadline:
+                row["result"] = "not run: time budget spent"
+                continue
+            inputs = _loss_inputs(B, V, D, T, device)
+            oom = False
+            try:
+                with measure(device) as m:
+                    loss = fn(*inputs)
+                    loss.backward()
+            except torch.cuda.OutOfMemoryError:
+                oom = True
+            if oom:
+                del inputs
+                free_memory()
+                row["result"] = f"does not fit ({torch.cuda.get_device_properties(device).total_memory / GiB:.0f} GiB)"
+                continue
+            row.update(result="ran", loss=loss.item(), seconds=m.seconds, peak_gb=_gb(m.peak_bytes))
+            results[name] = (loss.detach().float().cpu(), inputs[0].grad.detach().cpu(), m)
+            del inputs, loss
+            free_memory()
+        if "ours-torch" in results and "naive" in results:
+            (l0, g0, m0), (l1, g1, m1) = results["naive"], results["ours-torch"]
+            part.check(f"T={T} loss ours-torch vs naive (rel)", rel_err(l1, l0), BF16_REL)
+            part.check(f"T={T} grad hidden ours-torch vs naive (rel)", rel_err(g1, g0), BF16_REL)
+        if "ours-torch" in results and "ours-triton" in results:
+            (l0, g0, _), (l1, g1, _) = results["ours-torch"], results["ours-triton"]
+            part.check(f"T={T} loss ours-triton vs ours-torch (rel)", rel_err(l1, l0), BF16_REL)
+            part.check(f"T={T} grad hidden ours-triton vs ours-torch (rel)", rel_err(g1, g0), BF16_REL)
+        if not {"ours-torch", "ours-triton"} <= results.keys():
+            part.check(f"T={T} ours (torch and triton) ran", 1.0, 0.0)  # ours must always fit: a failure
+        if shapes.claims:
+            best = min((results[k][2].peak_bytes for k in ("ours-torch", "ours-triton") if k in results), default=None)
+            for what, seeds in LOSS_CLAIMS.get(T, ()):
+                part.claim(f"loss T={T}, ours vs {what}", best, seeds)
+        del results
+        free_memory()
+        flush()
+
+
+# --------------------------------------------------------------------------- b. one learner step
+
+
+def _random_model_dir(case: StepCase, device, out: Path) -> Path:
+    """A random-init checkpoint of the case's shape, with a stand-in tokenizer, in a plain HF folder:
+    load_policy then loads it exactly as it loads a hub model (4-bit quantisation included)."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    config = dict(case.config)
+    config = AutoConfig.for_model(config.pop("model_type"), **config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    del model
+    free_memory()
+    vocab = {"<unk>": 0, "<eos>": 1}  # the step never tokenises text: ids are given
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>", eos_token="<eos>"
+    )
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _scratch_dir(need_bytes: float) -> str:
+    """Page-cache-backed /dev/shm when it has room (writing 16 GB to a VM disk costs a minute)."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.3 * need_bytes:
+        return shm
+    return tempfile.gettempdir()
+
+
+def _load_case(case: StepCase, device, smoke: bool, **overrides):
+    """(job, policy) of a case: the example's manifest with the case's token counts."""
+    import yaml
+
+    from grpo_runtime.model import load_policy
+    from grpo_runtime.spec import parse_job
+
+    document = yaml.safe_load((ROOT / case.example).read_text())
+    spec = document["spec"]
+    spec["generation"].update(numGenerations=case.completions, maxPromptLength=case.prompt_tokens,
+                              maxCompletionLength=case.completion_tokens)
+    spec["model"]["maxSeqLength"] = case.prompt_tokens + case.completion_tokens
+    spec["training"]["promptsPerStep"] = 1
+    if case.accumulation is not None:
+        spec["training"]["gradientAccumulationSteps"] = case.accumulation
+    spec["training"].update(overrides)
+    params = _param_count(case.config)
+    scratch = tempfile.mkdtemp(prefix="grpo-gpu-suite-", dir=_scratch_dir(2 * params))
+    try:
+        folder = _random_model_dir(case, device, Path(scratch))
+        spec["model"].update(name=str(folder), dtype="bfloat16")
+        job = parse_job(document)
+        if smoke:
+            os.environ["GRPO_ALLOW_CPU_4BIT"] = "1"  # bitsandbytes' CPU NF4: the same code path, tiny shapes
+        policy = load_policy(job.spec.model, job.spec.lora, device=device, seed=job.spec.training.seed,
+                             gradient_checkpointing=job.spec.training.gradient_checkpointing)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return job, policy
+
+
+def _param_count(config: dict) -> int:
+    h, i, n, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    return n * per_layer + v * h * (1 if config.get("tie_word_embeddings") else 2)
+
+
+def _batch(job, policy, case: StepCase, completions: int):
+    import torch
+
+    from grpo_runtime.engines import Completion
+    from grpo_runtime.trainer import build_batch
+
+    g = torch.Generator().manual_seed(7)
+    vocab = policy.model.config.vocab_size
+    prompt = torch.randint(2, vocab, (case.prompt_tokens,), generator=g).tolist()
+    rows = [Completion(prompt_index=0, completion_ids=torch.randint(2, vocab, (case.completion_tokens,), generator=g)
+                       .tolist(), text="", truncated=True) for _ in range(completions)]
+    batch = build_batch([prompt], rows, policy.tokenizer.pad_token_id, policy.device)
+    advantages = torch.randn(completions, generator=g)
+    return batch, advantages
+
+
+def _lora_snapshot(policy) -> dict:
+    return {n: p.detach().float().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+
+
+def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, loaded: dict, flush) -> None:
+    from grpo_runtime.trainer import Trainer
+
+    for case in (shapes.qwen, shapes.llama):
+        if time.monotonic() > deadline:
+            part.rows.append({"model": case.name, "result": "not run: time budget spent"})
+            continue
+        free_memory()
+        t0 = time.perf_counter()
+        job, policy, load_s = loaded.pop(case.name, None) or (*_load_case(case, device, smoke), None)
+        load_s = load_s or time.perf_counter() - t0
+        weights = _allocated(device)
+        batch, advantages = _batch(job, policy, case, case.completions)
+        trainer = Trainer(job=job, policy=policy, engine=None, rewards=[], sampler=None, storage=None)
+        before = _lora_snapshot(policy)
+        runs = []
+        for _ in range(1 if case is shapes.llama and not smoke else 2):  # the 8B step is long: part c warmed it up
+            with measure(device) as m:
+                metrics = trainer.optimise(batch, advantages)
+            runs.append(m)
+        after = _lora_snapshot(policy)
+        # LoRA B starts at zero, so only the B tensors have a gradient (and move) at the first step
+        unchanged_b = sum(after[n].equal(before[n]) for n in before if "lora_B" in n)
+        peak = max((r.peak_total_bytes for r in runs if r.peak_total_bytes is not None), default=None)
+        tokens = case.completions * (case.prompt_tokens + case.completion_tokens)
+        spec = job.spec.training
+        part.rows.append({
+            "model": case.name, "tokens": f"{case.completions} x ({case.prompt_tokens} + {case.completion_tokens})",
+            "micro_batches": spec.gradient_accumulation_steps, "checkpointing": spec.gradient_checkpointing,
+            "loss_type": spec.loss_type, "lora": f"r{job.spec.lora.rank}", "load_s": load_s,
+            "weights_gb": _gb(weights), "step_s": runs[-1].seconds, "first_step_s": runs[0].seconds,
+            "peak_gb": _gb(peak), "tokens_per_s": tokens / runs[-1].seconds, "loss": metrics["loss"],
+            "grad_norm": metrics["grad_norm"],
+        })
+        part.check(f"{case.name}: loss and grad norm finite", 0.0 if math.isfinite(metrics["loss"])
+                   and math.isfinite(metrics["grad_norm"]) else 1.0, 0.0)
+        part.check(f"{case.name}: grad norm > 0", -metrics["grad_norm"], -1e-12)
+        part.check(f"{case.name}: LoRA B tensors AdamW left unchanged", unchanged_b, 0)
+        if shapes.claims:
+            for what, seeds in case.claims:
+                part.claim(f"step {case.name}, peak vs {what}", peak, seeds)
+        del trainer, policy, job, batch
+        free_memory()
+        flush()  # the 8B step is long: what the first case measured is kept if the run is cut short
+
+
+def _allocated(device) -> int | None:
+    import torch
+
+    return torch.cuda.memory_allocated() if device.type == "cuda" else None
+
+
+def _gb(value) -> float | None:
+    return None if value is None else value / 1e9
+
+
+# --------------------------------------------------------------------------- c. offload against on
+
+
+def part_offload(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, loaded: dict) -> None:
+    import torch
+
+    from grpo_runtime.loss import LossConfig, grpo_loss
+    from grpo_runtime.model import lm_head
+    from grpo_runtime.offload import apply_gradient_checkpointing
+    from grpo_runtime.trainer import completion_hidden
+
+    case = shapes.llama
+    per = shapes.offload_tokens
+    one = StepCase(case.name, case.example, case.config, per // 5, per - per // 5, completions=1)
+    t0 = time.perf_counter()
+    job, policy = _load_case(case, device, smoke)
+    loaded[case.name] = (job, policy, time.perf_counter() - t0)  # part b trains this very model next
+    batch, advantages = _batch(job, policy, one, 1)
+    config = LossConfig(loss_type=job.spec.training.loss_type, chunk_size=job.spec.training.loss_chunk_size,
+                        max_completion_length=one.completion_tokens)
+    g = torch.Generator().manual_seed(3)
+    saved = {}
+    with torch.no_grad():  # LoRA B starts at zero: give it values so that every LoRA tensor gets a gradient
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                saved[name] = param.detach().clone()
+                param.copy_((torch.randn(param.shape, generator=g) * 0.01).to(param))
+
+    def grads():
+        policy.model.zero_grad(set_to_none=True)
+        weight, bias = lm_head(policy.model)
+        loss, _ = grpo_loss(completion_hidden(policy, batch), weight, batch.completion_ids, batch.completion_mask,
+                            advantages.to(device), config=config, bias=bias)
+        loss.backward()
+        return {n: p.grad.detach().float().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
+
+    results = {}
+    try:
+        for mode in ("on", "offload", "on", "offload"):  # the first of each warms up; the second is timed
+            if time.monotonic() > deadline:
+                raise NotRun("time budget spent")
+            offload = apply_gradient_checkpointing(policy.model, mode, offload_on_cpu=smoke)
+            with measure(device) as m:
+                got = grads()
+            results[mode] = (got, m, offload.packed if offload else 0)
+    finally:
+        apply_gradient_checkpointing(policy.model, job.spec.training.gradient_checkpointing, offload_on_cpu=smoke)
+        with torch.no_grad():
+            for name, param in policy.model.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
+        policy.model.zero_grad(set_to_none=True)
+    (g_on, m_on, _), (g_off, m_off, packed) = results["on"], results["offload"]
+    for mode, (_, m, packed_) in results.items():
+        part.rows.append({"model": case.name, "tokens": per, "mode": mode, "seconds": m.seconds,
+                          "peak_gb": _gb(m.peak_bytes), "offloaded_tensors": packed_})
+    part.rows.append({"model": case.name, "tokens": per, "mode": "offload/on", "seconds": m_off.seconds / m_on.seconds,
+                      "peak_gb": None if m_on.peak_bytes is None else m_off.peak_bytes / m_on.peak_bytes})
+    worst = max(rel_err(g_off[n], g_on[n]) for n in g_on)
+    part.check("LoRA gradients offload vs on, worst tensor (rel)", worst, BF16_REL)
+    part.check("every LoRA tensor has a nonzero gradient", sum(g.abs().sum().item() == 0 for g in g_on.values()), 0)
+    part.check("offload moved one layer input per decoder layer",
+               abs(packed - case.config["num_hidden_layers"]), 0)
+    if shapes.claims:
+        part.claims.append({"what": "offload step time vs on (seeds: about 1% slower)",
+                            "ours": f"{m_off.seconds / m_on.seconds:.3f}x", "seeds": "1.01x",
+                            "holds": m_off.seconds / m_on.seconds <= 1.05})
+
+
+# --------------------------------------------------------------------------- d. Triton against torch chunk ops
+
+
+def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
+    import torch
+
+    from grpo_runtime import kernels
+    from grpo_runtime import loss as loss_module
+
+    if not kernels.available():
+        raise NotRun("triton is not importable")
+    from grpo_runtime.kernels import logsoftmax
+
+    n, V = shapes.kernel_rows, shapes.kernel_V
+    g = torch.Generator(device=device).manual_seed(5)
+    z = (torch.randn(n, V, generator=g, device=device) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, V, (n,), generator=g, device=device)
+    dlogp = torch.randn(n, generator=g, device=device)
+    for temperature in (1.0, 0.7):
+        inv = 1 / temperature
+        runs = {}
+        for name in ("torch", "triton", "torch", "triton"):  # warm-up, then timed
+            buf = z.float() if name == "torch" else z.clone()
+            with measure(device) as m:
+                if name == "torch":
+                    logp, stats = loss_module._logp_(buf, targets, inv)
+                    dz = loss_module._dlogits_(buf, targets, stats, dlogp, inv)
+                else:
+                    logp, stats = logsoftmax.logp_(buf, targets, inv)
+                    dz = logsoftmax.dlogits_(buf, targets, stats, dlogp, inv)
+            runs[name] = (logp.float(), dz.float(), m)
+        exact = torch.log_softmax(z.float() * inv, -1)
+        want = exact.gather(1, targets[:, None]).squeeze(1)
+        (lp_t, dz_t, m_t), (lp_k, dz_k, m_k) = runs["torch"], runs["triton"]
+        part.rows.append({"temperature": temperature, "rows x V": f"{n} x {V}",
+                          "logp max abs diff triton-torch": (lp_k - lp_t).abs().max().item(),
+                          "dlogits max abs diff triton-torch": (dz_k - dz_t).abs().max().item(),
+                          "torch_ms": m_t.seconds * 1e3, "triton_ms": m_k.seconds * 1e3})
+        part.check(f"T={temperature} logp triton vs fp32 log_softmax, max abs", (lp_k - want).abs().max().item(), 1e-3)
+        part.check(f"T={temperature} dlogits triton vs torch (rel)", rel_err(dz_k, dz_t), BF16_REL)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def environment(device) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "date": dt.date.today().isoformat()}
+    for name in ("triton", "transformers", "peft", "bitsandbytes", "pydantic", "vllm"):
+        try:
+            from importlib.metadata import version
+
+            env[name] = version(name)
+        except Exception:  # noqa: BLE001 - absent is a fact to report
+            env[name] = "not installed"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, memory_gib=round(props.total_memory / GiB, 1),
+                   multiprocessors=props.multi_processor_count)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown (no nvidia-smi)"
+    else:
+        env.update(device=f"cpu ({os.cpu_count()} cores)", driver="n/a")
+    return env
+
+
+def missing_modules() -> dict[str, str]:
+    """Modules the parts need that this machine lacks, each with what to do about it."""
+    import importlib.util
+
+    need = {"pydantic": "the spec (bring its wheels: bench/gpu_wheels.txt)",
+            "bitsandbytes": "the NF4 base of the steps (bring its wheel: bench/gpu_wheels.txt)",
+            "peft": "LoRA", "transformers": "the models", "triton": "the Triton kernels", "yaml": "the manifests",
+            "tokenizers": "the stand-in tokenizer"}
+    return {name: why for name, why in need.items() if importlib.util.find_spec(name) is None}
+
+
+PARTS = {  # key: (title, what it needs)
+    "a": ("Loss fwd+bwd, bf16, seeds' shape", ("triton",)),
+    "b": ("One whole learner step", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
+    "c": ("Offload vs on (one micro-batch)", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
+    "d": ("Triton vs torch chunk kernels", ("triton",)),
+}
+ORDER = ("d", "a", "c", "b")  # cheap first; c loads the 8B model that b then trains
+
+
+def run(args) -> tuple[dict, list[Part]]:
+    import torch
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke for the CPU twin")
+    shapes = SMOKE if args.smoke else REAL
+    env = environment(device)
+    env["mode"] = "smoke (tiny shapes, CPU, TRITON_INTERPRET=1)" if args.smoke else "real shapes"
+    parts = {key: Part(key, title) for key, (title, _) in PARTS.items()}
+    missing = missing_modules()
+    deadline = time.monotonic() + args.budget_s
+    loaded: dict = {}
+    out = results_paths(args.out, env)
+    for key in ORDER:
+        part = parts[key]
+        if key not in args.parts:
+            part.reason = "not asked for (--parts)"
+            continue
+        lacking = [f"{m} ({missing[m]})" for m in PARTS[key][1] if m in missing]
+        if lacking:
+            part.reason = "missing: " + ", ".join(lacking)
+            continue
+        if time.monotonic() > deadline:
+            part.reason = f"time budget of {args.budget_s:.0f} s spent"
+            continue
+        print(f"[gpu-suite] part {key}: {part.title} ...", flush=True)
+        t0 = time.perf_counter()
+        part.status, part.reason = "running", "cut short while running"
+
+        def flush():
+            write_results(out, env, [parts[k] for k in sorted(parts)])
+
+        try:
+            if key == "a":
+                part_loss(part, shapes, device, deadline, flush)
+            elif key == "b":
+                part_step(part, shapes, device, deadline, args.smoke, loaded, flush)
+            elif key == "c":
+                part_offload(part, shapes, device, deadline, args.smoke, loaded)
+            else:
+                part_kernels(part, shapes, device, deadline)
+        except NotRun as exc:
+            part.status, part.reason = "not run", str(exc)
+            part.checks.clear()  # nothing half-measured passes for a part that could not run
+        except Exception as exc:  # noqa: BLE001 - one broken part must not hide the others
+            part.status, part.reason = "error", f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        else:
+            unfinished = [r for r in part.rows if str(r.get("result", "")).startswith("not run")]
+            if any(not c["passed"] for c in part.checks):
+                part.status = "failed"
+            elif not part.checks:
+                part.status, part.reason = "error", "no check ran"
+            elif unfinished:
+                part.status, part.reason = "not run", f"{len(unfinished)} row(s) not run: time budget spent"
+            else:
+                part.status, part.reason = "passed", ""
+        env.setdefault("part_seconds", {})[key] = round(time.perf_counter() - t0, 1)
+        print(f"[gpu-suite] part {key}: {part.status} {part.reason}".rstrip(), flush=True)
+        flush()
+    free_memory()
+    ordered = [parts[k] for k in sorted(parts)]
+    write_results(out, env, ordered)
+    return env, ordered
+
+
+def results_paths(out_dir: str, env: dict) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return Path(out_dir) / f"gpu-{slug}-{env['date']}"
+
+
+def write_results(stem: Path, env: dict, parts: list[Part]) -> None:
+    data = {"environment": env, "parts": [vars(p) for p in parts]}
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(env, parts))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.3f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    return lines + [""]
+
+
+def markdown(env: dict, parts: list[Part]) -> str:
+    lines = [f"# GPU suite: {env['device']}, {env['date']}", ""]
+    lines += _table([{k: v for k, v in env.items() if k != "part_seconds"}])
+    lines += ["| part | status | checks passed | seconds | reason |", "|---|---|---|---|---|"]
+    for p in parts:
+        passed = sum(c["passed"] for c in p.checks)
+        lines.append(f"| {p.key}. {p.title} | {p.status} | {passed}/{len(p.checks)} | "
+                     f"{env.get('part_seconds', {}).get(p.key, '-')} | {p.reason} |")
+    lines.append("")
+    for p in parts:
+        lines += [f"## {p.key}. {p.title}: {p.status}", ""]
+        if p.reason:
+            lines += [p.reason, ""]
+        lines += _table(p.rows)
+        lines += _table([{"check": c["name"], "value": c["value"], "limit": c["limit"], "passed": c["passed"]}
+                         for c in p.checks])
+        lines += _table(p.claims)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton under its interpreter")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<device>-<date>.md/.json")
+    p.add_argument("--parts", default="abcd", help="which parts to run (default: all)")
+    p.add_argument("--budget-s", type=float, default=450.0,
+                   help="wall-clock budget: a part (or loss row) not started by then is reported as not run")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on CPU tensors
+    env, parts = run(args)
+    print(markdown(env, parts))
+    if any(p.status in ("failed", "error") for p in parts):
+        return 1
+    return 0 if all(p.status == "passed" for p in parts) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

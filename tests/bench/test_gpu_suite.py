@@ -1,0 +1,145 @@
+"""The GPU suite's CPU twin: the very code a GPU run executes, at tiny shapes, so it cannot rot.
+
+The smoke run goes through every part (Triton under its interpreter, NF4 through bitsandbytes' CPU
+backend, the models through load_policy and Trainer.optimise); the in-process tests pin how the
+suite reports what it could not run or what failed, which is what makes its results trustworthy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "bench" / "gpu_suite.py"
+
+
+def _load_suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _results(out: Path) -> dict:
+    (path,) = out.glob("gpu-*.json")
+    assert path.with_suffix(".md").is_file()
+    return json.loads(path.read_text())
+
+
+def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # any working directory
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},  # the suite sets it itself
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    data = _results(tmp_path)
+    parts = {p["key"]: p for p in data["parts"]}
+    assert set(parts) == {"a", "b", "c", "d"}
+    for part in parts.values():
+        assert part["status"] == "passed", part
+        assert part["checks"] and all(c["passed"] for c in part["checks"])
+    # a: the three variants ran at every length and were compared with each other
+    ran = {(row["T"], row["variant"]) for row in parts["a"]["rows"] if row["result"] == "ran"}
+    assert ran == {(T, v) for T in (64, 128) for v in ("naive", "ours-torch", "ours-triton")}
+    assert sum("ours-triton vs ours-torch" in c["name"] for c in parts["a"]["checks"]) == 4
+    # b: both model shapes took a real AdamW step through the example's knobs
+    assert [row["model"] for row in parts["b"]["rows"]] == ["tiny qwen2 NF4", "tiny llama NF4"]
+    assert [row["checkpointing"] for row in parts["b"]["rows"]] == ["offload", "offload"]
+    assert all(row["grad_norm"] > 0 for row in parts["b"]["rows"])
+    # c: offload really moved the layer inputs (the CPU-forced hooks), one per layer
+    offload_row = next(r for r in parts["c"]["rows"] if r["mode"] == "offload")
+    assert offload_row["offloaded_tensors"] == 2
+    assert data["environment"]["mode"].startswith("smoke")
+    assert "| a. Loss fwd+bwd" in run.stdout  # the table is printed too
+
+
+@pytest.fixture
+def suite(monkeypatch):
+    module = _load_suite()
+    noop = lambda *args, **kwargs: None  # noqa: E731
+    for name in ("part_loss", "part_step", "part_offload", "part_kernels"):
+        monkeypatch.setattr(module, name, noop)
+    return module
+
+
+def test_a_missing_wheel_is_reported_as_not_run_never_as_passed(suite, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(suite, "missing_modules", lambda: {"bitsandbytes": "the NF4 base (bring its wheel)"})
+
+    def kernels(part, *args):
+        part.check("fine", 0.0, 1.0)
+
+    monkeypatch.setattr(suite, "part_kernels", kernels)
+    code = suite.main(["--smoke", "--out", str(tmp_path), "--parts", "bcd"])
+    parts = {p["key"]: p for p in _results(tmp_path)["parts"]}
+    assert code == 3  # nothing failed, but not everything ran
+    assert parts["d"]["status"] == "passed"
+    for key in "bc":
+        assert parts[key]["status"] == "not run" and "bitsandbytes" in parts[key]["reason"]
+    assert parts["a"]["status"] == "not run" and "--parts" in parts["a"]["reason"]
+    assert "| b. One whole learner step | not run | 0/0 |" in capsys.readouterr().out
+
+
+def test_a_failed_check_or_a_broken_part_fails_the_run_and_the_others_still_run(suite, tmp_path, monkeypatch):
+    def loss(part, *args):
+        part.check("ours vs naive", 0.5, 0.02)
+
+    def kernels(part, *args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def offload(part, *args):
+        part.check("fine", 0.0, 0.02)
+
+    monkeypatch.setattr(suite, "part_loss", loss)
+    monkeypatch.setattr(suite, "part_kernels", kernels)
+    monkeypatch.setattr(suite, "part_offload", offload)
+    code = suite.main(["--smoke", "--out", str(tmp_path), "--parts", "acd"])
+    parts = {p["key"]: p for p in _results(tmp_path)["parts"]}
+    assert code == 1
+    assert parts["a"]["status"] == "failed"
+    assert parts["d"]["status"] == "error" and "illegal memory access" in parts["d"]["reason"]
+    assert parts["c"]["status"] == "passed"
+
+
+def test_a_part_without_a_single_check_is_not_a_pass(suite, tmp_path):
+    code = suite.main(["--smoke", "--out", str(tmp_path), "--parts", "d"])
+    part = {p["key"]: p for p in _results(tmp_path)["parts"]}["d"]
+    assert code == 1 and part["status"] == "error" and part["reason"] == "no check ran"
+
+
+def test_a_spent_budget_leaves_the_remaining_parts_not_run(suite, tmp_path, monkeypatch):
+    def kernels(part, *args):
+        part.check("fine", 0.0, 1.0)
+
+    monkeypatch.setattr(suite, "part_kernels", kernels)
+    code = suite.main(["--smoke", "--out", str(tmp_path), "--parts", "ad", "--budget-s", "-1"])
+    parts = {p["key"]: p for p in _results(tmp_path)["parts"]}
+    assert code == 3
+    assert all(parts[k]["status"] == "not run" and "budget" in parts[k]["reason"] for k in "ad")
+
+
+def test_wheels_list_pins_what_the_gpu_machine_lacks_at_the_runtime_lock_versions():
+    wanted = {
+        line.split("==")[0]: line.split("==")[1]
+        for line in (ROOT / "bench" / "gpu_wheels.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    assert {"pydantic", "pydantic-core", "bitsandbytes"} <= wanted.keys()
+    lock = ROOT / "requirements" / "runtime.lock"
+    pinned = {}
+    for line in lock.read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, version = line.split("==")
+            pinned[name.strip().lower().replace("_", "-")] = version.split()[0].rstrip("\\").strip()
+    for name, version in wanted.items():
+        if name in pinned:  # typing-extensions etc. may come from the image's other packages
+            assert pinned[name] == version, f"bench/gpu_wheels.txt pins {name}=={version}, the runtime lock {pinned[name]}"
+    assert wanted["pydantic"] == pinned["pydantic"] and wanted["bitsandbytes"] == pinned["bitsandbytes"]
