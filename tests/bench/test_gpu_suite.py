@@ -143,3 +143,16 @@ def test_wheels_list_pins_what_the_gpu_machine_lacks_at_the_runtime_lock_version
         if name in pinned:  # typing-extensions etc. may come from the image's other packages
             assert pinned[name] == version, f"bench/gpu_wheels.txt pins {name}=={version}, the runtime lock {pinned[name]}"
     assert wanted["pydantic"] == pinned["pydantic"] and wanted["bitsandbytes"] == pinned["bitsandbytes"]
+
+
+def test_fetch_gpu_wheels_gets_every_listed_wheel_for_the_gpu_machines_python(tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "bench" / "fetch_gpu_wheels.sh"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    wheels = [p.name for p in tmp_path.glob("*.whl")]
+    for line in (ROOT / "bench" / "gpu_wheels.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert any(w.lower().startswith(f"{name.replace('-', '_')}-{version}-") for w in wheels), (line, wheels)
+    (core,) = [w for w in wheels if w.startswith("pydantic_core-")]
+    assert "cp312" in core and "x86_64" in core  # the GPU machine's CPython 3.12, not this machine's Python

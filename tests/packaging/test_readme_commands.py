@@ -78,6 +78,8 @@ RUN_HERE = {
     REPORT: "as written, on that run",
     LOCAL_PEFT: "as written, on that run's final/ adapter",
     REWARD_SIGNATURE: "as written (defines the function)",
+    "bash bench/fetch_gpu_wheels.sh": "in tests/bench/test_gpu_suite.py, into a temporary folder (downloads ~46 MB "
+    "from PyPI)",
 }
 NOT_RUN_HERE = {
     "aws s3 cp --recursive s3://my-grpo-runs/gsm8k-qwen2-5-1-5b/final ./final": "needs the AWS CLI and a "
@@ -85,6 +87,8 @@ NOT_RUN_HERE = {
     'AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct", torch_dtype="auto")': "downloads "
     "Qwen2.5-1.5B from the Hugging Face hub (no hub here); the same PEFT calls run in the local snippet",
     "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
+    "bash bench/gpu_suite.sh": "needs a CUDA GPU; the same code at tiny shapes on CPU (--smoke) runs in "
+    "tests/bench/test_gpu_suite.py",
 }
 
 
