@@ -226,10 +226,12 @@ def part_loss(part: Part, shapes: Shapes, device, deadline: float, flush) -> Non
     variants = _loss_variants()
     if not kernels.available():
         raise NotRun("triton is not importable")
-    for name, fn in variants.items():  # warm-up: Triton compiles, cuBLAS picks its kernels
-        inputs = _loss_inputs(B, V, D, 64, device, seed=1)
-        fn(*inputs).backward()
-    del inputs
+    for fn in variants.values():  # warm-up: Triton compiles, cuBLAS picks its kernels
+        try:
+            fn(*_loss_inputs(B, V, D, 64, device, seed=1)).backward()
+        except torch.cuda.OutOfMemoryError:
+            pass  # reported by the measured run below
+        free_memory()
     for T in shapes.loss_T:
         results = {}
         for name, fn in variants.items():
@@ -238,18 +240,17 @@ def part_loss(part: Part, shapes: Shapes, device, deadline: float, flush) -> Non
             if time.monotonic() > deadline:
                 row["result"] = "not run: time budget spent"
                 continue
-            inputs = _loss_inputs(B, V, D, T, device)
-            oom = False
+            inputs, loss, oom = _loss_inputs(B, V, D, T, device), None, False
             try:
                 with measure(device) as m:
                     loss = fn(*inputs)
                     loss.backward()
             except torch.cuda.OutOfMemoryError:
                 oom = True
-            if oom:
-                del inputs
+            if oom:  # outside the except block, so that the traceback no longer pins the partial graph
+                del inputs, loss
                 free_memory()
-                row["result"] = f"does not fit ({torch.cuda.get_device_properties(device).total_memory / GiB:.0f} GiB)"
+                row["result"] = f"does not fit ({_device_gib(device):.0f} GiB)"
                 continue
             row.update(result="ran", loss=loss.item(), seconds=m.seconds, peak_gb=_gb(m.peak_bytes))
             results[name] = (loss.detach().float().cpu(), inputs[0].grad.detach().cpu(), m)
@@ -410,6 +411,12 @@ def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, 
         del trainer, policy, job, batch
         free_memory()
         flush()  # the 8B step is long: what the first case measured is kept if the run is cut short
+
+
+def _device_gib(device) -> float:
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else math.nan
 
 
 def _allocated(device) -> int | None:

@@ -156,3 +156,38 @@ def test_fetch_gpu_wheels_gets_every_listed_wheel_for_the_gpu_machines_python(tm
             assert any(w.lower().startswith(f"{name.replace('-', '_')}-{version}-") for w in wheels), (line, wheels)
     (core,) = [w for w in wheels if w.startswith("pydantic_core-")]
     assert "cp312" in core and "x86_64" in core  # the GPU machine's CPython 3.12, not this machine's Python
+
+
+def test_a_loss_variant_that_does_not_fit_is_reported_and_the_others_are_still_compared(tmp_path, monkeypatch):
+    import torch
+
+    suite = _load_suite()
+
+    def naive(hidden, *rest):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 84.00 GiB")
+
+    def ours(hidden, *rest):
+        return (hidden.float() ** 2).mean()
+
+    monkeypatch.setattr(suite, "_loss_variants", lambda: {"naive": naive, "ours-torch": ours, "ours-triton": ours})
+    monkeypatch.setattr(suite, "_loss_inputs", _cheap_inputs)
+    calls = []
+    part = suite.Part("a", "loss")
+    try:
+        suite.part_loss(part, suite.SMOKE, torch.device("cpu"), deadline=float("inf"), flush=lambda: calls.append(1))
+    except torch.cuda.OutOfMemoryError:
+        pytest.fail("the OOM of one variant escaped the part")
+    assert len(calls) == len(suite.SMOKE.loss_T)  # the results are written after every length
+    naive_rows = [r for r in part.rows if r["variant"] == "naive"]
+    assert naive_rows and all(r["result"].startswith("does not fit") for r in naive_rows)
+    names = [c["name"] for c in part.checks]
+    assert not any("vs naive" in n for n in names)  # nothing is compared with a variant that did not run
+    assert sum("ours-triton vs ours-torch" in n for n in names) == 2 * len(suite.SMOKE.loss_T)
+    assert all(c["passed"] for c in part.checks)
+
+
+def _cheap_inputs(B, V, D, T, device, seed=0):
+    import torch
+
+    hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    return hidden, None, None, None, None, None, None
