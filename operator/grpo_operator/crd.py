@@ -159,6 +159,27 @@ def status_schema() -> dict[str, Any]:
             "tokensPerSecond": _number("Generated tokens per second of the last step."),
             "latestCheckpoint": {"type": "string", "nullable": True,
                                  "description": "URI of the newest complete checkpoint."},
+            "eval": {
+                "type": "object",
+                "description": "The latest held-out evaluation (spec.evaluation).",
+                "properties": {
+                    "step": {"type": "integer", "description": "Optimizer steps done when it ran (0: the baseline)."},
+                    "accuracy": _number("Share of held-out completions that are correct (spec.evaluation.correct)."),
+                    "passAtK": _number("Share of held-out prompts with a correct completion among numSamples "
+                                       "(unbiased pass@k); only when numSamples > 1."),
+                    "numSamples": {"type": "integer", "description": "Completions per held-out prompt."},
+                    "rewards": {
+                        "type": "object",
+                        "description": "Per reward function name: its mean and its accuracy (share reaching its "
+                                       "threshold).",
+                        "additionalProperties": {
+                            "type": "object",
+                            "properties": {"mean": _number("Mean reward."),
+                                           "accuracy": _number("Share of completions reaching the threshold.")},
+                        },
+                    },
+                },
+            },
             "updatedAt": {"type": "string", "format": "date-time", "description": "When the runtime wrote this."},
         },
     }
@@ -192,6 +213,8 @@ PRINTER_COLUMNS = [
      "description": "Optimizer steps in the run."},
     {"name": "Reward", "type": "number", "jsonPath": ".status.progress.reward",
      "description": "Mean weighted reward of the last step."},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.progress.eval.accuracy",
+     "description": "Held-out accuracy of the latest evaluation (spec.evaluation)."},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
      "description": "Retried attempts."},
     {"name": "Pod", "type": "string", "jsonPath": ".status.podName", "priority": 1, "description": "Current pod."},

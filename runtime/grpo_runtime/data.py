@@ -47,7 +47,7 @@ def arithmetic_problems(count: int = 2000, seed: int = 1234) -> list[dict[str, A
 BUILTIN_DATASETS = {"arithmetic": arithmetic_problems}
 
 
-def _parse_rows(name: str, suffix: str, data: bytes) -> list[dict[str, Any]]:
+def _parse_rows(name: str, suffix: str, data: bytes, field: str) -> list[dict[str, Any]]:
     if suffix == ".jsonl":
         rows = []
         for number, line in enumerate(data.decode().splitlines(), start=1):
@@ -55,23 +55,23 @@ def _parse_rows(name: str, suffix: str, data: bytes) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DatasetError(f"spec.dataset.source: {name} line {number} is not JSON ({exc.msg})") from None
+                    raise DatasetError(f"{field}: {name} line {number} is not JSON ({exc.msg})") from None
         return rows
     if suffix == ".json":
         try:
             loaded = json.loads(data)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"spec.dataset.source: {name} is not JSON ({exc.msg})") from None
+            raise DatasetError(f"{field}: {name} is not JSON ({exc.msg})") from None
         return loaded if isinstance(loaded, list) else loaded.get("data", loaded.get("rows", []))
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(io.BytesIO(data)).to_pylist()
     except Exception as exc:
-        raise DatasetError(f"spec.dataset.source: {name} is not a parquet file ({exc})") from None
+        raise DatasetError(f"{field}: {name} is not a parquet file ({exc})") from None
 
 
-def _read_source(source: str, endpoint: str | None, region: str | None) -> bytes:
+def _read_source(source: str, endpoint: str | None, region: str | None, field: str) -> bytes:
     if source.startswith("s3://"):
         from grpo_runtime.storage import StorageError, open_storage
 
@@ -79,26 +79,30 @@ def _read_source(source: str, endpoint: str | None, region: str | None) -> bytes
         try:
             return open_storage(parent, endpoint=endpoint, region=region).read_bytes(key)
         except StorageError as exc:
-            raise DatasetError(f"spec.dataset.source: {exc}") from None
+            raise DatasetError(f"{field}: {exc}") from None
     try:
         return Path(source).expanduser().read_bytes()
     except OSError as exc:
-        raise DatasetError(f"spec.dataset.source: cannot read {source} ({exc.strerror})") from None
+        raise DatasetError(f"{field}: cannot read {source} ({exc.strerror})") from None
 
 
-def load_rows(spec: DatasetSpec, *, endpoint: str | None = None, region: str | None = None) -> list[dict[str, Any]]:
-    """All usable rows: dicts with at least the prompt column, capped at maxSamples."""
+def load_rows(
+    spec: DatasetSpec, *, endpoint: str | None = None, region: str | None = None, field: str = "spec.dataset.source"
+) -> list[dict[str, Any]]:
+    """All usable rows: dicts with at least the prompt column, capped at maxSamples. `field` is the
+    spec path errors name (another section may read a source with the dataset's columns)."""
     if spec.source.startswith("builtin:"):
         rows = BUILTIN_DATASETS[spec.source.removeprefix("builtin:")]()
     else:
         suffix = Path(spec.source.split("?", 1)[0]).suffix
-        rows = _parse_rows(spec.source, suffix, _read_source(spec.source, endpoint, region))
+        rows = _parse_rows(spec.source, suffix, _read_source(spec.source, endpoint, region, field), field)
     if not rows:
-        raise DatasetError(f"spec.dataset.source: {spec.source} has no rows")
+        raise DatasetError(f"{field}: {spec.source} has no rows")
     bad = [i for i, row in enumerate(rows) if not isinstance(row, dict) or spec.prompt_field not in row]
     if bad:
+        where = "spec.dataset.promptField" if field == "spec.dataset.source" else f"{field} (spec.dataset.promptField)"
         raise DatasetError(
-            f"spec.dataset.promptField: column {spec.prompt_field!r} missing in {len(bad)} of {len(rows)} rows "
+            f"{where}: column {spec.prompt_field!r} missing in {len(bad)} of {len(rows)} rows "
             f"of {spec.source} (first: row {bad[0]})"
         )
     return rows[: spec.max_samples] if spec.max_samples else rows

@@ -34,12 +34,14 @@ class ProgressBar:
 
         self.quiet = quiet
         self.bar = None if quiet else tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.eval_accuracy: float | None = None
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         if self.bar is None:
             return
+        shown = {} if self.eval_accuracy is None else {"eval": f"{self.eval_accuracy:.3f}"}
         self.bar.set_postfix(
-            reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}"
+            reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}", **shown
         )
         self.bar.update(1)
         if not sys.stderr.isatty():
@@ -53,14 +55,34 @@ class ProgressBar:
                 file=sys.stderr,
             )
 
+    def eval(self, metrics: dict[str, Any]) -> None:
+        """One line per evaluation, terminal or not."""
+        self.eval_accuracy = metrics["eval/accuracy"]
+        if self.bar is not None:
+            self.bar.write(eval_line(metrics), file=sys.stderr)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
+def eval_line(metrics: dict[str, Any]) -> str:
+    """'eval step 10: accuracy 0.250 (correct 0.250, format 0.900) on 100 held-out prompts, greedy'."""
+    k = metrics["eval/num_samples"]
+    per_reward = ", ".join(
+        f"{key.split('/')[1]} {value:.3f}" for key, value in metrics.items() if key.count("/") == 2 and key.endswith("/accuracy")
+    )
+    passed = f", pass@{k} {metrics[f'eval/pass@{k}']:.3f}" if k > 1 else ""
+    how = "greedy" if k == 1 else f"{k} samples each (accuracy is mean@{k})"
+    return (
+        f"eval step {metrics['step']}: accuracy {metrics['eval/accuracy']:.3f}{passed} ({per_reward}) "
+        f"on {metrics['eval/num_prompts']} held-out prompts, {how}"
+    )
+
+
 def status_progress(job: GRPOJob):
-    """The in-pod status sink as a step callback, or None outside a pod."""
-    from grpo_runtime.status import sink_from_env
+    """The in-pod status sink as (step callback, eval callback), or None outside a pod."""
+    from grpo_runtime.status import eval_progress, sink_from_env
 
     sink = sink_from_env()
     if sink is None:
@@ -85,13 +107,14 @@ def status_progress(job: GRPOJob):
             }
         )
 
-    return update
+    return update, lambda line: sink.update({"eval": eval_progress(line)})
 
 
 def _prepare(job: GRPOJob, uri: str):
     """Everything that can be wrong with the user's input is found here, before training."""
     from grpo_runtime.data import PromptSampler, load_rows
     from grpo_runtime.engines import make_engine
+    from grpo_runtime.evaluation import Evaluator, split_rows
     from grpo_runtime.model import load_policy
     from grpo_runtime.rewards import load_rewards
     from grpo_runtime.storage import open_storage
@@ -101,6 +124,7 @@ def _prepare(job: GRPOJob, uri: str):
     storage.check()
     rewards = load_rewards(spec.rewards)
     rows = load_rows(spec.dataset, endpoint=spec.output.endpoint, region=spec.output.region)
+    rows, held_out = split_rows(job, rows, endpoint=spec.output.endpoint, region=spec.output.region)
     log.info("loading %s", spec.model.name)
     policy = load_policy(
         spec.model,
@@ -110,7 +134,8 @@ def _prepare(job: GRPOJob, uri: str):
     )
     engine = make_engine(spec.generation, policy)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
-    return storage, rewards, policy, engine, sampler
+    evaluator = Evaluator(job, policy, engine, rewards, held_out) if spec.evaluation else None
+    return storage, rewards, policy, engine, sampler, evaluator
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -132,16 +157,18 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     try:
         from grpo_runtime.trainer import Trainer
 
-        storage, rewards, policy, engine, sampler = _prepare(job, uri)
-        trainer = Trainer(job, policy, engine, rewards, sampler, storage)
+        storage, rewards, policy, engine, sampler, evaluator = _prepare(job, uri)
+        trainer = Trainer(job, policy, engine, rewards, sampler, storage, evaluator=evaluator)
         storage.write_bytes("spec.yaml", yaml.safe_dump(job.to_manifest(), sort_keys=False).encode())
         if job.spec.checkpoint.resume and trainer.resume():
             log.info("resumed from %s at step %d", trainer.latest_checkpoint, trainer.step)
         bar = ProgressBar(job.spec.training.max_steps, trainer.step, quiet)
         trainer.on_step.append(bar)
-        sink = status_progress(job)
-        if sink:
-            trainer.on_step.append(sink)
+        trainer.on_eval.append(bar.eval)
+        sinks = status_progress(job)
+        if sinks:
+            trainer.on_step.append(sinks[0])
+            trainer.on_eval.append(sinks[1])
         started = time.perf_counter()
         first_step = trainer.step
         try:
@@ -160,6 +187,13 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
         return EXIT_FAILURE
     elapsed = time.perf_counter() - started
     ran = trainer.step - first_step
+    history = trainer.eval_history
+    if history:
+        first_eval, last_eval = history[0], history[-1]
+        print(
+            f"eval accuracy: {first_eval['eval/accuracy']:.3f} at step {first_eval['step']} -> "
+            f"{last_eval['eval/accuracy']:.3f} at step {last_eval['step']} on {last_eval['eval/num_prompts']} held-out prompts"
+        )
     if last:
         print(
             f"done: {ran} steps in {elapsed:.0f}s, final reward {last['reward']:.3f}, kl {last['kl']:.4f}; "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -82,6 +83,19 @@ class LoraSpec(Section):
     )
 
 
+def _check_source(value: str) -> str:
+    """A dataset source: builtin:NAME, or a path / s3 URI of a .jsonl, .json or .parquet file."""
+    if value.startswith("builtin:"):
+        name = value.removeprefix("builtin:")
+        if name not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+        return value
+    path = value.split("?", 1)[0]
+    if not path.endswith(DATASET_SUFFIXES):
+        raise ValueError(f"must be builtin:NAME or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}")
+    return value
+
+
 class DatasetSpec(Section):
     source: str = Field(
         description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, or builtin:NAME "
@@ -98,17 +112,7 @@ class DatasetSpec(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        if value.startswith("builtin:"):
-            name = value.removeprefix("builtin:")
-            if name not in BUILTIN_DATASETS:
-                raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
-            return value
-        path = value.split("?", 1)[0]
-        if not path.endswith(DATASET_SUFFIXES):
-            raise ValueError(
-                f"must be builtin:NAME or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
-            )
-        return value
+        return _check_source(value)
 
 
 class RewardSpec(Section):
@@ -212,10 +216,102 @@ class TrainingSpec(Section):
         return self
 
 
+class EvaluationSpec(Section):
+    """Held-out evaluation: is the model getting better at the task on prompts it never trains on?"""
+
+    held_out: Annotated[int | float, WithJsonSchema({"type": "number"})] | None = Field(
+        None,
+        description="Set aside part of dataset.source as held-out prompts: a count (a whole number, e.g. 100) or a "
+        "fraction (between 0 and 1, e.g. 0.05) of its distinct prompts, chosen by training.seed. Training never sees "
+        "them: every row whose prompt text is held out leaves the training rows. Exclusive with source.",
+    )
+    source: str | None = Field(
+        None,
+        description="Evaluate on a separate source instead (any dataset.source form, read with dataset.promptField, "
+        "answerField and systemPrompt). Training rows whose prompt text appears in it are dropped from training "
+        "(logged). Exclusive with heldOut.",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="With source: evaluate on at most this many of its distinct prompts (the first ones)."
+    )
+    every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate every N optimizer steps. Step 0 (the baseline, before any update) and the last step are "
+        "always evaluated; unset evaluates only those two.",
+    )
+    num_samples: int = Field(
+        1,
+        ge=1,
+        description="Completions per held-out prompt. 1: one greedy completion (pass@1). k > 1: k completions sampled "
+        "at generation.temperature; accuracy is then mean@k and pass@k is reported too (the unbiased estimator).",
+    )
+    correct: dict[str, float] = Field(
+        default_factory=dict,
+        description="Which rewards define a correct completion, each with its threshold (reward name -> threshold): a "
+        "completion is correct when every listed reward is >= its threshold (a reward that returns None for it does "
+        "not count as reached). eval/accuracy is the share of correct completions; unset, the first of spec.rewards "
+        "with `threshold` defines it. Every reward is also reported on its own either way.",
+    )
+    threshold: float = Field(
+        1.0,
+        description="A reward not listed in correct counts as reached (for its own eval/<name>/accuracy) when it is "
+        ">= this.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str | None) -> str | None:
+        return None if value is None else _check_source(value)
+
+    @field_validator("held_out", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML true would otherwise pass as the count 1
+            raise ValueError(f"must be a count (>= 1) or a fraction (between 0 and 1), got {value!r}")
+        return value
+
+    @field_validator("held_out")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return value
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"a count of held-out prompts must be >= 1, got {value}")
+        elif not 0.0 < value < 1.0:
+            raise ValueError(f"a fraction must be between 0 and 1 (write a count as a whole number), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EvaluationSpec:
+        if (self.held_out is None) == (self.source is None):
+            raise ValueError(
+                "heldOut: set exactly one of heldOut (part of dataset.source) and source (a separate dataset)"
+            )
+        if self.max_samples is not None and self.source is None:
+            raise ValueError("maxSamples: applies to source only; with heldOut the count is the size")
+        return self
+
+    def metric_names(self, reward_names: list[str]) -> list[str]:
+        """The score keys every eval line of metrics.jsonl carries (all of them: higher is better)."""
+        k = self.num_samples
+        names = ["eval/accuracy"] + ([f"eval/pass@{k}"] if k > 1 else [])
+        for name in reward_names:
+            names += [f"eval/{name}/mean", f"eval/{name}/accuracy"] + ([f"eval/{name}/pass@{k}"] if k > 1 else [])
+        return names
+
+
 class CheckpointSpec(Section):
     every_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps (and at the end).")
     keep: int = Field(3, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
     resume: bool = Field(True, description="Start from checkpoints/LATEST under output.uri when it exists.")
+    keep_best: str | None = Field(
+        None,
+        description="An eval metric to keep the best adapter by (higher is better), e.g. eval/accuracy or "
+        "eval/correct/pass@4 (see spec.evaluation): after each evaluation that beats every earlier one, the adapter is "
+        "written to best/ beside final/, with best.json (step, metric, value). Needs spec.evaluation.",
+    )
 
 
 class OutputSpec(Section):
@@ -278,6 +374,9 @@ class GRPOJobSpec(Section):
     )
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling of completions.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation and the GRPO loss.")
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Held-out evaluation at step 0, every N steps and at the end (off when unset)."
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and resume.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where checkpoints and metrics go.")
     image: str | None = Field(None, description="Runtime container image; the operator's default when unset.")
@@ -298,6 +397,31 @@ class GRPOJobSpec(Section):
                 raise ValueError(f"duplicate reward name {reward.name!r}")
             seen.add(reward.name)
         return rewards
+
+    @model_validator(mode="after")
+    def _evaluation_fits(self) -> GRPOJobSpec:
+        evaluation, names = self.evaluation, [reward.name for reward in self.rewards]
+        if evaluation is not None:
+            unknown = [name for name in evaluation.correct if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"evaluation.correct: no reward named {', '.join(map(repr, unknown))} in spec.rewards "
+                    f"(known: {', '.join(names)})"
+                )
+            held_out, cap = evaluation.held_out, self.dataset.max_samples
+            if isinstance(held_out, int) and cap is not None and held_out >= cap:
+                raise ValueError(
+                    f"evaluation.heldOut: {held_out} held-out prompts leave no training rows of the "
+                    f"{cap} that dataset.maxSamples allows"
+                )
+        metric = self.checkpoint.keep_best
+        if metric is not None:
+            if evaluation is None:
+                raise ValueError("checkpoint.keepBest: needs spec.evaluation (the metric comes from its evaluations)")
+            known = evaluation.metric_names(names)
+            if metric not in known:
+                raise ValueError(f"checkpoint.keepBest: unknown eval metric {metric!r}; one of: {', '.join(known)}")
+        return self
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> GRPOJobSpec:
@@ -377,13 +501,20 @@ def _reason(error: dict[str, Any]) -> str:
     return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {got!r}"
 
 
+# A model-level validator that names one field starts its message with that field's relative path.
+_RELATIVE_FIELD = re.compile(r"^([a-z][A-Za-z0-9]*(?:\.[a-z][A-Za-z0-9]*)*): (.+)$", re.DOTALL)
+
+
 def format_errors(exc: ValidationError) -> list[str]:
     """pydantic errors as 'spec.generation.numGenerations: must be >= 2, got 1' lines."""
     lines = []
     for error in exc.errors():
-        loc = error["loc"]
-        # A model-level validator reports at the model's own path; keep that path.
-        lines.append(f"{_field_path(loc) or '<root>'}: {_reason(error)}")
+        path, reason = _field_path(error["loc"]), _reason(error)
+        # A model-level validator reports at the model's own path; keep that path, plus the field it names.
+        named = _RELATIVE_FIELD.match(reason) if error["type"] == "value_error" else None
+        if named:
+            path, reason = f"{path}.{named[1]}" if path else named[1], named[2]
+        lines.append(f"{path or '<root>'}: {reason}")
     return lines
 
 

@@ -39,7 +39,9 @@ class KubernetesProgressSink:
     """Patches status.progress of one GRPOJob; never raises from update().
 
     Keys the trainer sends: step, totalSteps, reward, rewards (name -> mean), kl,
-    completionLength, tokensPerSecond, latestCheckpoint; this adds updatedAt.
+    completionLength, tokensPerSecond, latestCheckpoint every step, and eval (see
+    `eval_progress`) after each evaluation; this adds updatedAt. A merge patch keeps the keys
+    it does not send, so eval stays until the next evaluation replaces it.
     """
 
     def __init__(self, name: str, namespace: str, api: Any = None):
@@ -87,6 +89,25 @@ class KubernetesProgressSink:
 
     def __repr__(self) -> str:
         return f"KubernetesProgressSink({self.namespace}/{self.name})"
+
+
+def eval_progress(line: dict[str, Any]) -> dict[str, Any]:
+    """status.progress.eval from an eval line of metrics.jsonl (see grpo_runtime.evaluation):
+    step, accuracy (the headline), numSamples, passAtK (k > 1), and mean and accuracy per reward."""
+    rewards: dict[str, dict[str, Any]] = {}
+    for key, value in line.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("mean", "accuracy"):
+            rewards.setdefault(parts[1], {})[parts[2]] = value
+    progress = {
+        "step": line["step"],
+        "accuracy": line["eval/accuracy"],
+        "numSamples": line["eval/num_samples"],
+        "rewards": rewards,
+    }
+    if line["eval/num_samples"] > 1:
+        progress["passAtK"] = line[f"eval/pass@{line['eval/num_samples']}"]
+    return progress
 
 
 def _short(exc: Exception) -> str:

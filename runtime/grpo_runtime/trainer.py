@@ -57,6 +57,18 @@ def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> 
     return encoded
 
 
+def reward_inputs(dataset, rows: list[dict[str, Any]], completions: list[Completion]):
+    """What the rewards are called with: (prompts, completion texts, columns), one entry per completion.
+    `dataset` is the job's DatasetSpec: its prompt column is the prompt, its answer column is `answer`."""
+    expanded = [rows[c.prompt_index] for c in completions]
+    columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != dataset.prompt_field}
+    if dataset.answer_field != "answer" and dataset.answer_field in columns:
+        columns["answer"] = columns[dataset.answer_field]
+    columns["completion_ids"] = [c.completion_ids for c in completions]
+    prompts = [row[dataset.prompt_field] for row in expanded]
+    return prompts, [c.text for c in completions], columns
+
+
 @dataclass
 class Batch:
     """Left-padded prompts followed by right-padded completions, one row per completion."""
@@ -159,6 +171,8 @@ class Trainer:
     storage: Storage
     on_step: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     step: int = 0
+    evaluator: Any = None  # grpo_runtime.evaluation.Evaluator when spec.evaluation is set
+    on_eval: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         spec = self.job.spec
@@ -185,6 +199,8 @@ class Trainer:
             num_training_steps=total,
         )
         self.latest_checkpoint: str | None = None
+        self.eval_history: list[dict[str, Any]] = []  # the eval lines of metrics.jsonl, oldest first
+        self.best = None  # grpo_runtime.evaluation.BestAdapter when checkpoint.keepBest is set
         self._at_max_lengths = True  # the first step of every process probes the worst-case memory
 
     # -- one step -------------------------------------------------------------------------
@@ -199,18 +215,8 @@ class Trainer:
         return prompt_ids, completions
 
     def score(self, rows: list[dict[str, Any]], completions: list[Completion]):
-        spec = self.job.spec.dataset
-        group = self.generation.num_generations
-        expanded = [rows[c.prompt_index] for c in completions]
-        columns = {
-            key: [row.get(key) for row in expanded] for key in expanded[0] if key != spec.prompt_field
-        }
-        if spec.answer_field != "answer" and spec.answer_field in columns:
-            columns["answer"] = columns[spec.answer_field]
-        columns["completion_ids"] = [c.completion_ids for c in completions]
-        prompts = [row[spec.prompt_field] for row in expanded]
-        scores = score(self.rewards, prompts, [c.text for c in completions], columns)
-        advantages = group_advantages(scores.total, group, self.training.scale_rewards)
+        scores = score(self.rewards, *reward_inputs(self.job.spec.dataset, rows, completions))
+        advantages = group_advantages(scores.total, self.generation.num_generations, self.training.scale_rewards)
         return scores, advantages
 
     def optimise(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
@@ -367,13 +373,52 @@ class Trainer:
         ]
         self.storage.write_bytes(METRICS_FILE, "".join(f"{line}\n" for line in kept).encode())
 
+    # -- held-out evaluation --------------------------------------------------------------
+
+    def _read_eval_history(self) -> list[dict[str, Any]]:
+        from grpo_runtime.evaluation import is_eval_line
+
+        if not self.storage.exists(METRICS_FILE):
+            return []
+        lines = [json.loads(line) for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines() if line.strip()]
+        return [line for line in lines if is_eval_line(line)]
+
+    def evaluate_if_due(self) -> dict[str, Any] | None:
+        """Evaluate at this step when it is due and not done yet (a resumed step was evaluated
+        before its checkpoint); keep the best adapter; report to the on_eval callbacks."""
+        if self.evaluator is None or not self.evaluator.due(self.step):
+            return None
+        if any(line["step"] == self.step for line in self.eval_history):
+            return None
+        from grpo_runtime.evaluation import samples_jsonl
+
+        metrics, samples = self.evaluator.evaluate(self.step)
+        self.storage.write_bytes(f"samples/eval-step-{self.step}.jsonl", samples_jsonl(samples))
+        self.storage.append_line(METRICS_FILE, json.dumps(metrics))
+        if self.best is not None:
+            self.best.offer(self.step, metrics, self.policy.model)
+        self.eval_history.append(metrics)
+        for callback in self.on_eval:
+            callback(metrics)
+        return metrics
+
     # -- the whole run --------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
         every = self.job.spec.checkpoint.every_steps
         metrics: dict[str, Any] = {}
+        if self.step == 0:  # a fresh start: lines of an earlier attempt that never checkpointed would be duplicates
+            self._drop_metrics_after(-1)
+        self.eval_history = self._read_eval_history()
+        if self.job.spec.checkpoint.keep_best:
+            from grpo_runtime.evaluation import BestAdapter
+
+            self.best = BestAdapter(self.storage, self.job.spec.checkpoint.keep_best)
+            self.best.start(self.step, self.eval_history)
+        self.evaluate_if_due()  # the step-0 baseline, before any update
         while self.step < self.training.max_steps:
             metrics = self.run_step()
+            self.evaluate_if_due()  # before the checkpoint: a committed step has its evaluation
             if self.step % every == 0 or self.step == self.training.max_steps:
                 self.save_checkpoint()
             metrics["latest_checkpoint"] = self.latest_checkpoint

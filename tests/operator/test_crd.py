@@ -26,6 +26,8 @@ FULL_JOB = {
         "rewards": [{"name": "fmt", "function": "builtin:format", "weight": 0.5, "args": {"pattern": "<a>.*</a>"}}],
         "generation": {"topK": 50, "minP": 0.1, "stop": ["</a>"], "samplingParams": {"repetition_penalty": 1.1}},
         "training": {"epsilonHigh": 0.28, "lossType": "grpo"},
+        "evaluation": {"heldOut": 0.05, "everySteps": 10, "numSamples": 4, "correct": {"fmt": 1.0}, "threshold": 0.5},
+        "checkpoint": {"keepBest": "eval/pass@4"},
         "output": {"uri": "s3://runs/full", "endpoint": "http://minio:9000", "region": "x", "credentialsSecret": "s"},
         "image": "img:1",
         "imagePullSecrets": ["regcred"],
@@ -69,15 +71,28 @@ def test_names_scope_and_subresources():
     assert version["subresources"] == {"status": {}}
 
 
-def test_printer_columns_phase_step_reward_age():
+def test_printer_columns_phase_step_reward_eval_age():
     (version,) = crd()["spec"]["versions"]
     shown = [(c["name"], c["jsonPath"]) for c in version["additionalPrinterColumns"] if not c.get("priority")]
     assert shown == [
         ("Phase", ".status.phase"),
         ("Step", ".status.progress.step"),
         ("Reward", ".status.progress.reward"),
+        ("Eval", ".status.progress.eval.accuracy"),
         ("Age", ".metadata.creationTimestamp"),
     ]
+
+
+def test_status_progress_eval_is_what_the_runtime_patches():
+    from grpo_runtime.status import eval_progress
+
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    node = schema["properties"]["progress"]["properties"]["eval"]
+    line = {"step": 2, "eval/accuracy": 0.5, "eval/pass@4": 0.75, "eval/correct/mean": 0.5, "eval/correct/accuracy": 0.5,
+            "eval/num_samples": 4, "eval/num_prompts": 8, "eval/completion_length": 9.0}
+    progress = eval_progress(line)
+    assert set(progress) == set(node["properties"])
+    assert set(progress["rewards"]["correct"]) == set(node["properties"]["rewards"]["additionalProperties"]["properties"])
 
 
 def test_schema_is_structural():
@@ -148,7 +163,7 @@ def test_status_has_the_contract_fields():
             "progress"} <= status.keys()
     progress = status["progress"]["properties"]
     assert {"step", "totalSteps", "reward", "rewards", "kl", "completionLength", "tokensPerSecond",
-            "latestCheckpoint", "updatedAt"} == progress.keys()
+            "latestCheckpoint", "updatedAt", "eval"} == progress.keys()
 
 
 def test_checked_in_file_is_a_single_valid_yaml_document():
