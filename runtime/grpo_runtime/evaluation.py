@@ -15,6 +15,7 @@ threshold of `spec.evaluation.correct`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from grpo_runtime.data import DatasetError, load_rows
@@ -185,9 +187,10 @@ class Evaluator:
         sampling = sampling_config(self.job.spec.generation, seed=seed, n=k)
         if k == 1:
             sampling = dataclasses.replace(sampling, temperature=0.0)  # greedy
-        self.engine.wake()
-        completions = self.engine.generate(self._prompt_ids, sampling)
-        self.engine.sleep()
+        with rng_untouched(self.policy.device):  # vLLM's sampler draws from the global stream even when seeded
+            self.engine.wake()
+            completions = self.engine.generate(self._prompt_ids, sampling)
+            self.engine.sleep()
         prompts, texts, columns = reward_inputs(self.job.spec.dataset, self.rows, completions)
         scores = score(self.rewards, prompts, texts, columns)
         lengths = [len(c.completion_ids) for c in completions]
@@ -210,6 +213,18 @@ class Evaluator:
             f"{EVAL_PREFIX}seconds": time.perf_counter() - started,
         }
         return metrics, samples
+
+
+@contextlib.contextmanager
+def rng_untouched(device: torch.device):
+    """Run a block without moving the training process's RNG streams (torch, CUDA, random, numpy)."""
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
 
 
 def _number(value: torch.Tensor) -> float | None:
