@@ -57,7 +57,7 @@ def child(engine_name: str, sizes: list[tuple[int, int]], steps: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as out:
         started = time.perf_counter()
-        storage, rewards, policy, engine, sampler = _prepare(engine_job, out)
+        storage, rewards, policy, engine, sampler, _ = _prepare(engine_job, out)
         load_seconds = time.perf_counter() - started
         rows = sampler.rows
         result: dict = {"engine": engine_name, "load_s": load_seconds, "generate": {}}

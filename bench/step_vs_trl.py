@@ -61,7 +61,7 @@ def run_ours(args) -> dict:
     }
     job = parse_job(doc)
     with tempfile.TemporaryDirectory() as out:
-        storage, rewards, policy, engine, sampler = _prepare(job, out)
+        storage, rewards, policy, engine, sampler, _ = _prepare(job, out)
         trainer = Trainer(job, policy, engine, rewards, sampler, storage)
         trainer._at_max_lengths = False  # TRL does not pad its first step; compare like with like
         loaded = peak_rss_mb()
