@@ -481,3 +481,14 @@ def test_grpo_report_prints_the_eval_change_and_still_reads_runs_without_evaluat
     assert main(["report", str(without), "--out", str(tmp_path / "b.png")]) == 0
     assert capsys.readouterr().out.strip().endswith("3 steps, reward 0.200 -> 0.600")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_the_readme_evaluation_example_is_a_valid_section():
+    import re
+
+    import yaml
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    (block,) = [b for b in blocks if b.startswith("evaluation:")]
+    evaluation = EvaluationSpec.model_validate(yaml.safe_load(block)["evaluation"])
+    assert evaluation.held_out == 100 and evaluation.every_steps == 10 and evaluation.correct == {"correct": 1.0}
