@@ -375,13 +375,20 @@ class Trainer:
 
     # -- held-out evaluation --------------------------------------------------------------
 
-    def _read_eval_history(self) -> list[dict[str, Any]]:
-        from grpo_runtime.evaluation import is_eval_line
+    def _start_history(self) -> None:
+        """metrics.jsonl as this run continues it: empty on a fresh start (lines of an attempt that
+        never checkpointed would be duplicates), else as resume() trimmed it; its eval lines so far."""
+        from grpo_runtime.evaluation import BestAdapter, is_eval_line
 
-        if not self.storage.exists(METRICS_FILE):
-            return []
-        lines = [json.loads(line) for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines() if line.strip()]
-        return [line for line in lines if is_eval_line(line)]
+        if self.step == 0:
+            self._drop_metrics_after(-1)
+        lines = []
+        if self.storage.exists(METRICS_FILE):
+            lines = [json.loads(line) for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines() if line.strip()]
+        self.eval_history = [line for line in lines if is_eval_line(line)]
+        if self.job.spec.checkpoint.keep_best:
+            self.best = BestAdapter(self.storage, self.job.spec.checkpoint.keep_best)
+            self.best.start(self.step, self.eval_history)
 
     def evaluate_if_due(self) -> dict[str, Any] | None:
         """Evaluate at this step when it is due and not done yet (a resumed step was evaluated
@@ -407,14 +414,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         every = self.job.spec.checkpoint.every_steps
         metrics: dict[str, Any] = {}
-        if self.step == 0:  # a fresh start: lines of an earlier attempt that never checkpointed would be duplicates
-            self._drop_metrics_after(-1)
-        self.eval_history = self._read_eval_history()
-        if self.job.spec.checkpoint.keep_best:
-            from grpo_runtime.evaluation import BestAdapter
-
-            self.best = BestAdapter(self.storage, self.job.spec.checkpoint.keep_best)
-            self.best.start(self.step, self.eval_history)
+        self._start_history()
         self.evaluate_if_due()  # the step-0 baseline, before any update
         while self.step < self.training.max_steps:
             metrics = self.run_step()
