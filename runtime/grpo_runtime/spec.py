@@ -222,8 +222,9 @@ class EvaluationSpec(Section):
     held_out: Annotated[int | float, WithJsonSchema({"type": "number"})] | None = Field(
         None,
         description="Set aside part of dataset.source as held-out prompts: a count (a whole number, e.g. 100) or a "
-        "fraction (between 0 and 1, e.g. 0.05) of its distinct prompts, chosen by training.seed. Training never sees "
-        "them: every row whose prompt text is held out leaves the training rows. Exclusive with source.",
+        "fraction (between 0 and 1, e.g. 0.05) of its distinct prompts (within dataset.maxSamples), chosen by "
+        "training.seed. Training never sees them: every row whose prompt text is held out leaves the training rows. "
+        "Exclusive with source.",
     )
     source: str | None = Field(
         None,
