@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -237,7 +238,7 @@ def test_kubectl_apply_and_watch(shell_env, tmp_path):
             deadline.cancel()
             watch.terminate()
             watch.wait(10)
-    assert header == ["NAME", "PHASE", "STEP", "REWARD", "AGE"]
+    assert header == ["NAME", "PHASE", "STEP", "REWARD", "EVAL", "AGE"]
     assert row[0] == "gsm8k-qwen2-5-1-5b"
 
 
@@ -266,7 +267,10 @@ def test_grpo_train_without_a_cluster(quickstart):
     # the layout the README's table describes
     for path in ("spec.yaml", "metrics.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
         assert (run / path).is_file(), path
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # the example evaluates its held-out prompts before the first update and after the last
+    assert [(m["step"], "eval/accuracy" in m) for m in lines] == [(0, True), (1, False), (1, True)]
+    assert "eval accuracy: " in result.stdout and (run / "best" / "best.json").is_file()
     assert (run / "samples").is_dir() and list((run / "samples").glob("step-*.jsonl"))
     latest = (run / "checkpoints" / "LATEST").read_text().strip()
     assert (run / "checkpoints" / latest).is_dir()
