@@ -35,6 +35,7 @@ from grpo_runtime.engines import Engine, sampling_config
 from grpo_runtime.rewards import Reward, score
 from grpo_runtime.spec import EvaluationSpec, GRPOJob
 from grpo_runtime.storage import Storage
+from grpo_runtime.trainer import encode_prompts, reward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def summarise(
     """eval/... scores from per-completion rewards ([prompts * k], grouped by prompt; NaN = None)."""
     k = num_samples
     limits = thresholds(evaluation, list(per_reward))
-    reached = {}
+    reached: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
 
     def add(prefix: str, hits: torch.Tensor) -> None:  # hits: [prompts, k] booleans
@@ -177,8 +178,6 @@ class Evaluator:
     def evaluate(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Sample the held-out prompts with the current weights and score them: the eval line of
         metrics.jsonl, and every completion with its prompt, reference answer and rewards."""
-        from grpo_runtime.trainer import encode_prompts, reward_inputs
-
         started = time.perf_counter()
         if self._prompt_ids is None:
             self._prompt_ids = encode_prompts(self.policy, self.job, self.rows)
