@@ -26,6 +26,7 @@ import yaml
 from grpo_operator.render import SECRET_KEYS
 
 from tests.packaging.helpers import BIN, REPO, documents, find, tool
+from tests.packaging.locks import IMAGE_EXTRAS, lock_command, lock_path
 
 README = REPO / "README.md"
 CI_BLOCKS = 2  # the set-up commands, run by CI itself (.ci/run) and pinned by tests/test_readme.py
@@ -89,6 +90,12 @@ NOT_RUN_HERE = {
     "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
     "bash bench/gpu_suite.sh": "needs a CUDA GPU; the same code at tiny shapes on CPU (--smoke) runs in "
     "tests/bench/test_gpu_suite.py",
+    # the commands that made the locks, as their headers say (uv writes them there)
+    **{
+        lock_command(lock_path(image).read_text()): "resolves against PyPI (network, and it may move pins); "
+        "tests/packaging/test_locks.py checks the lock it made against pyproject.toml offline"
+        for image in IMAGE_EXTRAS
+    },
 }
 
 
