@@ -30,8 +30,12 @@ server does:
   discovery (kind, shortNames, categories, status subresource), its printer columns, and
   its OpenAPI v3 document under /openapi/v3 (kubectl apply looks there for server-side
   fieldValidation, kubectl explain for the schema).
+- CEL validation rules (x-kubernetes-validations) of a CRD's schema run on create and on
+  every write of the main resource, with the API server's semantics (crd_validation.py:
+  transition rules run only where the old object has the node); a failed rule is a 422
+  Invalid naming the field and the rule's message.
 
-Not emulated: schema validation and CEL rules, admission webhooks, RBAC, namespaces' own
+Not emulated: OpenAPI schema validation, admission webhooks, RBAC, namespaces' own
 existence, PUT, graceful pod termination (a deleted pod is gone at once), real watch
 resourceVersions (a watch replays the current objects, then streams changes).
 """
@@ -55,6 +59,8 @@ import attrs
 import jsonpatch
 import kmock
 from kmock._internal import dicts as kmock_dicts  # kmock's own merge-patch (the one it applies)
+
+from crd_validation import violations
 
 WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
@@ -164,6 +170,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
     _printer_columns: dict[Any, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
     served: list[kmock.Request] = attrs.field(factory=list, init=False)
     _openapi: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    _schemas: dict[Any, tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         # kmock says groupVersion "/v1" for the core group; kubectl then resolves `pods` elsewhere.
@@ -192,6 +199,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                 subresources=set((version.get("subresources") or {}).keys()),
             )
             self._printer_columns[kmock.resource(key)] = version.get("additionalPrinterColumns", [])
+            self._schemas[kmock.resource(key)] = (
+                f"{names['kind']}.{spec['group']}", (version.get("schema") or {}).get("openAPIV3Schema") or {})
             self._openapi[f"apis/{spec['group']}/{version['name']}"] = _openapi_document(crd, version)
 
     # ---- request routing ----------------------------------------------------------------------
@@ -233,6 +242,17 @@ class ApiServerDouble(kmock.KubernetesEmulator):
         self._revision = next(self._revisions)
         return str(self._revision)
 
+    def _validate(self, request: kmock.Request, new: dict[str, Any], old: dict[str, Any] | None = None) -> None:
+        """The CRD's CEL rules, as the API server runs them (crd_validation.py); 422 when any fails."""
+        if request.resource not in self._schemas:
+            return
+        kind, schema = self._schemas[request.resource]
+        found = violations(schema, new) if old is None else violations(schema, new, old)
+        if found:
+            name = (new.get("metadata") or {}).get("name")
+            detail = found[0] if len(found) == 1 else "[" + ", ".join(found) + "]"
+            raise _Refused(422, "Invalid", f'{kind} "{name}" is invalid: {detail}')
+
     def _admit(self, request: kmock.Request) -> kmock.Request:
         if request.action == kmock.action.CREATE:
             return self._admit_create(request)
@@ -264,6 +284,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                     f'pods "{meta["name"]}" is forbidden: error looking up service account '
                     f'{namespace}/{account}: serviceaccount "{account}" not found',
                 )
+        self._validate(request, obj)
         meta.update(
             uid=str(uuid.uuid4()),
             resourceVersion=self._next_revision(),
@@ -313,6 +334,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
             new.pop("status", None)
             if "status" in old:
                 new["status"] = old["status"]
+        if not request.subresource:
+            self._validate(request, new, old)
         meta = new.setdefault("metadata", {})
         for field in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp"):
             if field in old["metadata"]:
