@@ -7,17 +7,27 @@ deterministic names (a second create is a 409, never a second pod), so it is saf
 call from any event, any number of times, and after an operator restart.
 
 Triggers: the job's create/resume and changes of spec.runPolicy.suspend; any event of a
-pod labelled grpo.dev/job-name; a timer (deadlines, TTLs, and a safety net for missed
-events). The operator needs RBAC for: grpojobs get/list/watch/patch/delete,
-grpojobs/status get/patch, pods get/list/watch/create/delete, serviceaccounts,
-configmaps, roles and rolebindings get/create, events create/patch.
+pod labelled grpo.dev/job-name; and a resync loop (deadlines, TTLs, and a safety net for
+missed events) that lists the jobs every RECHECK_SECONDS. The resync is a task of ours, not a
+kopf timer: kopf's timers put a finalizer on every job, and a finalizer would hold a CRD
+deletion until this operator released it (supervisor.py stops serving as soon as the CRD is
+being deleted). An operator of an earlier version left that finalizer: kopf removes it.
+
+Shutdown (kopf's cleanup): the resync loop stops, reconciles still running are waited for and
+new ones turned away, and only then is the API client closed.
+
+The operator needs RBAC for: grpojobs get/list/watch/patch/delete, grpojobs/status get/patch,
+pods get/list/watch/create/delete, serviceaccounts, configmaps, roles and rolebindings
+get/create, events create/patch, and the CRD grpojobs.grpo.dev get/list/watch (supervisor.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
@@ -30,7 +40,39 @@ from grpo_operator.metrics import Metrics
 from grpo_operator.settings import Settings
 
 JOBS = (GROUP, VERSION, PLURAL)
-RECHECK_SECONDS = 15.0  # timer period: how late a deadline or a TTL may be noticed, at most
+RECHECK_SECONDS = 15.0  # resync period: how late a deadline or a TTL may be noticed, at most
+SHUTDOWN_SECONDS = 30.0  # how long cleanup waits for reconciles in flight before closing anyway
+log = logging.getLogger("grpo_operator")
+
+
+class InFlight:
+    """The reconciles running now. close() turns new ones away and waits for the running ones."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def enter(self) -> AsyncIterator[bool]:
+        """Yields False (do nothing) once closed."""
+        if self.closed:
+            yield False
+            return
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield True
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def close(self, timeout: float) -> None:
+        self.closed = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
 
 @kopf.on.startup()
@@ -40,17 +82,29 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="grpo.dev", key="last-handled-configuration"
     )
-    settings.persistence.finalizer = "grpo.dev/kopf-finalizer"  # kopf's timers need one on each job
-    # The watched resources are known; no need to watch CRDs and namespaces (nor the RBAC for it).
+    # No handler needs a finalizer now; under this name kopf finds (and removes) the one that
+    # the timers of earlier versions put on jobs.
+    settings.persistence.finalizer = "grpo.dev/kopf-finalizer"
+    # The supervisor owns CRD order (it starts kopf once the CRD is established and stops it before
+    # the CRD goes), and the namespaces are exact names: kopf needs no scanning of CRDs or
+    # namespaces, nor cluster-wide RBAC to list them.
     settings.scanning.disabled = True
     memo.setdefault("settings", Settings.from_env())
     memo.setdefault("metrics", Metrics())
     memo.locks = collections.defaultdict(asyncio.Lock)
+    memo.inflight = InFlight()
     memo.kube = kube.Kube(await kube.connect())
+    memo.resync = asyncio.create_task(resync(memo), name="GRPOJob resync")
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    resync_task = memo.get("resync")
+    if resync_task is not None:
+        resync_task.cancel()
+        await asyncio.gather(resync_task, return_exceptions=True)
+    if "inflight" in memo:
+        await memo.inflight.close(SHUTDOWN_SECONDS)
     if "kube" in memo:
         await memo.kube.close()
 
@@ -69,14 +123,33 @@ async def pod_changed(
     await reconcile(memo, namespace, labels[render.LABEL_JOB], logger)
 
 
-def _unfinished_or_ttl(status: dict[str, Any], spec: dict[str, Any], **_: Any) -> bool:
-    finished = status.get("phase") in lifecycle.TERMINAL
-    return not finished or (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+def needs_recheck(job: dict[str, Any]) -> bool:
+    """Unfinished jobs (deadlines, missed events) and finished ones with a TTL still to apply."""
+    finished = (job.get("status") or {}).get("phase") in lifecycle.TERMINAL
+    policy = (job.get("spec") or {}).get("runPolicy") or {}
+    return not finished or policy.get("ttlSecondsAfterFinished") is not None
 
 
-@kopf.timer(*JOBS, interval=RECHECK_SECONDS, when=_unfinished_or_ttl)
-async def recheck(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(memo, namespace, name, logger)
+async def resync(memo: kopf.Memo) -> None:
+    """Every RECHECK_SECONDS, reconcile each job that needs it; errors wait for the next round."""
+    settings: Settings = memo.settings
+    namespaces: list[str | None] = list(settings.namespaces) or [None]
+    while True:
+        await asyncio.sleep(RECHECK_SECONDS)
+        for namespace in namespaces:
+            try:
+                jobs = await memo.kube.list_jobs(namespace)
+            except Exception as exc:  # the API server away for a moment: next round
+                log.warning("resync: cannot list GRPOJobs in %s: %s", namespace or "all namespaces", exc)
+                continue
+            for job in jobs:
+                meta = job.get("metadata") or {}
+                if not needs_recheck(job):
+                    continue
+                try:
+                    await reconcile(memo, meta["namespace"], meta["name"], log)
+                except Exception as exc:
+                    log.warning("resync of %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
 
 
 @kopf.on.event(*JOBS, when=lambda type, **_: type == "DELETED")
@@ -86,6 +159,12 @@ async def job_gone(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None
 
 
 async def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
+    async with memo.inflight.enter() as open_:
+        if open_:
+            await _reconcile(memo, namespace, name, logger)
+
+
+async def _reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
     settings: Settings = memo.settings
     api: kube.Kube = memo.kube
     async with memo.locks[(namespace, name)]:

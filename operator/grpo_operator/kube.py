@@ -84,6 +84,14 @@ class Kube:
                 return None
             raise
 
+    async def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """The GRPOJobs of one namespace (None: of all namespaces)."""
+        if namespace is None:
+            listing = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        else:
+            listing = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return list(listing.get("items") or [])
+
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH

@@ -62,8 +62,17 @@ calls for it:
   they are deleted with the job by the garbage collector (ownerReferences), not by the operator.
 - events: create (kopf posts the job's events).
 kopf runs standalone (no peering objects) with resource scanning off: no rights on
-CustomResourceDefinitions, namespaces or kopfpeerings are needed.
+namespaces or kopfpeerings are needed. The operator's supervisor watches its own CRD (it
+serves jobs only while the CRD is established): the clusterRules below, in a ClusterRole in
+both modes, since CRDs are cluster-scoped; list and watch name it with a field selector.
 */}}
+{{- define "grpo-operator.clusterRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames: ["grpojobs.grpo.dev"]
+  verbs: ["list", "watch"]
+{{- end -}}
+
 {{- define "grpo-operator.rules" -}}
 - apiGroups: ["grpo.dev"]
   resources: ["grpojobs"]
