@@ -142,7 +142,8 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": {"type": "string", "description": "Running, Suspended, Succeeded, Failed or OutputPersistent."},
+            "type": {"type": "string",
+                     "description": "Running, Suspended, Succeeded, Failed, Disrupted or OutputPersistent."},
             "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
             "reason": {"type": "string",
                        "description": "CamelCase cause, e.g. InvalidSpec, BadInput, BackoffLimitExceeded."},
@@ -184,6 +185,11 @@ def status_schema() -> dict[str, Any]:
             "attempt": {"type": "integer", "description": "Pods created so far (the current pod's GRPO_ATTEMPT)."},
             "restarts": {"type": "integer",
                          "description": "Attempts that failed and were retried (counted against backoffLimit)."},
+            "disruptions": {"type": "integer",
+                            "description": "Attempts ended by the cluster, not by a failure: preemption, eviction "
+                                         "(node drain, queue manager, node pressure), node loss, pod deleted. "
+                                         "Retried without counting against backoffLimit; the Disrupted condition "
+                                         "names the last cause."},
             "startTime": {"type": "string", "format": "date-time",
                           "description": "When the job (last resumed and) started; "
                                          "activeDeadlineSeconds counts from here."},
@@ -202,6 +208,8 @@ PRINTER_COLUMNS = [
      "description": "Mean weighted reward of the last step."},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
      "description": "Retried attempts."},
+    {"name": "Disruptions", "type": "integer", "jsonPath": ".status.disruptions", "priority": 1,
+     "description": "Attempts ended by preemption, eviction or node loss (not counted as failures)."},
     {"name": "Pod", "type": "string", "jsonPath": ".status.podName", "priority": 1, "description": "Current pod."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -118,9 +118,12 @@ async def job_changed(namespace: str, name: str, memo: kopf.Memo, logger: loggin
 
 @kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT})
 async def pod_changed(
-    namespace: str, labels: dict[str, str], memo: kopf.Memo, logger: logging.Logger, **_: Any
+    body: kopf.Body, namespace: str, labels: dict[str, str], memo: kopf.Memo, logger: logging.Logger,
+    **_: Any,
 ) -> None:
-    await reconcile(memo, namespace, labels[render.LABEL_JOB], logger)
+    # The pod as this event shows it: if it is gone by the time reconcile reads it, its last state
+    # says why it went (its DisruptionTarget condition).
+    await reconcile(memo, namespace, labels[render.LABEL_JOB], logger, last_seen=dict(body))
 
 
 def needs_recheck(job: dict[str, Any]) -> bool:
@@ -158,13 +161,17 @@ async def job_gone(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None
     memo.metrics.job_phase(namespace, name, None)
 
 
-async def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
+async def reconcile(
+    memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger, *, last_seen: dict[str, Any] | None = None
+) -> None:
     async with memo.inflight.enter() as open_:
         if open_:
-            await _reconcile(memo, namespace, name, logger)
+            await _reconcile(memo, namespace, name, logger, last_seen)
 
 
-async def _reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
+async def _reconcile(
+    memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger, last_seen: dict[str, Any] | None
+) -> None:
     settings: Settings = memo.settings
     api: kube.Kube = memo.kube
     async with memo.locks[(namespace, name)]:
@@ -173,7 +180,7 @@ async def _reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging
             return
         pod_name = (job.get("status") or {}).get("podName")
         pod = await api.get("Pod", namespace, pod_name) if pod_name else None
-        decision = lifecycle.decide(job, pod, settings.clock())
+        decision = lifecycle.decide(job, pod, settings.clock(), last_seen=None if pod else last_seen)
 
         if decision.delete_pod:
             await api.delete_pod(namespace, decision.delete_pod)
