@@ -34,7 +34,7 @@ import kopf
 
 from grpo_runtime.spec import GRPOJob
 
-from grpo_operator import kube, lifecycle, render
+from grpo_operator import kube, kueue, lifecycle, render
 from grpo_operator.crd import GROUP, PLURAL, VERSION
 from grpo_operator.metrics import Metrics
 from grpo_operator.settings import Settings
@@ -75,7 +75,6 @@ class InFlight:
             await asyncio.wait_for(self._idle.wait(), timeout)
 
 
-@kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's own bookkeeping goes to annotations: the status belongs to the operator and the runtime.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="grpo.dev")
@@ -97,7 +96,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.resync = asyncio.create_task(resync(memo), name="GRPOJob resync")
 
 
-@kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     resync_task = memo.get("resync")
     if resync_task is not None:
@@ -109,14 +107,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.kube.close()
 
 
-@kopf.on.resume(*JOBS, backoff=5)
-@kopf.on.create(*JOBS, backoff=5)
-@kopf.on.update(*JOBS, field="spec.runPolicy.suspend", backoff=5)
 async def job_changed(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     await reconcile(memo, namespace, name, logger)
 
 
-@kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT})
 async def pod_changed(
     body: kopf.Body, namespace: str, labels: dict[str, str], memo: kopf.Memo, logger: logging.Logger,
     **_: Any,
@@ -155,10 +149,34 @@ async def resync(memo: kopf.Memo) -> None:
                     log.warning("resync of %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
 
 
-@kopf.on.event(*JOBS, when=lambda type, **_: type == "DELETED")
 async def job_gone(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo.locks.pop((namespace, name), None)
     memo.metrics.job_phase(namespace, name, None)
+
+
+async def workload_changed(
+    namespace: str, labels: dict[str, str], memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
+    await reconcile(memo, namespace, labels[render.LABEL_JOB], logger)
+
+
+def registry(*, with_kueue: bool) -> kopf.OperatorRegistry:
+    """The handlers of one kopf run. Kueue's Workloads are watched only where Kueue is installed
+    (the supervisor asks discovery): kopf warns about every resource it cannot resolve."""
+    reg = kopf.OperatorRegistry()
+    # kopf's default registry logs in through the kubernetes client (in-cluster or kubeconfig); so here.
+    kopf.on.login(registry=reg)(kopf.login_via_client)
+    kopf.on.startup(registry=reg)(startup)
+    kopf.on.cleanup(registry=reg)(cleanup)
+    for on in (kopf.on.resume, kopf.on.create):
+        on(*JOBS, backoff=5, registry=reg)(job_changed)
+    kopf.on.update(*JOBS, field="spec.runPolicy.suspend", backoff=5, registry=reg)(job_changed)
+    kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=reg)(pod_changed)
+    kopf.on.event(*JOBS, when=lambda type, **_: type == "DELETED", registry=reg)(job_gone)
+    if with_kueue:
+        kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.PLURAL, labels={render.LABEL_JOB: kopf.PRESENT},
+                      registry=reg)(workload_changed)
+    return reg
 
 
 async def reconcile(
@@ -180,16 +198,34 @@ async def _reconcile(
             return
         pod_name = (job.get("status") or {}).get("podName")
         pod = await api.get("Pod", namespace, pod_name) if pod_name else None
-        decision = lifecycle.decide(job, pod, settings.clock(), last_seen=None if pod else last_seen)
+        now = settings.clock()
 
+        queued = kueue.queue_name(job) is not None
+        workload = await api.get_workload(namespace, kueue.workload_name(job)) if queued else None
+        pod_active = pod is not None and lifecycle.pod_outcome(pod).state in ("pending", "running", "terminating")
+        queueing = kueue.decide(job, workload, pod_active=pod_active, now=now)
+        if queueing.suspend is not None:
+            await api.patch_job_suspend(namespace, name, queueing.suspend)
+            job["spec"].setdefault("runPolicy", {})["suspend"] = queueing.suspend
+
+        decision = lifecycle.decide(job, pod, now, last_seen=None if pod else last_seen)
+
+        if queueing.create_workload and decision.job:
+            await _create_workload(memo, job, decision.job, logger)
         if decision.delete_pod:
             await api.delete_pod(namespace, decision.delete_pod)
         if decision.create_attempt and decision.job:
-            await _create_attempt(memo, job, decision.job, decision.create_attempt)
+            await _create_attempt(memo, job, decision.job, decision.create_attempt, workload)
         patch = decision.status_patch(job.get("status"))
         if patch:
             await api.patch_job_status(namespace, name, patch)
-        for event in decision.events:
+        if workload is not None and not queueing.workload_status and decision.status.get("phase") in lifecycle.TERMINAL:
+            # Finished in this very reconcile: tell Kueue now (nothing else may reconcile a finished job).
+            queueing = kueue.decide({**job, "status": decision.status}, workload, pod_active=pod_active, now=now)
+        if workload is not None and queueing.workload_status:
+            await api.patch_workload_status(namespace, workload["metadata"]["name"], queueing.workload_status,
+                                            workload["metadata"].get("resourceVersion"))
+        for event in queueing.events + decision.events:
             kopf.event(job, type=event.type, reason=event.reason, message=event.message)
             logger.log(logging.INFO if event.type == "Normal" else logging.WARNING, f"{event.reason}: {event.message}")
         memo.metrics.job_phase(namespace, name, decision.status.get("phase"))
@@ -197,11 +233,34 @@ async def _reconcile(
             await api.delete_job(namespace, name)
 
 
-async def _create_attempt(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, attempt: int) -> None:
-    """The support objects, then the attempt's pod; each owned by the job, each idempotent."""
+async def _create_workload(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, logger: logging.Logger) -> None:
     settings: Settings = memo.settings
+    workload = kueue.workload(job, render.pod(spec, 1, image=settings.runtime_image))
+    kopf.append_owner_reference(workload, owner=job)
+    try:
+        await memo.kube.create_workload(workload)
+    except kube.Conflict:
+        pass  # made before a restart: its name carries the job's uid
+    except kube.NotServed as exc:
+        message = f"{exc}: the job stays suspended until its Workload can be created"
+        kopf.event(job, type="Warning", reason="QueueUnavailable", message=message)
+        logger.warning(f"QueueUnavailable: {message}")
+
+
+async def _create_attempt(
+    memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, attempt: int, workload: dict[str, Any] | None
+) -> None:
+    """The support objects, then the attempt's pod; each owned by the job, each idempotent. A job
+    admitted by Kueue runs on the nodes of the ResourceFlavors Kueue assigned it."""
+    settings: Settings = memo.settings
+    node_selector, tolerations = {}, []
+    assigned = kueue.admitted_flavors(workload)
+    if assigned:
+        flavors = [await memo.kube.get_flavor(name) for name in sorted(set(assigned.values()))]
+        node_selector, tolerations = kueue.placement([f for f in flavors if f])
     objects = render.support_objects(spec, s3_endpoint=settings.s3_endpoint)
-    objects.append(render.pod(spec, attempt, image=settings.runtime_image))
+    objects.append(render.pod(spec, attempt, image=settings.runtime_image,
+                              node_selector=node_selector, tolerations=tolerations))
     # An owner reference, not kopf.adopt(): adopt also copies the job's labels, and a label such as
     # Kueue's queue-name must stay on the job, not reach the pod.
     kopf.append_owner_reference(objects, owner=job)

@@ -37,6 +37,7 @@ from grpo_operator.settings import Settings
 log = logging.getLogger("grpo_operator")
 
 RETRY_SECONDS = 2.0  # after a failed list/watch of the CRD, or before restarting a failed kopf
+MAX_RETRY_SECONDS = 60.0  # the longest wait between restarts of a kopf that keeps failing
 WATCH_SECONDS = 240  # the server ends each CRD watch after this long; it is then listed again
 
 
@@ -57,6 +58,7 @@ class Supervisor:
         self.readiness: Readiness = crd_readiness(None)
         self.serving = False  # kopf is up and watching GRPOJobs
         self.starts = 0  # kopf runs started (a CRD reinstall starts another)
+        self.failures = 0  # kopf runs that ended on an error in a row (the restart backs off)
         self._changed = asyncio.Event()
         self._list_version: str | None = None
 
@@ -110,12 +112,14 @@ class Supervisor:
         """One kopf run: from the CRD being ready until it is not, a stop, or kopf's own end."""
         import kopf
 
-        import grpo_operator.handlers  # noqa: F401  (registers the handlers)
+        from grpo_operator import handlers
 
         stop_kopf, started = asyncio.Event(), asyncio.Event()
         settings = self.settings
         self.starts += 1
+        with_kueue = await self._kueue_served(api)
         kopf_run = asyncio.create_task(kopf.operator(
+            registry=handlers.registry(with_kueue=with_kueue),
             clusterwide=settings.clusterwide,
             namespaces=list(settings.namespaces),
             standalone=True,  # one replica (the chart's Deployment); no KopfPeering objects needed
@@ -144,14 +148,27 @@ class Supervisor:
         except Exception as exc:  # kopf ended on an error (a 404 if the CRD vanished under it)
             self._observe(await self._read_crd(api))
             if self.readiness.ready and not self.stopping.is_set():
-                log.error("the operator's watch stopped on an error (%s); restarting it in %.0f s", exc, RETRY_SECONDS)
+                self.failures += 1
+                delay = min(MAX_RETRY_SECONDS, RETRY_SECONDS * 2 ** (self.failures - 1))
+                log.error("the operator's watch stopped on an error (%s); restarting it in %.0f s", exc, delay)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), RETRY_SECONDS)
+                    await asyncio.wait_for(self.stopping.wait(), delay)
             return
+        self.failures = 0
         if not asked and not self.stopping.is_set():
             self.stop()  # kopf stopped by itself: a signal reached kopf's handler before ours
         elif not self.stopping.is_set():
             log.warning("stopped serving GRPOJobs: %s", self.readiness.message)
+
+    async def _kueue_served(self, api: client.ApiClient) -> bool:
+        """Does the API server serve Kueue's Workloads (discovery, which anyone may read)?"""
+        from grpo_operator import kueue
+
+        try:
+            listing = await client.CustomObjectsApi(api).get_api_resources(kueue.GROUP, kueue.VERSION)
+        except client.ApiException:
+            return False
+        return any(resource.name == kueue.PLURAL for resource in listing.resources or [])
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -14,12 +14,17 @@ rules" in the CRD documentation, as of v1.25):
 - a failed rule is reported as `<path>: Invalid value: "<type>": <message>`, all of them at
   once in one 422.
 
+`apply_defaults(schema, obj)` fills in the schema's `default`s where a field is absent, as the
+API server does to every object it admits (structural defaulting: in objects that are present,
+array items included); rules then see the defaulted object.
+
 Not emulated: the rules' cost limits and the CEL extension libraries (lists, strings, regex
 beyond CEL's own `matches`), which no rule of ours uses.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -91,3 +96,22 @@ def violations(schema: dict[str, Any], new: Any, old: Any = _ABSENT, path: str =
             key = tuple(item.get(k) for k in keys) if keys and isinstance(item, dict) else None
             found += violations(items, item, olds.get(key, _ABSENT) if key else _ABSENT, f"{path}[{index}]")
     return found
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with the schema's defaults filled in where fields are absent (in place; returned)."""
+    if isinstance(value, dict):
+        properties = schema.get("properties") or {}
+        for key, child in properties.items():
+            if key not in value and "default" in child:
+                value[key] = copy.deepcopy(child["default"])
+        for key, item in value.items():
+            child = properties.get(key)
+            if child is None and isinstance(schema.get("additionalProperties"), dict):
+                child = schema["additionalProperties"]
+            if child is not None:
+                apply_defaults(child, item)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            apply_defaults(schema["items"], item)
+    return value

@@ -36,9 +36,10 @@ server does:
   deleted (DELETED events), the resource leaves discovery and its URLs answer 404, and the
   CRD itself is deleted. Creating it again serves the resource again, with no objects.
 - CEL validation rules (x-kubernetes-validations) of a CRD's schema run on create and on
-  every write of the main resource, with the API server's semantics (crd_validation.py:
-  transition rules run only where the old object has the node); a failed rule is a 422
-  Invalid naming the field and the rule's message.
+  every write (the status subresource's included: the whole object is validated), with the
+  API server's semantics (crd_validation.py: transition rules run only where the old object
+  has the node), after the schema's defaults are filled in; a failed rule is a 422 Invalid
+  naming the field and the rule's message.
 
 Not emulated: OpenAPI schema validation, admission webhooks, RBAC, namespaces' own
 existence, PUT, graceful pod termination (a deleted pod is gone at once), real watch
@@ -65,7 +66,7 @@ import jsonpatch
 import kmock
 from kmock._internal import dicts as kmock_dicts  # kmock's own merge-patch (the one it applies)
 
-from crd_validation import violations
+from crd_validation import apply_defaults, violations
 
 WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
@@ -298,6 +299,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
         if request.resource not in self._schemas:
             return
         kind, schema = self._schemas[request.resource]
+        apply_defaults(schema, new)
         found = violations(schema, new) if old is None else violations(schema, new, old)
         if found:
             name = (new.get("metadata") or {}).get("name")
@@ -393,8 +395,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
             new.pop("status", None)
             if "status" in old:
                 new["status"] = old["status"]
-        if not request.subresource:
-            self._validate(request, new, old)
+        self._validate(request, new, old)  # the whole object, on status writes too
         meta = new.setdefault("metadata", {})
         for field in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp"):
             if field in old["metadata"]:

@@ -236,12 +236,12 @@ def allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str, na
 class Recorder:
     """Stands in for a kubernetes client API class; records each method called on it."""
 
-    def __init__(self, calls: list[str]):
+    def __init__(self, calls: list[tuple[str, tuple[Any, ...]]]):
         self.calls = calls
 
     def __getattr__(self, name: str) -> Any:
         async def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
+            self.calls.append((name, args))
             return _Response() if name.endswith("_without_preload_content") else {}
 
         return call
@@ -265,24 +265,29 @@ _RESOURCES = {
 _VERBS = {"read": "get", "get": "get", "create": "create", "patch": "patch", "delete": "delete", "list": "list"}
 
 
-def permission(client_method: str) -> tuple[str, str, str]:
-    """kubernetes client method name -> (API group, resource[/subresource], RBAC verb)."""
+def permission(client_method: str, args: tuple[Any, ...] = ()) -> tuple[str, str, str]:
+    """kubernetes client method name (and its arguments) -> (API group, resource[/subresource], RBAC verb).
+    Custom objects name their group and plural in the arguments: (group, version, [namespace,] plural)."""
     name = client_method.removesuffix("_without_preload_content")
-    verb, _, rest = name.partition("_namespaced_") if "_namespaced_" in name else name.partition("_cluster_")
+    namespaced = "_namespaced_" in name
+    verb, _, rest = name.partition("_namespaced_") if namespaced else name.partition("_cluster_")
     subresource = ""
     if rest.endswith("_status"):
         rest, subresource = rest.removesuffix("_status"), "/status"
     group, resource = _RESOURCES[rest]
+    if rest == "custom_object" and args:
+        group, resource = args[0], args[3 if namespaced else 2]
     return group, resource + subresource, _VERBS[verb]
 
 
 def operator_calls(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]:
     """Every API call kube.Kube makes, found by calling each of its methods on recording clients."""
-    calls: list[str] = []
+    calls: list[tuple[str, tuple[Any, ...]]] = []
     for api in ("CoreV1Api", "RbacAuthorizationV1Api", "CustomObjectsApi"):
         monkeypatch.setattr(kube.client, api, lambda _api: Recorder(calls))
     api = kube.Kube(None)
-    known = {"close", "get_job", "list_jobs", "patch_job_status", "delete_job", "get", "create", "delete_pod"}
+    known = {"close", "get_job", "list_jobs", "patch_job_status", "delete_job", "get", "create", "delete_pod",
+             "patch_job_suspend", "get_workload", "create_workload", "patch_workload_status", "get_flavor"}
     methods = {name for name in vars(kube.Kube) if not name.startswith("_")}
     assert methods == known, f"kube.Kube changed: teach this test what {methods ^ known} call(s)"
 
@@ -293,13 +298,18 @@ def operator_calls(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]
         await api.patch_job_status("ns", "job", {"phase": "Running"})
         await api.delete_job("ns", "job")
         await api.delete_pod("ns", "pod")
+        await api.patch_job_suspend("ns", "job", False)
+        await api.get_workload("ns", "wl")
+        await api.create_workload({"metadata": {"name": "wl", "namespace": "ns"}})
+        await api.patch_workload_status("ns", "wl", {}, "1")
+        await api.get_flavor("h100")
         for kind in api._create:
             await api.create({"kind": kind, "metadata": {"name": "x", "namespace": "ns"}})
         for kind in api._read:
             await api.get(kind, "ns", "x")
 
     asyncio.run(call_all())
-    return {permission(name) for name in calls}
+    return {permission(name, args) for name, args in calls}
 
 
 # kopf's own calls for this operator (handlers.py, main.py): it lists and watches GRPOJobs and
@@ -310,6 +320,12 @@ CRD = "grpojobs.grpo.dev"
 SUPERVISOR_CALLS = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+
+# Kueue's Workloads, where Kueue is installed (handlers.registry): kopf lists and watches them.
+KOPF_KUEUE_CALLS = {
+    ("kueue.x-k8s.io", "workloads", "list"),
+    ("kueue.x-k8s.io", "workloads", "watch"),
 }
 
 KOPF_CALLS = {
@@ -327,7 +343,7 @@ def _rules(manifests: list[dict[str, Any]], kind: str) -> list[list[dict[str, An
 
 
 def test_rbac_grants_every_call_the_operator_makes_and_nothing_else(render, monkeypatch):
-    needed = operator_calls(monkeypatch) | KOPF_CALLS
+    needed = operator_calls(monkeypatch) | KOPF_CALLS | KOPF_KUEUE_CALLS
     # The per-job Role (children.role) grants get+patch on grpojobs/status: RBAC lets the operator
     # create it only if it holds those itself (no `escalate`), and the OwnerReferencesPermission-
     # Enforcement admission plugin wants update on the owner's finalizers for blockOwnerDeletion.
@@ -375,7 +391,8 @@ def test_namespaced_mode_has_a_role_per_namespace_and_no_cluster_rights_but_its_
     (cluster_role,) = find(manifests, "ClusterRole")
     (cluster_binding,) = find(manifests, "ClusterRoleBinding")
     assert cluster_role["rules"] == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-                                      "resourceNames": [CRD], "verbs": ["list", "watch"]}]
+                                      "resourceNames": [CRD], "verbs": ["list", "watch"]},
+                                     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["resourceflavors"], "verbs": ["get"]}]
     assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
     assert cluster_binding["subjects"][0]["name"] == one(manifests, "ServiceAccount")["metadata"]["name"]
     roles = {r["metadata"]["namespace"]: r for r in find(manifests, "Role")}
