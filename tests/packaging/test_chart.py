@@ -171,6 +171,23 @@ def test_deployment_runs_locked_down_with_liveness_and_readiness_probes(render):
     assert settings.readiness_endpoint == f"http://0.0.0.0:{health['containerPort']}/readyz"
 
 
+# bench/operator_memory.py, `grpo operator` with 300 GRPOJobs and their pods (2026-11-27): 125.4 MiB RSS.
+MEASURED_RSS_MIB_300_JOBS = 125.4
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_memory_request_covers_what_the_operator_uses_with_hundreds_of_jobs(render):
+    resources = container(render())["resources"]
+    request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
+    assert request >= 1.25 * MEASURED_RSS_MIB_300_JOBS, "the request must cover 300 jobs with headroom"
+    assert limit >= 2 * request
+    assert str(MEASURED_RSS_MIB_300_JOBS).split(".")[0] in (CHART / "values.yaml").read_text()  # documented there
+
+
 class RecordingEnv(dict):
     """An environment that remembers which variables were read."""
 
