@@ -147,8 +147,16 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
     return env
 
 
-def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
+def pod(
+    job: GRPOJob,
+    attempt: int,
+    *,
+    image: str,
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The training pod of one attempt; `image` is the operator's default unless spec.image is set.
+    `node_selector` and `tolerations` are added to the spec's (Kueue's assigned flavors, kueue.py).
 
     Without spec.output.uri the runtime writes to ./grpo-runs/<name> under the working
     directory, an emptyDir: checkpoints and metrics live as long as this pod, so a retry
@@ -205,10 +213,11 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
         pod_spec["volumes"].append({"name": "reward-modules", "configMap": {"name": spec.reward_modules.config_map}})
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.node_selector or node_selector:
+        pod_spec["nodeSelector"] = {**(node_selector or {}), **spec.node_selector}
+    if spec.tolerations or tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations] + [
+            dict(t) for t in tolerations or [] if dict(t) not in spec.tolerations]
     if spec.affinity:
         pod_spec["affinity"] = dict(spec.affinity)
     if spec.priority_class_name:

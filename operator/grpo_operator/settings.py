@@ -3,7 +3,8 @@
 GRPO_WATCH_NAMESPACES  comma-separated namespace names (no globs: those need namespace scanning,
                        which is off); empty: all namespaces (cluster-wide)
 GRPO_LOG_LEVEL         DEBUG, INFO (default), WARNING, ERROR
-GRPO_HEALTH_PORT       kopf's liveness endpoint http://0.0.0.0:PORT/healthz (default 8080; 0: off)
+GRPO_HEALTH_PORT       http://0.0.0.0:PORT/healthz (liveness) and /readyz (jobs are served: the CRD
+                       is there) (default 8080; 0: off)
 GRPO_METRICS_PORT      Prometheus text at http://0.0.0.0:PORT/metrics (default 0: off)
 GRPO_RUNTIME_IMAGE     the training image when a job sets no spec.image
 GRPO_S3_ENDPOINT       spec.output.endpoint for jobs that set none (MinIO and friends)
@@ -47,6 +48,10 @@ class Settings:
     @property
     def liveness_endpoint(self) -> str | None:
         return f"http://0.0.0.0:{self.health_port}/healthz" if self.health_port else None
+
+    @property
+    def readiness_endpoint(self) -> str | None:
+        return f"http://0.0.0.0:{self.health_port}/readyz" if self.health_port else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -18,7 +18,7 @@ import pytest_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
 from k8s_doubles import eventually, stored  # noqa: E402
-from k8s_fixtures import apiserver, kubeconfig, operator  # noqa: E402,F401
+from k8s_fixtures import apiserver, bare_apiserver, kubeconfig, operator  # noqa: E402,F401
 from local_kubelet import LocalKubelet  # noqa: E402
 
 from tests.runtime.conftest import build_tiny_model  # noqa: E402

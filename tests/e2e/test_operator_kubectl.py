@@ -104,8 +104,9 @@ async def test_apply_get_delete_with_real_kubectl(apiserver, operator, kubectl, 
         assert table[1].split()[:4] == ["kubectl-demo", "Running", "3", "0.625"]
 
         wide = (await kubectl("get", "grpo", "-o", "wide")).splitlines()  # the short name
-        assert wide[0].split() == ["NAME", "PHASE", "STEP", "TOTAL", "REWARD", "RESTARTS", "POD", "AGE"]
-        assert wide[1].split()[:7] == ["kubectl-demo", "Running", "3", "10", "0.625", "0", "kubectl-demo-attempt-1"]
+        assert wide[0].split() == ["NAME", "PHASE", "STEP", "TOTAL", "REWARD", "RESTARTS", "DISRUPTIONS", "POD", "AGE"]
+        assert wide[1].split()[:8] == ["kubectl-demo", "Running", "3", "10", "0.625", "0", "0",
+                                       "kubectl-demo-attempt-1"]
 
         explained = await kubectl("explain", "grpojob.spec.generation.numGenerations")
         assert "Completions sampled per prompt (the GRPO group size G)." in explained

@@ -166,7 +166,11 @@ def test_helm_install_with_settings(shell_env):
     assert result.returncode == 0, result.stderr
     manifests = documents(result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
     (role,) = find(manifests, "Role")
-    assert role["metadata"]["namespace"] == "ml-team" and not find(manifests, "ClusterRole")
+    assert role["metadata"]["namespace"] == "ml-team"
+    (cluster_role,) = find(manifests, "ClusterRole")  # cluster-scoped reads only: its CRD, Kueue's flavors
+    assert {verb for rule in cluster_role["rules"] for verb in rule["verbs"]} <= {"get", "list", "watch"}
+    assert {res for rule in cluster_role["rules"] for res in rule["resources"]} == {
+        "customresourcedefinitions", "resourceflavors"}
     (deployment,) = find(manifests, "Deployment")
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["GRPO_S3_ENDPOINT"] == "http://minio.minio:9000" and env["GRPO_METRICS_PORT"] != "0"
