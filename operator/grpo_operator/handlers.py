@@ -79,10 +79,14 @@ async def recheck(namespace: str, name: str, memo: kopf.Memo, logger: logging.Lo
     await reconcile(memo, namespace, name, logger)
 
 
-@kopf.on.event(*JOBS, when=lambda type, **_: type == "DELETED")
-async def job_gone(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.locks.pop((namespace, name), None)
-    memo.metrics.job_phase(namespace, name, None)
+@kopf.on.event(*JOBS)
+async def job_seen(type: str | None, namespace: str, name: str, status: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """Every change of a job (status.progress from its pod too) refreshes its metrics; a deletion drops them."""
+    if type == "DELETED":
+        memo.locks.pop((namespace, name), None)
+        memo.metrics.job_status(namespace, name, None)
+    else:
+        memo.metrics.job_status(namespace, name, status)
 
 
 async def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
