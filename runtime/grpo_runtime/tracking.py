@@ -225,13 +225,22 @@ class TensorBoardTracker:
 
 
 class Guarded:
-    """Runs a tracker's calls in order; a failing call waits, with those after it, for the next
-    call (a step later). Never raises. `finish()` makes a few last tries, then gives up."""
+    """Runs a tracker's calls in order; a failing call waits, with those after it, for a later
+    call. Retries back off (5 s, 10 s, ... up to 5 minutes between tries), so a server that does
+    not answer costs a step one timeout now and then, not one every step. Never raises.
+    `finish()` makes a few last tries, then gives up."""
 
-    def __init__(self, tracker: Any, permanent: Callable[[BaseException], bool] = lambda exc: False):
-        self.tracker, self.permanent = tracker, permanent
+    def __init__(
+        self,
+        tracker: Any,
+        permanent: Callable[[BaseException], bool] = lambda exc: False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.tracker, self.permanent, self.clock = tracker, permanent, clock
         self.pending: list[tuple[str, Callable[[], None]]] = [("start", tracker.start)]
         self.failing = False
+        self.failures = 0  # consecutive failed tries
+        self.retry_at = 0.0
         self.dropped = 0
 
     def call(self, what: str, fn: Callable[[], None]) -> None:
@@ -241,8 +250,10 @@ class Guarded:
             self.dropped += 1
         self.drain()
 
-    def drain(self) -> bool:
-        """Send what is queued; True when nothing is left."""
+    def drain(self, force: bool = False) -> bool:
+        """Send what is queued (unless backing off); True when nothing is left."""
+        if self.failing and not force and self.clock() < self.retry_at:
+            return not self.pending
         while self.pending:
             what, fn = self.pending[0]
             try:
@@ -255,7 +266,7 @@ class Guarded:
                     continue
                 log.log(
                     logging.DEBUG if self.failing else logging.WARNING,
-                    "%s: %s failed (training goes on, %d call(s) kept to retry at the next step; "
+                    "%s: %s failed (training goes on, %d call(s) kept to retry at a later step; "
                     "metrics.jsonl has every step): %s",
                     self.tracker.name,
                     what,
@@ -263,17 +274,19 @@ class Guarded:
                     message,
                 )
                 self.failing = True
+                self.failures += 1
+                self.retry_at = self.clock() + min(300.0, 5.0 * 2 ** (self.failures - 1))
                 return False
             self.pending.pop(0)
             if self.failing:
                 log.info("%s works again; sending the calls kept meanwhile", self.tracker.name)
-                self.failing = False
+                self.failing, self.failures = False, 0
         return True
 
     def finish(self, ok: bool, tries: int = 3, wait_s: float = 2.0) -> bool:
         self.pending.append(("close", lambda: self.tracker.close(ok)))
         for attempt in range(tries):
-            if self.drain():
+            if self.drain(force=True):
                 return True
             if attempt + 1 < tries:
                 time.sleep(wait_s * (attempt + 1))

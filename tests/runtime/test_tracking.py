@@ -227,15 +227,31 @@ class Flaky:
         self._call("close")
 
 
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_calls_made_while_the_server_is_down_are_retried_in_order(caplog):
     caplog.set_level(logging.INFO)
-    tracker = Flaky(down=3)
-    guarded = Guarded(tracker)
-    guarded.call("log_params", lambda: tracker.log_params({}))
-    for step in (1, 2, 3):
+    tracker, clock = Flaky(down=3), Clock()
+    guarded = Guarded(tracker, clock=clock)
+    guarded.call("log_params", lambda: tracker.log_params({}))  # try 1 fails: the next try in 5 s
+    for step in (1, 2, 3, 4):
+        clock.now += 4.0  # a step takes 4 s
         guarded.call(f"metrics of step {step}", lambda s=step: tracker.log_metrics(s, {"reward": 1.0}))
+    # tries at 0 s, 8 s (5 s later at the earliest), 16 s (10 s after the second failure: not yet)
+    assert tracker.calls == 2 and tracker.received == []
+    clock.now += 20.0
+    guarded.call("metrics of step 5", lambda: tracker.log_metrics(5, {"reward": 1.0}))  # fails (3rd try)
+    clock.now += 30.0
+    guarded.call("metrics of step 6", lambda: tracker.log_metrics(6, {"reward": 1.0}))  # works, sends all
+    assert tracker.received == ["start", "params", 1, 2, 3, 4, 5, 6]
     assert guarded.finish(ok=True, wait_s=0)
-    assert tracker.received == ["start", "params", 1, 2, 3, "close"]
+    assert tracker.received[-1] == "close"
     messages = [r.getMessage() for r in caplog.records]
     assert sum("failed (training goes on" in m for m in messages if "Flaky" in m) == 1
     assert any("Flaky works again" in m for m in messages)
