@@ -192,3 +192,10 @@ def test_the_dashboard_configmap_goes_where_the_sidecar_looks(render):
     config_map = one(manifests, "ConfigMap")
     assert config_map["metadata"]["namespace"] == "monitoring"
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "ML"}
+
+
+def test_the_servicemonitor_keeps_the_jobs_own_namespace_and_job_labels(render):
+    """Prometheus sets `namespace` and `job` on every scraped series (the target's); the per-job
+    series carry the GRPOJob's, and the dashboard filters on them: they must win."""
+    monitor = one(render(*ON, "--set", "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
+    assert [e.get("honorLabels") for e in monitor["spec"]["endpoints"]] == [True]
