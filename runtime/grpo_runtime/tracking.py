@@ -60,7 +60,7 @@ class Tracker(Protocol):
 
 def spec_params(job: GRPOJob) -> dict[str, str]:
     """The job's spec, flattened to dotted camelCase keys (training.learningRate -> '5e-06');
-    lists as JSON. Secret *names* only: the spec never holds a credential."""
+    lists as JSON. Secret *names* only; a user:password@ in a URI becomes ***@."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -68,7 +68,7 @@ def spec_params(job: GRPOJob) -> dict[str, str]:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else key, item)
         else:
-            flat[prefix] = (value if isinstance(value, str) else json.dumps(value))[:6000]
+            flat[prefix] = scrub(value if isinstance(value, str) else json.dumps(value))[:6000]
 
     walk("", job.to_manifest()["spec"])
     return flat

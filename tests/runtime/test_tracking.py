@@ -197,6 +197,19 @@ def test_a_tracking_server_that_is_down_never_stops_training(tiny_model_dir, tmp
     assert not (out / "tracking.json").exists()
 
 
+def test_params_are_the_spec_without_credentials_in_uris():
+    from tests.runtime.test_spec import with_spec
+
+    from grpo_runtime.tracking import spec_params
+
+    job = parse_job(with_spec(tracking={"mlflow": {"trackingUri": "https://bob:hunter22@mlflow.example:5000"}},
+                              training={"learningRate": 1e-5}))  # fmt: skip
+    params = spec_params(job)
+    assert params["training.learningRate"] == "1e-05" and params["model.name"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert params["tracking.mlflow.trackingUri"] == "https://***@mlflow.example:5000"
+    assert not any("hunter22" in value for value in params.values())
+
+
 class Flaky:
     """A tracker whose server is down for the first `down` calls."""
 
