@@ -34,6 +34,7 @@ from grpo_runtime.storage import LocalStorage, Storage
 log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"
+METRICS_FILE = "metrics.jsonl"  # trainer.METRICS_FILE (not imported: that module pulls in torch)
 TENSORBOARD_DIR = "tensorboard"
 MAX_PENDING = 10_000  # queued calls kept through an outage; older ones are dropped (and said so)
 _SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -110,7 +111,17 @@ class MLflowTracker:
 
     def start(self) -> None:
         if self.run_id is not None:
-            run = self.client.get_run(self.run_id)
+            try:
+                run = self.client.get_run(self.run_id)
+                gone = run.info.lifecycle_stage == "deleted"
+            except Exception as exc:
+                if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(exc, "error_code", "")):
+                    raise  # an outage: Guarded retries
+                gone = True
+            if gone:
+                log.warning("MLflow: run %s was deleted on the server; starting a new run", self.run_id)
+                self.run_id, self.resumed = None, False
+                return self.start()
             self.last_step = max(
                 (m.step for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)),
                 default=0,
@@ -329,7 +340,7 @@ class Tracking:
             if self.storage.list("final/"):
                 self.storage.download_dir("final", tmp / "final")
                 files.append((tmp / "final", "final"))
-            lines = self.storage.read_bytes("metrics.jsonl").decode().splitlines()
+            lines = self.storage.read_bytes(METRICS_FILE).decode().splitlines() if self.storage.exists(METRICS_FILE) else []
             steps = [json.loads(line) for line in lines if line.strip()]
             if steps:
                 files.append((plot_rewards(steps, tmp / "rewards.png"), "report"))

@@ -159,6 +159,30 @@ def test_a_resumed_pod_continues_the_same_run_without_duplicate_steps(tiny_model
     assert tensorboard_scalars(out / "tensorboard", "reward") == [(m["step"], pytest.approx(m["reward"])) for m in got]
 
 
+def test_a_run_deleted_on_the_server_gives_a_new_run_and_eval_metrics_pass_through(tmp_path, mlflow_server):
+    """Straight through Tracking (no training): the run id of tracking.json names a deleted run."""
+    from mlflow.tracking import MlflowClient
+
+    from grpo_runtime.storage import LocalStorage
+    from grpo_runtime.tracking import open_tracking
+
+    client = MlflowClient(mlflow_server)
+    stale = client.create_run(client.create_experiment("deleted-run")).info.run_id
+    client.delete_run(stale)
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("tracking.json", json.dumps({"mlflowRunId": stale}).encode())
+    job = parse_job(tracked_job("m", tmp_path, mlflow_server, experiment="deleted-run", tensorboard=False))
+    extras: dict = {}
+    tracking = open_tracking(job, storage, step=0, extras=extras)
+    tracking({"step": 1, "reward": 0.5, "eval/accuracy": 0.25, "eval/rewards/correct/mean": 0.25, "latest_checkpoint": None})
+    tracking.finish(ok=True, wait_s=0)
+    run_id = extras["tracking"]["mlflowRunId"]
+    assert run_id != stale and json.loads(storage.read_bytes("tracking.json"))["mlflowRunId"] == run_id
+    assert history(client, run_id, "eval/accuracy") == [(1, 0.25)]
+    assert history(client, run_id, "reward") == [(1, 0.5)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_tensorboard_events_land_in_s3(tiny_model_dir, tmp_path, s3_bucket):
     import boto3
 
