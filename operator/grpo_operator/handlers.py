@@ -149,9 +149,13 @@ async def resync(memo: kopf.Memo) -> None:
                     log.warning("resync of %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
 
 
-async def job_gone(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.locks.pop((namespace, name), None)
-    memo.metrics.job_phase(namespace, name, None)
+async def job_seen(type: str | None, namespace: str, name: str, status: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """Every change of a job (status.progress from its pod too) refreshes its metrics; a deletion drops them."""
+    if type == "DELETED":
+        memo.locks.pop((namespace, name), None)
+        memo.metrics.job_status(namespace, name, None)
+    else:
+        memo.metrics.job_status(namespace, name, status)
 
 
 async def workload_changed(
@@ -172,7 +176,7 @@ def registry(*, with_kueue: bool) -> kopf.OperatorRegistry:
         on(*JOBS, backoff=5, registry=reg)(job_changed)
     kopf.on.update(*JOBS, field="spec.runPolicy.suspend", backoff=5, registry=reg)(job_changed)
     kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=reg)(pod_changed)
-    kopf.on.event(*JOBS, when=lambda type, **_: type == "DELETED", registry=reg)(job_gone)
+    kopf.on.event(*JOBS, registry=reg)(job_seen)
     if with_kueue:
         kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.PLURAL, labels={render.LABEL_JOB: kopf.PRESENT},
                       registry=reg)(workload_changed)

@@ -26,6 +26,8 @@ REWARD_MODULES_DIR = "/opt/grpo/rewards"  # not under SPEC_DIR: that is a read-o
 RUNTIME_UID = 1000  # the runtime image's user; the pod never runs as root
 GPU = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# spec.tracking.mlflow.credentialsSecret: basic auth or a token, whichever keys the Secret has
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 def runtime_name(job: str) -> str:
@@ -143,6 +145,13 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
         # A reference only: the kubelet resolves it; the values never pass through the operator.
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in SECRET_KEYS
+        ]
+    mlflow = job.spec.tracking.mlflow
+    if mlflow and mlflow.credentials_secret:
+        # each key optional: a Secret holds a username and password, or a token
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret, "key": key, "optional": True}}}
+            for key in MLFLOW_SECRET_KEYS
         ]
     return env
 

@@ -130,6 +130,7 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     uri = output_uri(job, output)
     bad_input = _bad_input_errors()
     try:
+        from grpo_runtime.tracking import open_tracking
         from grpo_runtime.trainer import Trainer
 
         storage, rewards, policy, engine, sampler = _prepare(job, uri)
@@ -142,12 +143,19 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
         sink = status_progress(job)
         if sink:
             trainer.on_step.append(sink)
+        tracking = open_tracking(job, storage, step=trainer.step, extras=trainer.checkpoint_extras)
+        if tracking:
+            trainer.on_step.append(tracking)
         started = time.perf_counter()
         first_step = trainer.step
+        ok = False
         try:
             last = trainer.train()
+            ok = True
         finally:
             bar.close()
+            if tracking:
+                tracking.finish(ok)
     except bad_input as exc:
         print(f"grpo train: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

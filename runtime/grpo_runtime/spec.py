@@ -268,6 +268,41 @@ class RewardModulesSpec(Section):
     )
 
 
+class MLflowSpec(Section):
+    tracking_uri: str = Field(
+        description="MLflow tracking server, e.g. http://mlflow.mlflow:5000 (or any URI MLflow accepts).",
+        min_length=1,
+    )
+    experiment_name: str = Field(
+        "grpo", min_length=1, description="Experiment the job's run goes into; created when missing."
+    )
+    run_name: str | None = Field(None, description="Name of the run; metadata.name when unset.")
+    credentials_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace with MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN (each key optional); exposed to the pod as env "
+        "vars, never copied into status, events or logs. A local `grpo train` reads the same env vars.",
+    )
+
+
+class TensorBoardSpec(Section):
+    enabled: bool = Field(
+        False, description="Write TensorBoard event files under output.uri/tensorboard/ (tensorboard --logdir)."
+    )
+
+
+class TrackingSpec(Section):
+    """Experiment tracking (TRL's report_to). The run gets the job's spec as params, every step's
+    metrics, and at the end the final adapter and the reward report; a resumed pod continues the
+    same run (the run id is kept with the checkpoint). A tracking server that is down never stops
+    training: a warning, retries, and metrics.jsonl still gets every step."""
+
+    mlflow: MLflowSpec | None = Field(None, description="Log the run to an MLflow tracking server.")
+    tensorboard: TensorBoardSpec = Field(
+        default_factory=TensorBoardSpec, description="Write TensorBoard event files beside the other outputs."
+    )
+
+
 class GRPOJobSpec(Section):
     model: ModelSpec = Field(description="The base model to train.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter configuration.")
@@ -288,6 +323,9 @@ class GRPOJobSpec(Section):
     affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity.")
     priority_class_name: str | None = Field(None, description="Pod priorityClassName.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, suspend.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment tracking: MLflow and TensorBoard (TRL's report_to)."
+    )
 
     @field_validator("rewards")
     @classmethod

