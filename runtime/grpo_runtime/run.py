@@ -108,7 +108,7 @@ def _prepare(job: GRPOJob, uri: str):
         seed=spec.training.seed,
         gradient_checkpointing=spec.training.gradient_checkpointing,
     )
-    engine = make_engine(spec.generation, policy)
+    engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
     return storage, rewards, policy, engine, sampler
 
