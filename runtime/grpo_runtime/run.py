@@ -123,6 +123,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (DatasetError, ModelError, RewardError, StorageError, EngineError)
 
 
+def exit_code(exc: BaseException) -> int:
+    """The exit code `grpo train` gives a failure: bad input 2 (not retried), anything else 1."""
+    return EXIT_BAD_INPUT if isinstance(exc, _bad_input_errors()) else EXIT_FAILURE
+
+
 def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = None, quiet: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if max_steps is not None:

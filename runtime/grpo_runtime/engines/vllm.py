@@ -38,7 +38,7 @@ weight names are not the checkpoint's: a 4-bit 8B base is ~4.5 GiB of pinned hos
 
 Memory, from the job rather than vLLM's defaults: `max_num_seqs` = promptsPerStep x
 numGenerations (one rollout), `max_num_batched_tokens` = that many prompts of maxPromptLength
-(capped at 8192), the KV cache = those sequences at full length (keys and values of every layer;
+(capped at 8192 on CUDA), the KV cache = those sequences at full length (keys and values of every layer;
 fp8 halves it), CUDA graphs captured up to max_num_seqs only. `gpuMemoryUtilization` is vLLM's
 budget: weights + that KV cache must fit in it (else exit 2 naming the knobs), and vLLM checks at
 start that so much is free.
@@ -155,11 +155,18 @@ class EngineSizing:
     kv_cache_bytes: int  # every sequence of the rollout at full length
 
 
-def engine_sizing(generation_spec, prompts_per_step: int, kv_bytes_per_token: int) -> EngineSizing:
+def engine_sizing(
+    generation_spec, prompts_per_step: int, kv_bytes_per_token: int, *, cap: int | None = MAX_BATCHED_TOKENS
+) -> EngineSizing:
+    """The rollout's sequences, their prefill in one engine step (each of the n samples of a prompt
+    is prefilled on its own), up to `cap` tokens: on CUDA that bounds vLLM's activation peak and
+    longer prefills are chunked. The CPU build cannot chunk a seeded request's prefill (its CPU
+    generators have no offset to rewind): no cap there."""
     seqs = prompts_per_step * generation_spec.num_generations
     max_model_len = generation_spec.max_prompt_length + generation_spec.max_completion_length
     blocks = -(-max_model_len // KV_BLOCK) + 1  # whole blocks, plus one for the token being written
-    batched = max(seqs, min(prompts_per_step * generation_spec.max_prompt_length + seqs, MAX_BATCHED_TOKENS))
+    prefill = seqs * generation_spec.max_prompt_length
+    batched = max(seqs, prefill if cap is None else min(prefill, cap))
     return EngineSizing(
         max_num_seqs=seqs,
         max_num_batched_tokens=batched,
@@ -195,6 +202,60 @@ def prompt_seed(seed: int, index: int) -> int:
     sample j+1. Depends on (seed, index) only: independent of batching, reproducible."""
     state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(2))  # below 2**62: room for + n under vLLM's int64
+
+
+def llm_kwargs(
+    generation_spec, policy, model_spec, *, sizing: EngineSizing, mode: str, cuda: bool, model_path: str
+) -> dict[str, Any]:
+    """What `LLM` is built with: the learner's model as the spec names it, sized from the job.
+
+    `model_path` is `policy.source`, or for a 4-bit learner served by LoRA the folder holding its
+    NF4 weights (`write_nf4_checkpoint`); the tokenizer is always the source's.
+    """
+    nf4 = model_path != policy.source
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tokenizer": policy.source,
+        "dtype": str(policy.dtype).removeprefix("torch."),
+        "max_model_len": sizing.max_model_len,
+        "max_num_seqs": sizing.max_num_seqs,
+        "max_num_batched_tokens": sizing.max_num_batched_tokens,
+        "kv_cache_memory_bytes": sizing.kv_cache_bytes,
+        "generation_config": "vllm",  # exactly the distribution asked for, not the model's defaults
+        "trust_remote_code": model_spec.trust_remote_code,
+        "seed": 0,
+    }
+    if model_spec.revision and not Path(policy.source).is_dir():
+        kwargs["tokenizer_revision"] = model_spec.revision
+        if not nf4:
+            kwargs["revision"] = model_spec.revision
+    if generation_spec.float8_kv_cache:
+        kwargs["kv_cache_dtype"] = "fp8"
+    if mode == LORA:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=1,
+            max_lora_rank=lora_slot_rank(max(_adapter_ranks(policy.model))),
+        )
+    if cuda:
+        kwargs.update(gpu_memory_utilization=generation_spec.gpu_memory_utilization, enable_sleep_mode=True)
+        if generation_spec.enforce_eager:
+            kwargs["enforce_eager"] = True
+        else:
+            from vllm.config import CompilationConfig
+
+            kwargs["compilation_config"] = CompilationConfig(max_cudagraph_capture_size=sizing.max_num_seqs)
+        if nf4:
+            kwargs["quantization"] = "bitsandbytes"
+    else:
+        kwargs["enforce_eager"] = True  # no torch.compile warm-up (minutes on a small CPU)
+        log.info(
+            "vllm on CPU: no sleep mode (the KV cache stays allocated between rollouts); "
+            "KV cache sized for %d sequences of %d tokens",
+            sizing.max_num_seqs,
+            sizing.max_model_len,
+        )
+    return kwargs
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -250,11 +311,22 @@ class VLLMEngine:
             generation_spec,
             training_spec.prompts_per_step,
             kv_bytes_per_token(policy.model.config, policy.dtype, generation_spec.float8_kv_cache),
+            cap=MAX_BATCHED_TOKENS if self.cuda else None,
         )
         if self.cuda:
             self._check_budget(generation_spec, policy)
         try:
-            self.llm = (llm_factory or _build_llm)(self._engine_kwargs(generation_spec, policy, model_spec))
+            nf4 = self.cuda and self.four_bit and self.mode == LORA
+            kwargs = llm_kwargs(
+                generation_spec,
+                policy,
+                model_spec,
+                sizing=self.sizing,
+                mode=self.mode,
+                cuda=self.cuda,
+                model_path=self._nf4_checkpoint(policy) if nf4 else policy.source,
+            )
+            self.llm = (llm_factory or _build_llm)(kwargs)
         except BaseException:
             self._remove_workdir()
             raise
@@ -268,53 +340,6 @@ class VLLMEngine:
         if self.sleep_level:
             self.pending = True  # the first wake refills what level 2 discards and installs the adapter
             self.sleep()
-
-    def _engine_kwargs(self, generation_spec, policy, model_spec) -> dict[str, Any]:
-        sizing = self.sizing
-        nf4 = self.cuda and self.four_bit and self.mode == LORA
-        kwargs: dict[str, Any] = {
-            "model": self._nf4_checkpoint(policy) if nf4 else policy.source,
-            "tokenizer": policy.source,
-            "dtype": str(policy.dtype).removeprefix("torch."),
-            "max_model_len": sizing.max_model_len,
-            "max_num_seqs": sizing.max_num_seqs,
-            "max_num_batched_tokens": sizing.max_num_batched_tokens,
-            "kv_cache_memory_bytes": sizing.kv_cache_bytes,
-            "generation_config": "vllm",  # exactly the distribution asked for, not the model's defaults
-            "trust_remote_code": model_spec.trust_remote_code,
-            "seed": 0,
-        }
-        if model_spec.revision and not Path(policy.source).is_dir():
-            kwargs["tokenizer_revision"] = model_spec.revision
-            if not nf4:
-                kwargs["revision"] = model_spec.revision
-        if generation_spec.float8_kv_cache:
-            kwargs["kv_cache_dtype"] = "fp8"
-        if self.mode == LORA:
-            kwargs.update(
-                enable_lora=True,
-                max_loras=1,
-                max_lora_rank=lora_slot_rank(max(_adapter_ranks(policy.model))),
-            )
-        if self.cuda:
-            kwargs.update(gpu_memory_utilization=generation_spec.gpu_memory_utilization, enable_sleep_mode=True)
-            if generation_spec.enforce_eager:
-                kwargs["enforce_eager"] = True
-            else:
-                from vllm.config import CompilationConfig
-
-                kwargs["compilation_config"] = CompilationConfig(max_cudagraph_capture_size=sizing.max_num_seqs)
-            if nf4:
-                kwargs["quantization"] = "bitsandbytes"
-        else:
-            kwargs["enforce_eager"] = True  # no torch.compile warm-up (minutes on a small CPU)
-            log.info(
-                "vllm on CPU: no sleep mode (the KV cache stays allocated between rollouts); "
-                "KV cache sized for %d sequences of %d tokens",
-                sizing.max_num_seqs,
-                sizing.max_model_len,
-            )
-        return kwargs
 
     def _check_budget(self, generation_spec, policy) -> None:
         """Weights + the job's KV cache must fit in vLLM's share of the GPU."""
