@@ -301,7 +301,9 @@ def test_4bit_learner_is_pushed_its_dequantized_weights(vllm_tiny_dir, monkeypat
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("GRPO_ALLOW_CPU_4BIT", "1")
-    quantized = load_policy(ModelSpec(name=str(vllm_tiny_dir), load_in_4bit=True), LoraSpec(rank=4, alpha=8), seed=0)
+    quantized = load_policy(
+        ModelSpec(name=str(vllm_tiny_dir), load_in_4bit=True, dtype="float32"), LoraSpec(rank=4, alpha=8), seed=0
+    )
     with torch.no_grad():
         for name, p in quantized.model.named_parameters():
             if "lora_B" in name:
