@@ -108,7 +108,7 @@ def _prepare(job: GRPOJob, uri: str):
         seed=spec.training.seed,
         gradient_checkpointing=spec.training.gradient_checkpointing,
     )
-    engine = make_engine(spec.generation, policy)
+    engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
     return storage, rewards, policy, engine, sampler
 
@@ -121,6 +121,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from grpo_runtime.storage import StorageError
 
     return (DatasetError, ModelError, RewardError, StorageError, EngineError)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code `grpo train` gives a failure: bad input 2 (not retried), anything else 1."""
+    return EXIT_BAD_INPUT if isinstance(exc, _bad_input_errors()) else EXIT_FAILURE
 
 
 def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = None, quiet: bool = False) -> int:

@@ -152,9 +152,19 @@ class GenerationSpec(Section):
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a completion (kept in the text).")
     gpu_memory_utilization: float = Field(
-        0.5, gt=0.0, le=1.0, description="vLLM: share of GPU memory its weights + KV cache may take."
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: share of GPU memory its weights, KV cache and activations may take. The KV cache "
+        "is sized from the job (promptsPerStep x numGenerations sequences at full length); weights + KV "
+        "cache must fit in this share, and vLLM checks at start that so much is free.",
     )
     float8_kv_cache: bool = Field(False, description="vLLM: keep the KV cache in fp8 (halves it).")
+    enforce_eager: bool = Field(
+        False,
+        description="vLLM on CUDA: run without torch.compile and CUDA graphs (slower decoding, faster "
+        "start-up, no compile step that can fail). Always on for vLLM's CPU build.",
+    )
     sampling_params: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM SamplingParams passed through (e.g. repetition_penalty)."
     )
