@@ -118,6 +118,7 @@ class VLLMEngine:
             "max_model_len": max_model_len,
             "generation_config": "vllm",  # exactly the distribution asked for, not the model's defaults
             "seed": 0,
+            "logprobs_mode": "processed_logprobs",  # the sampled tokens' log-probs after temperature, top-k/p
         }
         if generation_spec.float8_kv_cache:
             kwargs["kv_cache_dtype"] = "fp8"
@@ -164,6 +165,9 @@ class VLLMEngine:
                         # decoded by the tokenizer, as the hf engine does (vLLM's text cuts at the stop string)
                         text=self.tokenizer.decode(ids, skip_special_tokens=True),
                         truncated=sample.finish_reason == "length",
+                        logprobs=None if sample.logprobs is None else [
+                            step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)
+                        ],
                     )
                 )
         return completions
@@ -207,6 +211,7 @@ class VLLMEngine:
             min_p=0.0 if greedy or sampling.min_p is None else sampling.min_p,
             stop=list(sampling.stop),
             include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's own log-prob, for the loss's sampling correction
             stop_token_ids=self.eos_ids + list(extra.pop("stop_token_ids", None) or []),
             # one generator per prompt, derived from the call's seed: reproducible, independent of batching
             seed=None if sampling.seed is None else (sampling.seed * 1_000_003 + index) % 2**63,
