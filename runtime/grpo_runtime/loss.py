@@ -54,7 +54,7 @@ from . import kernels
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 KL_ESTIMATORS = ("k3_ratio", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class LossConfig:
     kl_estimator: str = "k3_ratio"  # k3_ratio: k3 x the importance ratio (TRL's use_bias_correction_kl); k3: plain
     importance_sampling_level: str = "token"  # token | sequence (GSPO: the completion's mean log-ratio)
     delta: float | None = None  # two-sided clipping: the ratio is also capped at delta (INTELLECT-2); None: off
-    sampling_correction: str = "token_truncate"  # how sampling_logps correct the loss, when they are given
+    sampling_correction: str = "token_truncate"  # how sampling_logps correct the loss when given; off: ignore them
     sampling_correction_max: float | None = 3.0  # its upper bound C_max (None: none)
     sampling_correction_min: float | None = None  # its lower bound C_min (None: none)
     top_entropy_quantile: float = 1.0  # policy loss only on this top share of tokens by entropy; 1 keeps all
@@ -457,7 +457,8 @@ def grpo_loss(
     target_ids[:, t]); weight [V, D] (+ bias [V]): the lm_head, trainable or frozen (no grad work
     then); mask [B, T]: 1 for completion tokens; advantages [B] (or [B, T]); old_logps / ref_logps
     [B, T] (old None: on-policy; ref needed when beta > 0); sampling_logps [B, T]: the engine's
-    log-probs of the sampled tokens, turns on the sampling correction (config.sampling_correction).
+    log-probs of the sampled tokens, turns on the sampling correction (config.sampling_correction,
+    unless that is off).
 
     The step this micro-batch belongs to: num_items_in_batch (its completion tokens, default
     mask.sum()), num_sequences_in_batch (its completions, default B), num_micro_batches (default 1).
@@ -484,6 +485,8 @@ def grpo_loss(
     def select(x):  # [B, T] -> the selected tokens [M], float32
         return None if x is None else x.reshape(-1).index_select(0, rows).float().detach()
 
+    if config.sampling_correction == "off":
+        sampling_logps = None
     old, ref, w, sampling = select(old_logps), select(ref_logps), select(weights), select(sampling_logps)
     adv = advantages.detach().float().reshape(batch, -1).expand(batch, seq).reshape(-1).index_select(0, rows)
     hidden, targets = hidden.reshape(batch * seq, -1), target_ids.reshape(-1)
