@@ -1,5 +1,5 @@
 """Our loss against TRL's own: GRPOTrainer._compute_loss of the installed TRL (1.16), run on the same
-tiny Llama and the same inputs, for every loss type and option, on one and on two micro-batches.
+tiny Llama and the same inputs, for every loss type and option, on one, two and four micro-batches.
 
 TRL's method runs unchanged on a stand-in for its trainer that holds exactly the attributes the
 method reads (its config comes from a real GRPOConfig, so TRL's defaults are the ones compared);
@@ -236,12 +236,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("micro_batches", [1, 2, 4])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     overrides, off_policy, correction = CASES[case]
     args = GRPOConfig(
-        output_dir="unused", use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=B // 2,
+        output_dir="unused", use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=B // micro_batches,
         num_generations=2, gradient_accumulation_steps=micro_batches, max_completion_length=9,
         **{"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.28, **overrides},
     )
