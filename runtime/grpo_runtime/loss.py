@@ -64,7 +64,7 @@ class LossConfig:
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo: the per-token loss and how its sum is normalised
     beta: float = 0.0  # KL coefficient; 0 skips the KL (ref_logps may be None)
     epsilon: float = 0.2  # ratio clipped below at 1 - epsilon
-    epsilon_high: float | None = None  # ratio clipped above at 1 + epsilon_high (cispo: at epsilon_high); None -> epsilon
+    epsilon_high: float | None = None  # ratio clipped above at 1 + this (cispo: at this); None -> epsilon
     temperature: float = 1.0  # logits are divided by it before the log-softmax (the sampling one)
     chunk_size: int = 512  # token rows per chunk: peak memory ~ chunk_size x vocab x 4 bytes
     max_completion_length: int | None = None  # dr_grpo normaliser B x this; None -> T
@@ -405,7 +405,8 @@ def grpo_token_loss(
 
 def couples_tokens(config: LossConfig, sampling_correction: bool) -> bool:
     """Whether a token's loss depends on other tokens' current log-probs: GSPO's sequence ratio, a
-    sequence-level sampling correction, the top-entropy quantile. Those need a first pass (below)."""
+    sequence-level sampling correction, the top-entropy quantile. Those go to FusedLinearTokenLoss whole
+    (see the module docstring: free with a frozen lm_head, a first pass of log-probs with a trainable one)."""
     return (
         config.importance_sampling_level == "sequence"
         or config.top_entropy_quantile < 1.0
@@ -427,7 +428,7 @@ class Step:
 # loss for any split; bnpo alone is defined per micro-batch (TRL's: the mean over the micro-batch's tokens,
 # averaged over the micro-batches), so it changes with the split.
 NORMALISERS: dict[str, Callable[[torch.Tensor, LossConfig, Step], torch.Tensor | float]] = {
-    "grpo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # mean over completions of the token mean
+    "grpo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # mean of completions' token means
     "bnpo": lambda m, c, s: m.sum().clamp(min=1) * s.micro_batches,  # tokens of this micro-batch, x micro-batches
     "dr_grpo": lambda m, c, s: s.sequences * (c.max_completion_length or m.shape[1]),  # completions x max length
     "dapo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step

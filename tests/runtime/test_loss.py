@@ -227,7 +227,8 @@ def test_variants_equal_full_logits(variant, chunk_size, off_policy):
         assert_rel(ours.metrics[key], naive.metrics[key])
 
 
-SPLITS = [(slice(0, 3),), (slice(0, 2), slice(2, 3)), (slice(0, 1), slice(1, 3)), (slice(0, 1), slice(1, 2), slice(2, 3))]
+SPLITS = [(slice(0, 3),), (slice(0, 2), slice(2, 3)), (slice(0, 1), slice(1, 3)),
+          (slice(0, 1), slice(1, 2), slice(2, 3))]
 
 
 @pytest.mark.parametrize(

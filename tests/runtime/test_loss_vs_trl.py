@@ -70,7 +70,8 @@ def trl_sampling_ratio(args: GRPOConfig, old, sampling, mask):
         logps_diff = per_token_logps_diff
     ratio = torch.exp(logps_diff)
     if args.vllm_importance_sampling_mode in ["sequence_truncate", "token_truncate"]:
-        return torch.clamp(ratio, min=args.vllm_importance_sampling_clip_min, max=args.vllm_importance_sampling_clip_max)
+        return torch.clamp(ratio, min=args.vllm_importance_sampling_clip_min,
+                           max=args.vllm_importance_sampling_clip_max)
     low = args.vllm_importance_sampling_clip_min if args.vllm_importance_sampling_clip_min is not None else -math.inf
     high = args.vllm_importance_sampling_clip_max if args.vllm_importance_sampling_clip_max is not None else math.inf
     return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)

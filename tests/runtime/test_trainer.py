@@ -195,7 +195,8 @@ def test_a_step_has_the_same_loss_and_gradients_for_any_gradient_accumulation(ti
     advantages = torch.tensor([1.2, -0.4, -0.8, 0.9, 0.3, -1.2])
     trainer = SimpleNamespace(policy=policy, loss_config=loss_config(job.spec, "vllm"))  # what accumulate reads
     assert trainer.loss_config.sampling_correction != "off"
-    old = batch_logprobs(policy, batch, trainer.loss_config, 1) + 0.3 * torch.randn(batch.sampling_logps.shape, generator=g)
+    old = batch_logprobs(policy, batch, trainer.loss_config, 1)
+    old = old + 0.3 * torch.randn(old.shape, generator=g)
     ref = old - 0.2
     params = [p for p in policy.model.parameters() if p.requires_grad]
     results = []

@@ -164,7 +164,7 @@ class _SampledLogprobs(LogitsProcessor):
                 self.warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
             if sampling.min_p is not None:
                 self.warpers.append(MinPLogitsWarper(min_p=sampling.min_p))
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a step's (input_ids, scores), token not yet drawn
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a step's (input_ids, scores), no token yet
         self.logprobs: list[torch.Tensor] = []  # [rows] per generated position
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
