@@ -114,8 +114,11 @@ def _logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, entropy: boo
     the gradient; returns (logp, the row sums of that, entropy or None).
 
     Entropy in the same pass: H = log s - sum(e y) / s with y = z / T - rowmax, e = exp(y),
-    s = sum(e). The exponential is taken a block of columns at a time so that e and y are both
-    at hand without a second [n, V] buffer (~+0.7 of the chunk's exp time, no extra memory to speak of)."""
+    s = sum(e). The exponential goes into a small buffer a block of rows at a time, so that e and y
+    are both at hand without a second [n, V] buffer; then y becomes e y (summed) and e is copied
+    back. Rows, not columns: a column block of z is strided and torch's reductions over it are
+    several times slower. Measured on 2 loaded CPU cores, a [512, 49152] chunk: 50-65 ms without
+    the entropy, 150-210 ms with it (columns: 300-400 ms)."""
     if inv_temp != 1.0:
         z.mul_(inv_temp)
     target_logit = z.gather(1, targets[:, None]).squeeze(1)
@@ -125,19 +128,19 @@ def _logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, entropy: boo
         z.exp_()
         row_sum = z.sum(1)
         return target_logit - row_max.squeeze(1) - row_sum.log(), row_sum, None
-    row_sum = z.new_zeros(z.shape[0])
-    ey = z.new_zeros(z.shape[0])
-    for start in range(0, z.shape[1], _ENTROPY_BLOCK):
-        y = z[:, start : start + _ENTROPY_BLOCK]
-        e = y.exp()
-        row_sum += e.sum(1)
-        ey += torch.linalg.vecdot(e, y)
+    ey = z.new_empty(z.shape[0])
+    scratch = z.new_empty(min(_ENTROPY_ROWS, z.shape[0]), z.shape[1])
+    for start in range(0, z.shape[0], _ENTROPY_ROWS):
+        y = z[start : start + _ENTROPY_ROWS]
+        e = torch.exp(y, out=scratch[: y.shape[0]])
+        ey[start : start + _ENTROPY_ROWS] = y.mul_(e).sum(1)
         y.copy_(e)
+    row_sum = z.sum(1)
     log_sum = row_sum.log()
     return target_logit - row_max.squeeze(1) - log_sum, row_sum, log_sum - ey / row_sum
 
 
-_ENTROPY_BLOCK = 4096  # columns per exp block on the torch path when the entropy is wanted
+_ENTROPY_ROWS = 64  # rows per exp block on the torch path when the entropy is wanted
 
 
 def _dlogits_(e: torch.Tensor, targets: torch.Tensor, row_sum: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
