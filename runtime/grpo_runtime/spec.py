@@ -176,7 +176,13 @@ class TrainingSpec(Section):
         4, ge=1, description="Prompts per optimizer step; each yields numGenerations completions."
     )
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches the step's completions are split into (memory, not maths)."
+        1,
+        ge=1,
+        description="Micro-batches the step's completions are split into (at most one per completion; sizes "
+        "differ by at most one). Memory, not maths: every micro-batch is normalised by the whole step's totals, so "
+        "the step's loss and gradients are the same for any value, even or not, except where TRL defines the loss "
+        "per micro-batch: lossType bnpo (the mean over the micro-batch's tokens) and topEntropyQuantile < 1 (the "
+        "quantile over the micro-batch's tokens).",
     )
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate of the LoRA weights.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warm-up.")
@@ -186,14 +192,69 @@ class TrainingSpec(Section):
     beta: float = Field(
         0.0, ge=0.0, description="KL coefficient against the reference (adapters off); 0 skips the reference pass."
     )
+    kl_estimator: Literal["k3_ratio", "k3"] = Field(
+        "k3_ratio",
+        description="The per-token KL term when beta > 0. k3_ratio (default, TRL's since use_bias_correction_kl): "
+        "k3 = exp(ref - logp) - (ref - logp) - 1 times the importance ratio pi / pi_old, which makes its gradient "
+        "the unbiased reverse-KL gradient (DeepSeek-V3.2); the ratio keeps its gradient, so even on-policy the "
+        "gradient differs from plain k3. k3: the plain estimator (TRL before). The logged kl is the mean of the "
+        "term the loss uses.",
+    )
     epsilon: float = Field(0.2, gt=0.0, description="Lower clip of the ratio: 1 - epsilon.")
     epsilon_high: float | None = Field(
-        None, gt=0.0, description="Upper clip: 1 + epsilonHigh (DAPO clip-higher); epsilon when unset."
+        None,
+        gt=0.0,
+        description="Upper clip: 1 + epsilonHigh (DAPO clip-higher, 0.28 recommended); epsilon when unset. With "
+        "lossType cispo it is the cap of the ratio itself (epsilon max, ScaleRL recommends 5.0) and must be set.",
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+    delta: float | None = Field(
+        None,
+        gt=1.0,
+        description="Two-sided clipping (INTELLECT-2): the ratio is also capped at delta, so a token with a "
+        "negative advantage and a large ratio no longer gets an unbounded loss. Set it above 1 + epsilonHigh "
+        "(e.g. 4); off when unset. Not used by cispo.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: one ratio pi / pi_old per token. sequence (GSPO): one per completion, exp of the mean "
+        "of its tokens' log-ratios, clipped and applied to all its tokens (GSPO uses small clips, e.g. epsilon "
+        "3e-4, epsilonHigh 4e-4); pairs with lossType grpo as in the paper.",
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
         "dapo",
-        description="Token normalisation: grpo (per sequence, then mean), bnpo (over the micro-batch tokens), "
-        "dr_grpo (by batch x maxCompletionLength), dapo (over the whole step's tokens).",
+        description="grpo (token mean per completion, then mean over completions), bnpo (over the micro-batch's "
+        "tokens, then mean over micro-batches: depends on gradientAccumulationSteps), dr_grpo (by completions x "
+        "maxCompletionLength), dapo (over the whole step's tokens), cispo (MiniMax-M1: -min(ratio, epsilonHigh) "
+        "A logp with the capped ratio detached, so clipped tokens keep a gradient; over the step's tokens).",
+    )
+    sampling_correction: Literal[
+        "auto", "off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = Field(
+        "auto",
+        description="Importance-sampling correction for sampling from other weights than the learner's (vLLM "
+        "samples from merged, possibly 4-bit-dequantized weights in its own dtype and kernels): the loss is "
+        "weighted by pi_learner / pi_sampler at the sampled tokens, from the engine's own log-probs. "
+        "token_truncate: per token, capped at samplingCorrectionMax (truncated IS); token_mask: per token, 0 "
+        "outside [samplingCorrectionMin, samplingCorrectionMax]; sequence_*: one weight per completion, the "
+        "product over its tokens. auto: token_truncate with the vllm engine, off with hf (it samples from the "
+        "learner's own weights). TRL's vllm_importance_sampling_*; its default mode is sequence_mask, ours "
+        "token_truncate: a product over a long completion of small per-token mismatches easily leaves the "
+        "bounds and masks the whole completion.",
+    )
+    sampling_correction_max: float | None = Field(
+        3.0, gt=0.0, description="Upper bound C_max of the sampling correction (TRL's default 3); none when unset."
+    )
+    sampling_correction_min: float | None = Field(
+        None, ge=0.0, description="Lower bound C_min of the sampling correction; none when unset (TRL's default)."
+    )
+    top_entropy_quantile: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Keep in the policy loss only the top share of tokens by entropy (Beyond the 80/20 Rule "
+        "recommends 0.2; 1 keeps all, 0 only the highest). As in TRL the quantile is over each micro-batch's "
+        "tokens; taking it over the whole step would cost a second forward pass of the model per micro-batch. "
+        "The KL term is kept on every token.",
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the std of the group, of the whole batch, or not at all."
@@ -219,6 +280,13 @@ class TrainingSpec(Section):
     def _clip_range(self) -> TrainingSpec:
         if self.epsilon >= 1.0:
             raise ValueError("epsilon must be < 1 (the lower clip is 1 - epsilon)")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ValueError(
+                "lossType cispo caps the ratio itself at epsilonHigh: set epsilonHigh (ScaleRL recommends 5.0)"
+            )
+        bounds = (self.sampling_correction_min, self.sampling_correction_max)
+        if None not in bounds and bounds[0] >= bounds[1]:
+            raise ValueError("samplingCorrectionMin must be below samplingCorrectionMax")
         return self
 
 

@@ -809,3 +809,14 @@ def test_grpo_train_with_an_unknown_sampling_param_exits_2_naming_it(vllm_tiny_d
     assert result.returncode == 2, result.stderr[-3000:]
     assert "spec.generation.samplingParams.top_n_sigma" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_completions_carry_the_log_probs_they_were_sampled_with(engine, policy):
+    """The loss's sampling correction compares these with the learner's: at temperature 1 without top-k/top-p
+    they are the learner's own log-probs (the engine samples from the same weights), to vLLM's rounding."""
+    prompt_ids = prompt(policy.tokenizer, "hello there")
+    completions = engine.generate([prompt_ids], SamplingConfig(n=4, max_tokens=8, seed=1))
+    learner = learner_logprobs(policy, prompt_ids, completions)
+    for row, c in enumerate(completions):
+        assert c.logprobs is not None and len(c.logprobs) == len(c.completion_ids)
+        torch.testing.assert_close(torch.tensor(c.logprobs), learner[row, : len(c.completion_ids)], atol=2e-4, rtol=0)

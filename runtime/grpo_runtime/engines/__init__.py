@@ -43,6 +43,10 @@ class Completion:
     completion_ids: list[int]  # ends with EOS or the token completing a stop string, unless truncated
     text: str  # completion_ids decoded, special tokens skipped
     truncated: bool  # hit max_tokens without EOS or a stop string
+    # log-prob of each completion token under the distribution it was sampled from (after temperature and
+    # top-k/top-p/min-p), as the engine computed it; None when the engine gives none. The loss's sampling
+    # correction compares it with the learner's.
+    logprobs: list[float] | None = None
 
 
 class Engine(Protocol):

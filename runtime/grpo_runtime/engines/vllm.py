@@ -225,6 +225,7 @@ def llm_kwargs(
         "generation_config": "vllm",  # exactly the distribution asked for, not the model's defaults
         "trust_remote_code": model_spec.trust_remote_code,
         "seed": 0,
+        "logprobs_mode": "processed_logprobs",  # the sampled tokens' log-probs after temperature, top-k/p
     }
     if model_spec.revision and not Path(policy.source).is_dir():
         kwargs["tokenizer_revision"] = model_spec.revision
@@ -394,6 +395,9 @@ class VLLMEngine:
                         # decoded by the tokenizer, as the hf engine does (vLLM's text cuts at the stop string)
                         text=self.tokenizer.decode(ids, skip_special_tokens=True),
                         truncated=sample.finish_reason == "length",
+                        logprobs=None if sample.logprobs is None else [
+                            step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)
+                        ],
                     )
                 )
         return completions
@@ -453,6 +457,7 @@ class VLLMEngine:
             min_p=0.0 if greedy or sampling.min_p is None else sampling.min_p,
             stop=list(sampling.stop),
             include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's own log-prob, for the loss's sampling correction
             stop_token_ids=self.eos_ids + list(extra.pop("stop_token_ids", None) or []),
             seed=None if sampling.seed is None else prompt_seed(sampling.seed, index),
             **extra,
