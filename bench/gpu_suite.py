@@ -202,7 +202,8 @@ def _loss_inputs(B, V, D, T, device, seed=0):
     adv = torch.randn(B, generator=g, device=device)
     old = -torch.rand(B, T, generator=g, device=device) * 3 - 9  # near log(1/V) of random logits
     ref = old + 0.1 * torch.randn(B, T, generator=g, device=device)
-    return hidden, weight, targets, mask, adv, old, ref
+    sampling = old + 0.1 * torch.randn(B, T, generator=g, device=device)  # the engine's log-probs: correction on
+    return hidden, weight, targets, mask, adv, old, ref, sampling
 
 
 def _loss_variants():
@@ -371,6 +372,16 @@ def _lora_snapshot(policy) -> dict:
     return {n: p.detach().float().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
+class _NoRollouts:
+    """Stands in for the engine where the token ids are given: named as the GPU's engine, so that the
+    loss is configured as a GPU job's (vLLM's sampling correction on); it is never asked to generate."""
+
+    name = "vllm"
+
+
+NO_ROLLOUTS = _NoRollouts()
+
+
 def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, loaded: dict, flush) -> None:
     from grpo_runtime.trainer import Trainer
 
@@ -384,7 +395,7 @@ def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, 
         load_s = load_s or time.perf_counter() - t0
         weights = _allocated(device)
         batch, advantages = _batch(job, policy, case, case.completions)
-        trainer = Trainer(job=job, policy=policy, engine=None, rewards=[], sampler=None, storage=None)
+        trainer = Trainer(job=job, policy=policy, engine=NO_ROLLOUTS, rewards=[], sampler=None, storage=None)
         before = _lora_snapshot(policy)
         runs = []
         for _ in range(1 if case is shapes.llama and not smoke else 2):  # the 8B step is long: part c warmed it up
@@ -525,22 +536,22 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
         runs = {}
         for name in ("torch", "triton", "torch", "triton"):  # warm-up, then timed
             buf = z.float() if name == "torch" else z.clone()
-            with measure(device) as m:
-                if name == "torch":
-                    logp, stats = loss_module._logp_(buf, targets, inv)
-                    dz = loss_module._dlogits_(buf, targets, stats, dlogp, inv)
-                else:
-                    logp, stats = logsoftmax.logp_(buf, targets, inv)
-                    dz = logsoftmax.dlogits_(buf, targets, stats, dlogp, inv)
-            runs[name] = (logp.float(), dz.float(), m)
+            logp_, dlogits_ = (loss_module._logp_, loss_module._dlogits_) if name == "torch" else (
+                logsoftmax.logp_, logsoftmax.dlogits_)
+            with measure(device) as m:  # with the entropy, as every training step computes it
+                logp, stats, entropy = logp_(buf, targets, inv, True)
+                dz = dlogits_(buf, targets, stats, dlogp, inv)
+            runs[name] = (logp.float(), dz.float(), entropy.float(), m)
         exact = torch.log_softmax(z.float() * inv, -1)
         want = exact.gather(1, targets[:, None]).squeeze(1)
-        (lp_t, dz_t, m_t), (lp_k, dz_k, m_k) = runs["torch"], runs["triton"]
+        want_entropy = -(exact.exp() * exact).sum(-1)
+        (lp_t, dz_t, _, m_t), (lp_k, dz_k, ent_k, m_k) = runs["torch"], runs["triton"]
         part.rows.append({"temperature": temperature, "rows x V": f"{n} x {V}",
                           "logp max abs diff triton-torch": (lp_k - lp_t).abs().max().item(),
                           "dlogits max abs diff triton-torch": (dz_k - dz_t).abs().max().item(),
                           "torch_ms": m_t.seconds * 1e3, "triton_ms": m_k.seconds * 1e3})
         part.check(f"T={temperature} logp triton vs fp32 log_softmax, max abs", (lp_k - want).abs().max().item(), 1e-3)
+        part.check(f"T={temperature} entropy triton vs fp32, max abs", (ent_k - want_entropy).abs().max().item(), 1e-3)
         part.check(f"T={temperature} dlogits triton vs torch (rel)", rel_err(dz_k, dz_t), BF16_REL)
 
 

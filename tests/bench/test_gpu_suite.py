@@ -194,4 +194,4 @@ def _cheap_inputs(B, V, D, T, device, seed=0):
     import torch
 
     hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed)).requires_grad_()
-    return hidden, None, None, None, None, None, None
+    return hidden, None, None, None, None, None, None, None
