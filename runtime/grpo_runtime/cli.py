@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="plot the reward curves of a run's metrics.jsonl to a PNG")
+    p = sub.add_parser("report", help="plot the reward curves of a run's metrics to a PNG")
     p.add_argument("uri", help="the run's output (local dir or s3://bucket/prefix)")
     p.add_argument("--out", default="rewards.png", help="PNG to write (default rewards.png)")
     p.set_defaults(func=cmd_report)

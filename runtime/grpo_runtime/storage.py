@@ -71,9 +71,6 @@ class Storage(Protocol):
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         """Raises StorageError when nothing is under `prefix` (a wrong name, nearly always)."""
 
-    def append_line(self, key: str, line: str) -> None:
-        """Append one line (a newline is added) to a text object such as metrics.jsonl."""
-
 
 def open_storage(
     uri: str,
@@ -234,22 +231,6 @@ class LocalStorage:
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         _download_dir(self, prefix, Path(local_dir))
 
-    def append_line(self, key: str, line: str) -> None:
-        """O_APPEND write of one line, fsynced; readers never see a torn line in practice."""
-        data = _line_bytes(line)
-        path = self._path(key)
-
-        def append() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:
-                if f.tell() > 0 and not _ends_with_newline(path):
-                    f.write(b"\n")
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-
-        self._os_call(f"append to {key!r}", append)
-
     def _os_call(self, action: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -258,19 +239,6 @@ class LocalStorage:
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _line_bytes(line: str) -> bytes:
-    line = line.removesuffix("\n")
-    if "\n" in line:
-        raise ValueError("append_line takes one line; it contains a newline")
-    return (line + "\n").encode()
 
 
 def _upload_dir(storage: Storage, local_dir: Path, prefix: str) -> None:
@@ -486,19 +454,6 @@ class S3Storage:
 
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         _download_dir(self, prefix, Path(local_dir))
-
-    def append_line(self, key: str, line: str) -> None:
-        """Read-modify-write: S3 has no append. GET the object (missing = empty), add the line,
-        PUT it back. Each PUT replaces the object atomically, so readers always see whole
-        lines; the cost is O(object size) per call and it assumes one writer per key (a job's
-        single trainer process writes its metrics.jsonl)."""
-        data = _line_bytes(line)
-        if self.exists(key):
-            old = self.read_bytes(key)
-            if old and not old.endswith(b"\n"):
-                old += b"\n"
-            data = old + data
-        self.write_bytes(key, data)
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r}, endpoint={self.endpoint!r})"

@@ -80,10 +80,12 @@ def s3_keys(bucket, prefix):
     return {o["Key"] for o in client.list_objects_v2(Bucket=bucket.name, Prefix=prefix).get("Contents", [])}
 
 
-def s3_metrics(bucket, key):
-    client = boto3.client("s3", endpoint_url=bucket.endpoint, region_name="us-east-1")
-    body = client.get_object(Bucket=bucket.name, Key=key)["Body"].read().decode()
-    return [json.loads(line) for line in body.splitlines()]
+def s3_metrics(bucket, prefix):
+    """The run's metrics stream under `prefix`, read as `grpo report` reads it."""
+    from grpo_runtime.metrics_log import read_metrics
+    from grpo_runtime.storage import open_storage
+
+    return read_metrics(open_storage(bucket.uri(prefix), endpoint=bucket.endpoint))
 
 
 async def test_apply_trains_in_a_pod_and_succeeds(apiserver, operator, kubelet, s3_bucket, tiny_model, monkeypatch):  # noqa: F811
@@ -105,8 +107,8 @@ async def test_apply_trains_in_a_pod_and_succeeds(apiserver, operator, kubelet, 
     assert set(progress["rewards"]) == {"correct", "short"}
     assert progress["latestCheckpoint"] == "checkpoints/step-3"
     assert {"jobs/tiny/final/adapter_model.safetensors", "jobs/tiny/checkpoints/LATEST",
-            "jobs/tiny/metrics.jsonl", "jobs/tiny/spec.yaml"} <= s3_keys(s3_bucket, "jobs/tiny/")
-    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/tiny/metrics.jsonl")] == [1, 2, 3]
+            "jobs/tiny/metrics/part-000000.jsonl", "jobs/tiny/spec.yaml"} <= s3_keys(s3_bucket, "jobs/tiny/")
+    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/tiny")] == [1, 2, 3]
     assert s3_bucket.secret not in json.dumps(job(apiserver, "tiny"))
     assert s3_bucket.secret not in log
 
@@ -125,4 +127,4 @@ async def test_killed_pod_is_replaced_and_resumes_from_the_last_checkpoint(apise
     assert status["phase"] == "Succeeded", (status, second[-3000:])
     assert status["restarts"] == 1
     assert "resumed from checkpoints/step-2 at step 2" in second
-    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/flaky/metrics.jsonl")] == [1, 2, 3, 4]
+    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/flaky")] == [1, 2, 3, 4]

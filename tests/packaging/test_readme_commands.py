@@ -271,9 +271,9 @@ def test_grpo_train_without_a_cluster(quickstart):
     run = work / "grpo-runs" / "quickstart"
     assert "done: 1 steps" in result.stdout and "adapter at ./grpo-runs/quickstart/final" in result.stdout
     # the layout the README's table describes
-    for path in ("spec.yaml", "metrics.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
+    for path in ("spec.yaml", "metrics/part-000000.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
         assert (run / path).is_file(), path
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((run / "metrics" / "part-000000.jsonl").read_text().splitlines()) == 1
     assert (run / "samples").is_dir() and list((run / "samples").glob("step-*.jsonl"))
     latest = (run / "checkpoints" / "LATEST").read_text().strip()
     assert (run / "checkpoints" / latest).is_dir()

@@ -105,17 +105,6 @@ def test_upload_download_dir_roundtrip(storage, tmp_path):
         storage.download_dir("checkpoints/step-4", tmp_path / "none")
 
 
-def test_append_line_builds_a_jsonl_file(storage):
-    storage.append_line("metrics.jsonl", '{"step": 1}')
-    storage.append_line("metrics.jsonl", '{"step": 2}\n')  # one trailing newline is fine
-    assert storage.read_bytes("metrics.jsonl") == b'{"step": 1}\n{"step": 2}\n'
-    storage.write_bytes("log.txt", b"no newline at end")
-    storage.append_line("log.txt", "next")
-    assert storage.read_bytes("log.txt") == b"no newline at end\nnext\n"
-    with pytest.raises(ValueError, match="newline"):
-        storage.append_line("metrics.jsonl", "two\nlines")
-
-
 def test_keys_must_be_relative(storage):
     for bad in ["/etc/passwd", "../escape", "a/../b", "a//b", ""]:
         with pytest.raises(ValueError, match="invalid storage key"):
