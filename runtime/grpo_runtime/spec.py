@@ -230,6 +230,12 @@ class OutputSpec(Section):
         description="Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
         "exposed to the pod as env vars, never copied into status, events or logs.",
     )
+    merged: bool = Field(
+        False,
+        description="Also write final-merged/: the base with the adapter folded in (the base's own dtype, "
+        "safetensors, tokenizer and config), loadable by vLLM and transformers without peft. A 4-bit job "
+        "merges into the unquantized base, not the NF4 copy it trained on. Needs CPU memory for the base.",
+    )
 
     @field_validator("uri")
     @classmethod

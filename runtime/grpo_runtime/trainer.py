@@ -377,4 +377,21 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
             save_adapter(self.policy.model, tmp)
             self.storage.upload_dir(tmp, "final")
+            if self.job.spec.output.merged:
+                self._write_merged(tmp)
         return metrics
+
+    def _write_merged(self, adapter_dir: str) -> None:
+        from grpo_runtime.merge import merge_adapter
+
+        model = self.job.spec.model
+        with tempfile.TemporaryDirectory(prefix="grpo-merged-") as tmp:
+            merge_adapter(
+                self.policy.source,
+                adapter_dir,
+                tmp,
+                revision=None if Path(self.policy.source).is_dir() else model.revision,
+                trust_remote_code=model.trust_remote_code,
+            )
+            self.storage.delete_prefix("final-merged/")  # no file of an older merge survives
+            self.storage.upload_dir(tmp, "final-merged")
