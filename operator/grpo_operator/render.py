@@ -26,6 +26,8 @@ REWARD_MODULES_DIR = "/opt/grpo/rewards"  # not under SPEC_DIR: that is a read-o
 RUNTIME_UID = 1000  # the runtime image's user; the pod never runs as root
 GPU = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+HF_TOKEN_KEY = "HF_TOKEN"  # the key in spec.model.tokenSecret, and the env var huggingface_hub reads
+MODEL_CACHE_DIR = "/var/cache/grpo"  # spec.model.cache is mounted here
 
 
 def runtime_name(job: str) -> str:
@@ -144,6 +146,16 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in SECRET_KEYS
         ]
+    if job.spec.model.token_secret:
+        env.append(
+            {"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": {"name": job.spec.model.token_secret, "key": HF_TOKEN_KEY}}}
+        )
+    if job.spec.model.cache:
+        # the hub's cache (with its file locks) and ours (s3:// model folders, dequantized GGUF) on the claim
+        env += [
+            {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
+            {"name": "GRPO_CACHE_DIR", "value": f"{MODEL_CACHE_DIR}/models"},
+        ]
     return env
 
 
@@ -203,6 +215,9 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
     if spec.reward_modules.config_map:
         container["volumeMounts"].append({"name": "reward-modules", "mountPath": REWARD_MODULES_DIR, "readOnly": True})
         pod_spec["volumes"].append({"name": "reward-modules", "configMap": {"name": spec.reward_modules.config_map}})
+    if spec.model.cache:
+        container["volumeMounts"].append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
+        pod_spec["volumes"].append({"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.model.cache}})
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
     if spec.node_selector:

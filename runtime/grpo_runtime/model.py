@@ -31,8 +31,50 @@ CACHE_DIR_ENV = "GRPO_CACHE_DIR"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HF_TOKEN_ENV = "HF_TOKEN"  # huggingface_hub reads it; the pod gets it from spec.model.tokenSecret
+
+
 class ModelError(Exception):
-    """The model named by the spec cannot be used (missing, unreadable, not a model): exit 2."""
+    """The model named by the spec cannot be used (missing, unreadable, not a model): exit 2.
+    The message never carries the hub token."""
+
+    def __init__(self, message: str):
+        token = os.environ.get(HF_TOKEN_ENV)
+        super().__init__(message.replace(token, "***") if token and len(token) >= 4 else message)
+
+
+def hub_access_error(exc: BaseException, name: str) -> ModelError | None:
+    """A ModelError saying what to do when `exc` (or its cause) is the hub refusing access:
+    a gated or private repository without a token, or a token it rejects. None otherwise."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, HfHubHTTPError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    status = getattr(getattr(seen, "response", None), "status_code", None)
+    has_token = bool(os.environ.get(HF_TOKEN_ENV))
+    where = f"spec.model.name: {name!r}"
+    if not has_token and (isinstance(seen, RepositoryNotFoundError) or status in (401, 403)):
+        return ModelError(
+            f"{where} is gated or private on the Hugging Face hub (or does not exist) and no hub token was given: "
+            f"set spec.model.tokenSecret to a Secret whose key {HF_TOKEN_ENV} holds a token with access "
+            f"(without a cluster: export {HF_TOKEN_ENV})"
+        )
+    if has_token and status == 401:
+        return ModelError(
+            f"{where}: the hub refused the token from spec.model.tokenSecret (HTTP 401: invalid or expired); "
+            "put a valid read token in the Secret"
+        )
+    if has_token and (isinstance(seen, GatedRepoError) or status == 403):
+        return ModelError(
+            f"{where}: the token from spec.model.tokenSecret has no access to this gated model (HTTP 403); "
+            "accept the model's licence on its hub page with the token's account, or use a token that has"
+        )
+    if has_token and isinstance(seen, RepositoryNotFoundError):
+        return ModelError(f"{where}: no such model on the hub, or the account of the token in spec.model.tokenSecret cannot see it")
+    return None
 
 
 @dataclass
@@ -188,8 +230,13 @@ def load_policy(model_spec, lora_spec, *, device=None, seed: int = 0, gradient_c
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=kwargs.get("revision"), trust_remote_code=model_spec.trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({_first_line(exc)})") from None
+    except Exception as exc:
+        refused = hub_access_error(exc, model_spec.name)
+        if refused is not None:
+            raise refused from None
+        if isinstance(exc, OSError | ValueError | KeyError):
+            raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({_first_line(exc)})") from None
+        raise
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -69,6 +69,18 @@ class ModelSpec(Section):
     use_chat_template: bool = Field(
         True, description="Wrap each prompt (and the system prompt) in the tokenizer's chat template."
     )
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace whose key HF_TOKEN is a Hugging Face token, for "
+        "gated or private models (e.g. meta-llama/*); reaches the pod as the env var HF_TOKEN, never copied "
+        "into status, events or logs. A missing or refused token fails the job (exit 2) saying so.",
+    )
+    cache: str | None = Field(
+        None,
+        description="Name of a PersistentVolumeClaim mounted as the model cache (hub downloads, s3:// model "
+        "folders, dequantized GGUF): a retry or a later job with the same base does not download it again. "
+        "ReadWriteMany lets concurrent jobs share it; writers never leave a half-written model in it.",
+    )
 
 
 class LoraSpec(Section):

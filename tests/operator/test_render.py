@@ -164,3 +164,25 @@ def test_reward_modules_config_map_is_mounted_and_importable():
     plain = render.pod(job(), 1, image="registry/runtime:1")
     assert "PYTHONPATH" not in env_of(plain)
     assert all(m["mountPath"] != render.REWARD_MODULES_DIR for m in plain["spec"]["containers"][0]["volumeMounts"])
+
+
+def test_hub_token_is_a_secret_reference_named_hf_token():
+    model = {"name": "meta-llama/Llama-3.1-8B-Instruct", "tokenSecret": "hf-token"}
+    pod = render.pod(job(model=model), 1, image="x")
+    token = env_of(pod)["HF_TOKEN"]
+    assert "value" not in token
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+    assert "HF_TOKEN" not in env_of(render.pod(job(), 1, image="x"))
+
+
+def test_model_cache_claim_is_mounted_where_hub_and_grpo_caches_live():
+    model = {"name": "Qwen/Qwen2.5-1.5B-Instruct", "cache": "model-cache"}
+    pod = render.pod(job(model=model), 1, image="x")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    env = env_of(pod)
+    assert env["HF_HOME"]["value"].startswith(mounts["model-cache"] + "/")
+    assert env["GRPO_CACHE_DIR"]["value"].startswith(mounts["model-cache"] + "/")
+    plain = render.pod(job(), 1, image="x")
+    assert "model-cache" not in {v["name"] for v in plain["spec"]["volumes"]} and "HF_HOME" not in env_of(plain)
