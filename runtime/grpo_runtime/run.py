@@ -107,6 +107,8 @@ def _prepare(job: GRPOJob, uri: str):
         spec.lora,
         seed=spec.training.seed,
         gradient_checkpointing=spec.training.gradient_checkpointing,
+        endpoint=spec.output.endpoint,
+        region=spec.output.region,
     )
     engine = make_engine(spec.generation, policy)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)

