@@ -45,9 +45,12 @@ class ModelError(Exception):
         super().__init__(message.replace(token, "***") if token and len(token) >= 4 else message)
 
 
-def hub_access_error(exc: BaseException, name: str) -> ModelError | None:
+def hub_access_error(
+    exc: BaseException, name: str, *, field: str = "spec.model.name", secret_field: str = "spec.model.tokenSecret"
+) -> ModelError | None:
     """A ModelError saying what to do when `exc` (or its cause) is the hub refusing access:
-    a gated or private repository without a token, or a token it rejects. None otherwise."""
+    a gated or private repository without a token, or a token it rejects. None otherwise.
+    `field` names the spec field that named the repository (a model or a dataset)."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     seen: BaseException | None = exc
@@ -57,25 +60,25 @@ def hub_access_error(exc: BaseException, name: str) -> ModelError | None:
         return None
     status = getattr(getattr(seen, "response", None), "status_code", None)
     has_token = bool(os.environ.get(HF_TOKEN_ENV))
-    where = f"spec.model.name: {name!r}"
+    where = f"{field}: {name!r}"
     if not has_token and (isinstance(seen, RepositoryNotFoundError) or status in (401, 403)):
         return ModelError(
             f"{where} is gated or private on the Hugging Face hub (or does not exist) and no hub token was given: "
-            f"set spec.model.tokenSecret to a Secret whose key {HF_TOKEN_ENV} holds a token with access "
+            f"set {secret_field} to a Secret whose key {HF_TOKEN_ENV} holds a token with access "
             f"(without a cluster: export {HF_TOKEN_ENV})"
         )
     if has_token and status == 401:
         return ModelError(
-            f"{where}: the hub refused the token from spec.model.tokenSecret (HTTP 401: invalid or expired); "
+            f"{where}: the hub refused the token from {secret_field} (HTTP 401: invalid or expired); "
             "put a valid read token in the Secret"
         )
     if has_token and (isinstance(seen, GatedRepoError) or status == 403):
         return ModelError(
-            f"{where}: the token from spec.model.tokenSecret has no access to this gated model (HTTP 403); "
-            "accept the model's licence on its hub page with the token's account, or use a token that has"
+            f"{where}: the token from {secret_field} has no access to this gated repository (HTTP 403); "
+            "accept the licence on its hub page with the token's account, or use a token that has"
         )
     if has_token and isinstance(seen, RepositoryNotFoundError):
-        return ModelError(f"{where}: no such model on the hub, or the account of the token in spec.model.tokenSecret cannot see it")
+        return ModelError(f"{where}: no such repository on the hub, or the account of the token in {secret_field} cannot see it")
     return None
 
 

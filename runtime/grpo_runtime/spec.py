@@ -28,6 +28,7 @@ KIND = "GRPOJob"
 BUILTIN_REWARDS = ("exact_answer", "format", "length")
 BUILTIN_DATASETS = ("arithmetic",)
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+HUB_DATASET_SCHEME = "hf://"
 
 _PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _FUNCTION_RE = re.compile(rf"^(builtin:{_PY_IDENT}|{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT})$")
@@ -98,9 +99,16 @@ class LoraSpec(Section):
 
 class DatasetSpec(Section):
     source: str = Field(
-        description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, or builtin:NAME "
-        f"(one of: {', '.join(BUILTIN_DATASETS)})."
+        description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, hf://DATASET for a "
+        "Hugging Face hub dataset (e.g. hf://openai/gsm8k with config main; loaded with the datasets library, "
+        "cached under HF_HOME, which model.cache puts on the claim; model.tokenSecret's token applies), "
+        f"or builtin:NAME (one of: {', '.join(BUILTIN_DATASETS)})."
     )
+    config: str | None = Field(
+        None, description="hf:// only: the dataset's configuration (subset), e.g. main for openai/gsm8k."
+    )
+    split: str = Field("train", min_length=1, description="hf:// only: the split to train on (datasets' split syntax).")
+    revision: str | None = Field(None, description="hf:// only: git revision (branch, tag or commit) of the dataset.")
     prompt_field: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
     answer_field: str = Field(
         "answer", min_length=1, description="Column holding the reference answer; passed to rewards as `answer`."
@@ -117,10 +125,14 @@ class DatasetSpec(Section):
             if name not in BUILTIN_DATASETS:
                 raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
             return value
+        if value.startswith(HUB_DATASET_SCHEME):
+            if not value.removeprefix(HUB_DATASET_SCHEME).strip("/"):
+                raise ValueError(f"hf:// needs a dataset name, e.g. hf://openai/gsm8k, got {value!r}")
+            return value
         path = value.split("?", 1)[0]
         if not path.endswith(DATASET_SUFFIXES):
             raise ValueError(
-                f"must be builtin:NAME or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
+                f"must be builtin:NAME, hf://DATASET or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
             )
         return value
 

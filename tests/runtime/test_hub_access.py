@@ -53,8 +53,8 @@ def hub_refuses(monkeypatch):
         ("gated", 401, None, "no hub token was given: set spec.model.tokenSecret"),
         ("not-found", 401, None, "no hub token was given"),
         ("http", 401, TOKEN, "the hub refused the token from spec.model.tokenSecret (HTTP 401"),
-        ("gated", 403, TOKEN, "has no access to this gated model (HTTP 403); accept the model's licence"),
-        ("not-found", 404, TOKEN, "no such model on the hub, or the account of the token"),
+        ("gated", 403, TOKEN, "has no access to this gated repository (HTTP 403); accept the licence"),
+        ("not-found", 404, TOKEN, "no such repository on the hub, or the account of the token"),
     ],
     ids=["gated-no-token", "private-no-token", "bad-token", "licence-not-accepted", "not-visible"],
 )
@@ -88,5 +88,5 @@ def test_grpo_train_exits_2_on_a_refused_token_without_printing_it(hub_refuses, 
     doc["spec"]["model"]["name"] = GATED
     assert run_in_process(doc) == 2
     captured = capsys.readouterr()
-    assert "has no access to this gated model" in captured.err
+    assert "has no access to this gated repository" in captured.err
     assert TOKEN not in captured.err + captured.out
