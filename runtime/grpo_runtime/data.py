@@ -102,7 +102,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _read_source(source: str, endpoint: str | None, region: str | None) -> bytes:
-    if source.startswith("s3://"):
+    if source.startswith(("s3://", "gs://", "az://", "abfs://")):
         from grpo_runtime.storage import StorageError, open_storage
 
         parent, _, key = source.rpartition("/")

@@ -27,7 +27,7 @@ from grpo_runtime.offload import apply_gradient_checkpointing
 log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
-REMOTE_SCHEMES = ("s3://",)  # model folders in a bucket, through storage.open_storage
+REMOTE_SCHEMES = ("s3://", "gs://", "az://", "abfs://")  # model folders in a bucket, through storage.open_storage
 ALLOW_CPU_4BIT_ENV = "GRPO_ALLOW_CPU_4BIT"
 CACHE_DIR_ENV = "GRPO_CACHE_DIR"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,7 +98,7 @@ def resolve_model_source(name: str, *, endpoint: str | None = None, region: str 
     """A directory or hub id `from_pretrained` can load; raises ModelError naming spec.model.name.
 
     pkg://PACKAGE/FILE finds FILE inside an installed package without importing it;
-    s3://bucket/prefix (a model folder, or one .gguf object) is downloaded once into the cache;
+    s3://, gs:// or az://bucket/prefix (a model folder, or one .gguf object) is downloaded once into the cache;
     *.gguf is dequantized once into a cached safetensors folder (GRPO_CACHE_DIR, default
     ~/.cache/grpo/models); a local directory or a hub id is returned as it is.
     `endpoint` and `region` are those of spec.output (S3-compatible stores).

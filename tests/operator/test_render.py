@@ -186,3 +186,27 @@ def test_model_cache_claim_is_mounted_where_hub_and_grpo_caches_live():
     assert env["GRPO_CACHE_DIR"]["value"].startswith(mounts["model-cache"] + "/")
     plain = render.pod(job(), 1, image="x")
     assert "model-cache" not in {v["name"] for v in plain["spec"]["volumes"]} and "HF_HOME" not in env_of(plain)
+
+
+def test_azure_credentials_are_optional_secret_references_by_the_uri_scheme():
+    output = {"uri": "az://runs/gsm8k", "credentialsSecret": "azure-creds"}
+    env = env_of(render.pod(job(output=output), 1, image="x"))
+    for key in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+                "AZURE_STORAGE_SAS_TOKEN"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "azure-creds", "key": key, "optional": True}}
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_gcs_service_account_key_is_a_mounted_secret_file():
+    output = {"uri": "gs://runs/gsm8k", "credentialsSecret": "gcs-key"}
+    pod = render.pod(job(output=output), 1, image="x")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["gcs-credentials"]["secret"] == {"secretName": "gcs-key", "items": [{"key": "key.json", "path": "key.json"}]}
+    mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["gcs-credentials"]["readOnly"] is True
+    env = env_of(pod)
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"]["value"] == mounts["gcs-credentials"]["mountPath"] + "/key.json"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    document = yaml.safe_load(render.config_map(job(output=output), s3_endpoint="http://minio:9000")["data"]["job.yaml"])
+    assert "endpoint" not in document["spec"]["output"]  # the operator's S3 endpoint is not GCS's
