@@ -273,3 +273,27 @@ def test_scrub_removes_azure_keys_and_signatures_wherever_they_appear(monkeypatc
     monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "sv=2024&sig=abcdEFGH1234")
     text = storage_mod._scrub("AccountKey=s3cr3t==;BlobEndpoint=x; url?sv=2024&sig=abcdEFGH1234 and sig=zzzz9999")
     assert "s3cr3t" not in text and "abcdEFGH1234" not in text and "zzzz9999" not in text
+
+
+@pytest.mark.parametrize("provider", ["gs", "az"])
+def test_gcs_and_azure_clients_retry_transient_errors(provider, request, monkeypatch):
+    """Retries are the client library's (gcsfs, azure-core), not ours: two 503s in front of the
+    emulator, and the write and the read still succeed."""
+    from tests.conftest import FlakyProxy
+
+    bucket = request.getfixturevalue("gcs_bucket" if provider == "gs" else "azure_container")
+    if provider == "gs":
+        proxy = FlakyProxy(bucket.endpoint, failures=2)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    else:
+        connection = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
+        upstream = connection.split("BlobEndpoint=")[1].split(";")[0].rsplit("/", 1)[0]
+        proxy = FlakyProxy(upstream, failures=2)
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection.replace(upstream, proxy.url))
+    try:
+        store = open_storage(bucket.uri("jobs/flaky"))
+        store.write_bytes("checkpoints/LATEST", b"step-1\n")
+        assert store.read_bytes("checkpoints/LATEST") == b"step-1\n"
+        assert len(proxy.seen) >= 4  # two refused, then the write and the read went through
+    finally:
+        proxy.close()
