@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest_asyncio.fixture
 async def kubelet(apiserver, kubeconfig, tmp_path):  # noqa: F811
-    env = {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # the repository (for tests.* reward modules) first, then whatever the test run itself imports from
+    pythonpath = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    env = {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     async with LocalKubelet(str(apiserver.url), root=tmp_path / "kubelet", env=env) as k:
         yield k
 
