@@ -115,7 +115,7 @@ async def _create_attempt(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, a
     """The support objects, then the attempt's pod; each owned by the job, each idempotent."""
     settings: Settings = memo.settings
     objects = render.support_objects(spec, s3_endpoint=settings.s3_endpoint)
-    objects.append(render.pod(spec, attempt, image=settings.runtime_image))
+    objects.append(render.pod(spec, attempt, image=settings.runtime_image, model_cache=settings.model_cache))
     # An owner reference, not kopf.adopt(): adopt also copies the job's labels, and a label such as
     # Kueue's queue-name must stay on the job, not reach the pod.
     kopf.append_owner_reference(objects, owner=job)

@@ -146,7 +146,7 @@ def _output_scheme(job: GRPOJob) -> str:
     return uri.partition("://")[0] if "://" in uri else ""
 
 
-def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
+def _env(job: GRPOJob, attempt: int, cache: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "GRPOJOB_NAME", "value": job.metadata.name},
         {"name": "GRPOJOB_NAMESPACE", "value": job.metadata.namespace},
@@ -173,7 +173,7 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
         env.append(
             {"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": {"name": job.spec.model.token_secret, "key": HF_TOKEN_KEY}}}
         )
-    if job.spec.model.cache:
+    if cache:
         # the hub's cache (with its file locks) and ours (s3:// model folders, dequantized GGUF) on the claim
         env += [
             {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
@@ -182,8 +182,9 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
     return env
 
 
-def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
-    """The training pod of one attempt; `image` is the operator's default unless spec.image is set.
+def pod(job: GRPOJob, attempt: int, *, image: str, model_cache: str | None = None) -> dict[str, Any]:
+    """The training pod of one attempt; `image` is the operator's default unless spec.image is set,
+    `model_cache` the operator's default model cache claim unless spec.model.cache is set.
 
     Without spec.output.uri the runtime writes to ./grpo-runs/<name> under the working
     directory, an emptyDir: checkpoints and metrics live as long as this pod, so a retry
@@ -191,13 +192,14 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
     Warning event and the OutputPersistent=False condition (lifecycle.py).
     """
     spec = job.spec
+    cache = spec.model.cache or model_cache
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["grpo", "train", f"{SPEC_DIR}/{SPEC_FILE}"],
         "workingDir": WORKDIR,
-        "env": _env(job, attempt),
+        "env": _env(job, attempt, cache),
         "resources": _resources(job),
         "securityContext": {
             "runAsNonRoot": True,
@@ -246,9 +248,9 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
                 "secret": {"secretName": spec.output.credentials_secret, "items": [{"key": GCS_KEY_FILE, "path": GCS_KEY_FILE}]},
             }
         )
-    if spec.model.cache:
+    if cache:
         container["volumeMounts"].append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
-        pod_spec["volumes"].append({"name": "model-cache", "persistentVolumeClaim": {"claimName": spec.model.cache}})
+        pod_spec["volumes"].append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache}})
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
     if spec.node_selector:

@@ -210,3 +210,12 @@ def test_gcs_service_account_key_is_a_mounted_secret_file():
     assert "AWS_SECRET_ACCESS_KEY" not in env
     document = yaml.safe_load(render.config_map(job(output=output), s3_endpoint="http://minio:9000")["data"]["job.yaml"])
     assert "endpoint" not in document["spec"]["output"]  # the operator's S3 endpoint is not GCS's
+
+
+def test_the_operators_default_model_cache_applies_unless_the_job_names_one():
+    default = render.pod(job(), 1, image="x", model_cache="shared-models")
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "shared-models"}} in default["spec"]["volumes"]
+    assert "HF_HOME" in env_of(default)
+    own = render.pod(job(model={"name": "Qwen/Qwen2.5-1.5B-Instruct", "cache": "mine"}), 1, image="x", model_cache="shared-models")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in own["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["mine"]
