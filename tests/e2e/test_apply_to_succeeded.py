@@ -88,7 +88,10 @@ def s3_metrics(bucket, prefix):
     from grpo_runtime.metrics_log import read_metrics
     from grpo_runtime.storage import open_storage
 
-    return read_metrics(open_storage(bucket.uri(prefix), endpoint=bucket.endpoint))
+    with pytest.MonkeyPatch.context() as env:  # the test took the credentials away from this process
+        env.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
+        env.setenv("AWS_SECRET_ACCESS_KEY", bucket.secret)
+        return read_metrics(open_storage(bucket.uri(prefix), endpoint=bucket.endpoint))
 
 
 async def test_apply_trains_in_a_pod_and_succeeds(apiserver, operator, kubelet, s3_bucket, tiny_model, monkeypatch):  # noqa: F811
