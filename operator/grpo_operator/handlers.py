@@ -263,7 +263,7 @@ async def _create_attempt(
         flavors = [await memo.kube.get_flavor(name) for name in sorted(set(assigned.values()))]
         node_selector, tolerations = kueue.placement([f for f in flavors if f])
     objects = render.support_objects(spec, s3_endpoint=settings.s3_endpoint)
-    objects.append(render.pod(spec, attempt, image=settings.runtime_image,
+    objects.append(render.pod(spec, attempt, image=settings.runtime_image, model_cache=settings.model_cache,
                               node_selector=node_selector, tolerations=tolerations))
     # An owner reference, not kopf.adopt(): adopt also copies the job's labels, and a label such as
     # Kueue's queue-name must stay on the job, not reach the pod.

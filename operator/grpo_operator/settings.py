@@ -8,6 +8,8 @@ GRPO_HEALTH_PORT       http://0.0.0.0:PORT/healthz (liveness) and /readyz (jobs 
 GRPO_METRICS_PORT      Prometheus text at http://0.0.0.0:PORT/metrics (default 0: off)
 GRPO_RUNTIME_IMAGE     the training image when a job sets no spec.image
 GRPO_S3_ENDPOINT       spec.output.endpoint for jobs that set none (MinIO and friends)
+GRPO_MODEL_CACHE       spec.model.cache for jobs that set none: a PersistentVolumeClaim name that
+                       exists in the jobs' namespaces (empty: no cache, downloads per pod)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Settings:
     metrics_port: int = 0
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
     s3_endpoint: str | None = None
+    model_cache: str | None = None
     # Not from the environment: tests give a clock that follows the (fake) event-loop time.
     clock: Callable[[], datetime] = field(default=utcnow, compare=False)
 
@@ -67,6 +70,7 @@ class Settings:
             metrics_port=_port(env, "GRPO_METRICS_PORT", 0),
             runtime_image=env.get("GRPO_RUNTIME_IMAGE", "").strip() or DEFAULT_RUNTIME_IMAGE,
             s3_endpoint=env.get("GRPO_S3_ENDPOINT", "").strip() or None,
+            model_cache=env.get("GRPO_MODEL_CACHE", "").strip() or None,
         )
 
     @property

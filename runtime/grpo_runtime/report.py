@@ -1,18 +1,17 @@
-"""`grpo report URI`: reward curves from a run's metrics.jsonl, as a PNG."""
+"""`grpo report URI`: reward curves from a run's metrics (metrics/part-N.jsonl), as a PNG."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 
 def read_metrics(uri: str, endpoint: str | None = None, region: str | None = None) -> list[dict[str, Any]]:
+    from grpo_runtime import metrics_log
     from grpo_runtime.storage import open_storage
 
-    text = open_storage(uri, endpoint=endpoint, region=region).read_bytes("metrics.jsonl").decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return metrics_log.read_metrics(open_storage(uri, endpoint=endpoint, region=region))
 
 
 def plot_rewards(metrics: list[dict[str, Any]], out: str | Path) -> Path:
@@ -55,7 +54,7 @@ def write_report(uri: str, out: str) -> int:
         print(f"grpo report: {exc}", file=sys.stderr)
         return 2
     if not metrics:
-        print(f"grpo report: {uri}/metrics.jsonl has no steps yet", file=sys.stderr)
+        print(f"grpo report: {uri} has no metrics yet (no step has finished)", file=sys.stderr)
         return 2
     path = plot_rewards(metrics, out)
     first, last = metrics[0], metrics[-1]

@@ -107,6 +107,8 @@ def _prepare(job: GRPOJob, uri: str):
         spec.lora,
         seed=spec.training.seed,
         gradient_checkpointing=spec.training.gradient_checkpointing,
+        endpoint=spec.output.endpoint,
+        region=spec.output.region,
     )
     engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
@@ -176,7 +178,7 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     if last:
         print(
             f"done: {ran} steps in {elapsed:.0f}s, final reward {last['reward']:.3f}, kl {last['kl']:.4f}; "
-            f"adapter at {uri.rstrip('/')}/final, metrics at {uri.rstrip('/')}/metrics.jsonl"
+            f"adapter at {uri.rstrip('/')}/final, metrics under {uri.rstrip('/')}/metrics/"
         )
     else:
         print(f"done: nothing to run, step {trainer.step} of {job.spec.training.max_steps} already reached; adapter at {uri.rstrip('/')}/final")

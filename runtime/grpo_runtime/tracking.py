@@ -4,7 +4,7 @@ One small class per backend behind one protocol (start, log_params, log_metrics,
 close), each wrapped in `Guarded`: a tracking server that is down never stops training. A failed
 call is kept, in order, and sent again before the next one (so at each step: the retries back
 off with the steps); the first failure of an outage is a warning, the recovery an info line.
-metrics.jsonl is written by the trainer either way.
+the metrics/ log is written by the trainer either way.
 
 Resume: MLflow's run id is kept with each checkpoint (`Trainer.checkpoint_extras`) and in
 `tracking.json` under the output; a resumed pod reopens that run and skips the steps the run
@@ -28,13 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from grpo_runtime.metrics_log import read_metrics
 from grpo_runtime.spec import GRPOJob, MLflowSpec
 from grpo_runtime.storage import LocalStorage, Storage
 
 log = logging.getLogger(__name__)
 
 TRACKING_FILE = "tracking.json"
-METRICS_FILE = "metrics.jsonl"  # trainer.METRICS_FILE (not imported: that module pulls in torch)
 TENSORBOARD_DIR = "tensorboard"
 MAX_PENDING = 10_000  # queued calls kept through an outage; older ones are dropped (and said so)
 _SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -278,7 +278,7 @@ class Guarded:
                 log.log(
                     logging.DEBUG if self.failing else logging.WARNING,
                     "%s: %s failed (training goes on, %d call(s) kept to retry at a later step; "
-                    "metrics.jsonl has every step): %s",
+                    "metrics/ has every step): %s",
                     self.tracker.name,
                     what,
                     len(self.pending),
@@ -302,7 +302,7 @@ class Guarded:
             if attempt + 1 < tries:
                 time.sleep(wait_s * (attempt + 1))
         log.warning(
-            "%s: gave up on %d call(s) at the end (metrics.jsonl has every step)%s",
+            "%s: gave up on %d call(s) at the end (metrics/ has every step)%s",
             self.tracker.name,
             len(self.pending),
             f"; {self.dropped} older call(s) were dropped during the outage" if self.dropped else "",
@@ -340,8 +340,7 @@ class Tracking:
             if self.storage.list("final/"):
                 self.storage.download_dir("final", tmp / "final")
                 files.append((tmp / "final", "final"))
-            lines = self.storage.read_bytes(METRICS_FILE).decode().splitlines() if self.storage.exists(METRICS_FILE) else []
-            steps = [json.loads(line) for line in lines if line.strip()]
+            steps = read_metrics(self.storage)
             if steps:
                 files.append((plot_rewards(steps, tmp / "rewards.png"), "report"))
         except Exception as exc:  # noqa: BLE001  (the run is done; artifacts are a nicety)

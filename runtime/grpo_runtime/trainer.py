@@ -24,12 +24,12 @@ from grpo_runtime.advantages import frac_zero_std_groups, group_advantages
 from grpo_runtime.data import PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
+from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
 from grpo_runtime.rewards import Reward, reward_metrics, score
 from grpo_runtime.spec import GRPOJob
 from grpo_runtime.storage import Storage
 
-METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -220,6 +220,7 @@ class Trainer:
             num_training_steps=total,
         )
         self.latest_checkpoint: str | None = None
+        self.metrics_log = MetricsLog(self.storage)
         self._at_max_lengths = True  # the first step of every process probes the worst-case memory
 
     # -- one step -------------------------------------------------------------------------
@@ -339,7 +340,7 @@ class Trainer:
             "peak_memory_mb": _peak_memory_mb(self.policy.device),
         }
         self._write_samples(rows, completions, scores)
-        self.storage.append_line(METRICS_FILE, json.dumps(metrics))
+        self.metrics_log.append(metrics)
         return metrics
 
     def _write_samples(self, rows, completions: list[Completion], scores) -> None:
@@ -386,6 +387,7 @@ class Trainer:
         """Continue from checkpoints/LATEST when there is one; False when starting fresh."""
         step = checkpoints.latest_checkpoint(self.storage)
         if step is None:
+            self._drop_metrics_after(0)  # an attempt that died before its first checkpoint
             return False
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -411,15 +413,8 @@ class Trainer:
         return True
 
     def _drop_metrics_after(self, step: int) -> None:
-        """Steps after the checkpoint are re-run; their old lines would be duplicates."""
-        if not self.storage.exists(METRICS_FILE):
-            return
-        kept = [
-            line
-            for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.storage.write_bytes(METRICS_FILE, "".join(f"{line}\n" for line in kept).encode())
+        """Steps after the checkpoint are re-run; their old records would be duplicates."""
+        self.metrics_log.truncate_after(step)
 
     # -- the whole run --------------------------------------------------------------------
 
@@ -436,4 +431,21 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
             save_adapter(self.policy.model, tmp)
             self.storage.upload_dir(tmp, "final")
+            if self.job.spec.output.merged:
+                self._write_merged(tmp)
         return metrics
+
+    def _write_merged(self, adapter_dir: str) -> None:
+        from grpo_runtime.merge import merge_adapter
+
+        model = self.job.spec.model
+        with tempfile.TemporaryDirectory(prefix="grpo-merged-") as tmp:
+            merge_adapter(
+                self.policy.source,
+                adapter_dir,
+                tmp,
+                revision=None if Path(self.policy.source).is_dir() else model.revision,
+                trust_remote_code=model.trust_remote_code,
+            )
+            self.storage.delete_prefix("final-merged/")  # no file of an older merge survives
+            self.storage.upload_dir(tmp, "final-merged")

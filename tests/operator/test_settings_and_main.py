@@ -42,6 +42,7 @@ async def test_every_variable():
     assert settings.liveness_endpoint is None
     assert settings.metrics_port == 9090
     assert (settings.runtime_image, settings.s3_endpoint) == ("reg/rt:2", "http://minio:9000")
+    assert Settings.from_env({"GRPO_MODEL_CACHE": " shared-models "}).model_cache == "shared-models"
 
 
 @pytest.mark.parametrize("env, message", [

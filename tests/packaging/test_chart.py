@@ -221,12 +221,14 @@ def test_values_reach_the_operator_settings(render):
         "--set", "runtime.image.repository=registry.example.com/grpo-runtime",
         "--set", "runtime.image.tag=cu13",
         "--set", "runtime.s3Endpoint=http://minio.minio:9000",
+        "--set", "runtime.modelCache=shared-models",
     )  # fmt: skip
     settings = Settings.from_env(env_of(manifests))
     assert settings.namespaces == ("team-a", "team-b") and not settings.clusterwide
     assert (settings.log_level, settings.health_port, settings.metrics_port) == ("DEBUG", 8181, 9300)
     assert settings.runtime_image == "registry.example.com/grpo-runtime:cu13"
     assert settings.s3_endpoint == "http://minio.minio:9000"
+    assert settings.model_cache == "shared-models"
     ports = {p["name"]: p["containerPort"] for p in container(manifests)["ports"]}
     assert ports == {"health": 8181, "metrics": 9300}
 
@@ -234,6 +236,7 @@ def test_values_reach_the_operator_settings(render):
 def test_defaults_give_a_clusterwide_operator_without_metrics(render):
     settings = Settings.from_env(env_of(render()))
     assert settings.clusterwide and settings.metrics_port == 0 and settings.s3_endpoint is None
+    assert settings.model_cache is None
 
 
 # ---------------------------------------------------------------- RBAC

@@ -96,6 +96,10 @@ RUN_HERE = {
 NOT_RUN_HERE = {
     "aws s3 cp --recursive s3://my-grpo-runs/gsm8k-qwen2-5-1-5b/final ./final": "needs the AWS CLI and a "
     "bucket with a finished run",
+    "gcloud storage cp -r gs://my-grpo-runs/gsm8k-qwen2-5-1-5b/final .": "needs the Google Cloud CLI and a "
+    "bucket with a finished run (the gs:// layout is tested against a GCS emulator in tests/runtime)",
+    "az storage blob download-batch -s my-grpo-runs --pattern 'gsm8k-qwen2-5-1-5b/final/*' -d .": "needs the "
+    "Azure CLI and a container with a finished run (az:// is tested against Azurite in tests/runtime)",
     'AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct", torch_dtype="auto")': "downloads "
     "Qwen2.5-1.5B from the Hugging Face hub (no hub here); the same PEFT calls run in the local snippet",
     "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
@@ -307,9 +311,9 @@ def test_grpo_train_without_a_cluster(quickstart):
     run = work / "grpo-runs" / "quickstart"
     assert "done: 1 steps" in result.stdout and "adapter at ./grpo-runs/quickstart/final" in result.stdout
     # the layout the README's table describes
-    for path in ("spec.yaml", "metrics.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
+    for path in ("spec.yaml", "metrics/part-000000.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
         assert (run / path).is_file(), path
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((run / "metrics" / "part-000000.jsonl").read_text().splitlines()) == 1
     assert (run / "samples").is_dir() and list((run / "samples").glob("step-*.jsonl"))
     latest = (run / "checkpoints" / "LATEST").read_text().strip()
     assert (run / "checkpoints" / latest).is_dir()

@@ -808,7 +808,7 @@ def test_grpo_train_with_an_unknown_sampling_param_exits_2_naming_it(vllm_tiny_d
     result = grpo_train(write_job(tmp_path, doc))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "spec.generation.samplingParams.top_n_sigma" in result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics").exists()
 
 
 def test_completions_carry_the_log_probs_they_were_sampled_with(engine, policy):

@@ -68,7 +68,7 @@ def test_manifest_round_trips():
         (with_spec(training={"maxSteps": "many"}), "spec.training.maxSteps: input should be a valid integer"),
         (with_spec(lora={"rank": 16, "rnak": 8}), "spec.lora.rnak: unknown field"),
         (with_spec(generation={"topP": 1.5}), "spec.generation.topP: must be <= 1.0, got 1.5"),
-        (with_spec(dataset={"source": "data.csv"}), "spec.dataset.source: must be builtin:NAME or a path"),
+        (with_spec(dataset={"source": "data.csv"}), "spec.dataset.source: must be builtin:NAME, hf://DATASET or a path"),
         (with_spec(dataset={"source": "builtin:gsm9k"}), "spec.dataset.source: unknown builtin dataset 'gsm9k'"),
         (with_spec(rewards=[]), "spec.rewards: list should have at least 1 item"),
         (

@@ -197,8 +197,10 @@ def test_tensorboard_events_land_in_s3(tiny_model_dir, tmp_path, s3_bucket):
     local.mkdir()
     for key in keys:
         client.download_file(s3_bucket.name, key, str(local / key.split("/")[-1]))
-    metrics = [json.loads(line) for line in
-               client.get_object(Bucket=s3_bucket.name, Key="jobs/tb/metrics.jsonl")["Body"].read().decode().splitlines()]  # fmt: skip
+    from grpo_runtime import metrics_log
+    from grpo_runtime.storage import open_storage
+
+    metrics = metrics_log.read_metrics(open_storage(f"s3://{s3_bucket.name}/jobs/tb", endpoint=s3_bucket.endpoint))
     assert tensorboard_scalars(local, "kl") == [(m["step"], pytest.approx(m["kl"])) for m in metrics]
 
 
@@ -212,7 +214,7 @@ def test_a_tracking_server_that_is_down_never_stops_training(tiny_model_dir, tmp
     down = f"http://grpo:s3cr3t-mlflow-password@127.0.0.1:{free_port()}"  # nothing listens there
     caplog.set_level(logging.INFO)
     assert run_in_process(tracked_job(tiny_model_dir, out, down, experiment="x", tensorboard=False)) == 0
-    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]  # metrics.jsonl has every step
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]  # the metrics log has every step
     warnings = [r.getMessage() for r in caplog.records if r.name == "grpo_runtime.tracking" and r.levelno == logging.WARNING]
     assert any("MLflow: start failed (training goes on" in w for w in warnings), warnings
     assert any("gave up on" in w for w in warnings), warnings

@@ -69,7 +69,10 @@ def grpo_train(job_path, *extra, env=None):
 
 
 def read_metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    from grpo_runtime import metrics_log
+    from grpo_runtime.storage import open_storage
+
+    return metrics_log.read_metrics(open_storage(str(output)))
 
 
 def run_in_process(doc, **overrides):
@@ -255,10 +258,10 @@ def test_train_to_s3(tiny_model_dir, tmp_path, s3_bucket):
     assert run_in_process(doc) == 0
     client = boto3.client("s3", endpoint_url=s3_bucket.endpoint, region_name="us-east-1")
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket.name, Prefix="jobs/tiny/")["Contents"]}
-    assert {"jobs/tiny/spec.yaml", "jobs/tiny/metrics.jsonl", "jobs/tiny/checkpoints/LATEST",
+    assert {"jobs/tiny/spec.yaml", "jobs/tiny/metrics/part-000000.jsonl", "jobs/tiny/checkpoints/LATEST",
             "jobs/tiny/final/adapter_model.safetensors", "jobs/tiny/checkpoints/step-2/trainer_state.pt"} <= keys
-    body = client.get_object(Bucket=s3_bucket.name, Key="jobs/tiny/metrics.jsonl")["Body"].read().decode()
-    assert len(body.splitlines()) == 2
+    body = client.get_object(Bucket=s3_bucket.name, Key="jobs/tiny/metrics/part-000000.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in body.splitlines()] == [1, 2]
 
 
 @pytest.mark.parametrize(
