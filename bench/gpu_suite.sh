@@ -12,5 +12,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 export PYTHONUNBUFFERED=1
+mkdir -p "${OUT:-bench/results}"
 python3 bench/gpu_suite.py --out "${OUT:-bench/results}" "$@" 2>&1 | tee "${OUT:-bench/results}/gpu-suite.log"
 exit "${PIPESTATUS[0]}"

@@ -1,7 +1,7 @@
 """Does the local example learn the task? Held-out correctness before and after training.
 
 Runs examples/local-cpu.yaml end to end as the README's first command does (`grpo train`, in a
-fresh process, this checkout's runtime) into a temporary output, then reads its metrics.jsonl:
+fresh process, this checkout's runtime) into a temporary output, then reads its metrics:
 the evaluations of spec.evaluation at step 0 (the baseline, before any update), every N steps and
 at the last step. Prints one row per evaluation, the wall time, and last:
 
@@ -19,7 +19,6 @@ training.seed: the same job gives the same numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -33,8 +32,11 @@ EXIT_BAD_INPUT = 2
 
 
 def eval_lines(output: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [line for line in lines if "eval/accuracy" in line]
+    """The run's eval records (metrics/part-N.jsonl, read as grpo report reads them)."""
+    sys.path[:0] = [str(REPO / "runtime")]  # this checkout's reader, as the run used this checkout's writer
+    from grpo_runtime.report import read_metrics
+
+    return [record for record in read_metrics(str(output)) if "eval/accuracy" in record]
 
 
 def table(evals: list[dict]) -> str:

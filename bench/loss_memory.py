@@ -37,39 +37,54 @@ SHAPES = {  # name: (B, V, D, default T list)
     "tiny": (2, 512, 32, [64]),  # smoke run for tests
 }
 VARIANTS = ("naive", "ours", "liger")
-BETA, EPS = 0.04, 0.2
+BETA, EPS, IS_CAP = 0.04, 0.2, 3.0
 
 
 # --------------------------------------------------------------------------- the three losses
 
 
-def naive_loss(hidden, weight, targets, mask, adv, old, ref):
-    """Full [B, T, V] logits, TRL's formulas (dapo, beta 0.04, clip 0.2)."""
+def naive_loss(hidden, weight, targets, mask, adv, old, ref, sampling):
+    """Full [B, T, V] logits, TRL's formulas (dapo, beta 0.04 on k3 x the ratio, clip 0.2, the sampler
+    correction truncated at 3, the entropy for its metric, 128 rows at a time as TRL's entropy_from_logits)."""
     import torch
 
-    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    logps = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    with torch.no_grad():  # the entropy metric (computed, then dropped: the loss is what is returned)
+        torch.cat([-(rows.exp() * rows).sum(-1) for rows in logps.view(-1, logps.shape[-1]).split(128)])
+    logp = logps.gather(-1, targets[..., None]).squeeze(-1)
     ratio = torch.exp(logp - old)
     ptl = -torch.min(ratio * adv[:, None], ratio.clamp(1 - EPS, 1 + EPS) * adv[:, None])
+    ptl = ptl * sampling_weight(old, sampling)
     d = ref - logp
-    ptl = ptl + BETA * (torch.exp(d) - d - 1)
+    ptl = ptl + BETA * (torch.exp(d) - d - 1) * ratio
     return (ptl * mask).sum() / mask.sum().clamp(min=1)
 
 
-def ours_loss(hidden, weight, targets, mask, adv, old, ref, chunk_size):
+def sampling_weight(old, sampling):
+    """The sampler correction, token_truncate: min(pi_old / pi_sampler, cap) per token."""
+    import torch
+
+    return torch.exp(old - sampling).clamp(max=IS_CAP)
+
+
+def ours_loss(hidden, weight, targets, mask, adv, old, ref, sampling, chunk_size):
     from grpo_runtime.loss import LossConfig, grpo_loss
 
-    cfg = LossConfig(loss_type="dapo", beta=BETA, epsilon=EPS, chunk_size=chunk_size)
-    return grpo_loss(hidden, weight, targets, mask, adv, old_logps=old, ref_logps=ref, config=cfg)[0]
+    cfg = LossConfig(loss_type="dapo", beta=BETA, epsilon=EPS, chunk_size=chunk_size, sampling_correction_max=IS_CAP)
+    return grpo_loss(hidden, weight, targets, mask, adv, old_logps=old, ref_logps=ref, sampling_logps=sampling,
+                     config=cfg)[0]
 
 
-def liger_loss(hidden, weight, targets, mask, adv, old, ref):
+def liger_loss(hidden, weight, targets, mask, adv, old, ref, sampling):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     # compiled=False: Liger compiles only its small per-chunk loss maths; its matmuls are the same either way.
     fn = LigerFusedLinearGRPOLoss(
-        beta=BETA, use_ref_model=True, epsilon_low=EPS, epsilon_high=EPS, loss_type="dapo", compiled=False
+        beta=BETA, use_ref_model=True, epsilon_low=EPS, epsilon_high=EPS, loss_type="dapo", compiled=False,
+        use_bias_correction_kl=True,
     )
-    return fn(hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+    return fn(hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old,
+              vllm_is_ratio=sampling_weight(old, sampling))[0]
 
 
 # --------------------------------------------------------------------------- one measurement (child process)
@@ -116,7 +131,8 @@ def _inputs(B, T, D, V, device, dtype, frozen, mask_kind, seed=0):
     adv = torch.randn(B, generator=g)
     old = -torch.rand(B, T, generator=g) * 3 - 9  # near the log-probs of random logits (-log V ~ -10.8)
     ref = old + 0.1 * torch.randn(B, T, generator=g)
-    return hidden, weight, targets, mask.to(device), adv.to(device), old.to(device), ref.to(device)
+    sampling = old + 0.1 * torch.randn(B, T, generator=g)  # the sampler's log-probs: the correction is on
+    return hidden, weight, targets, mask.to(device), adv.to(device), old.to(device), ref.to(device), sampling.to(device)
 
 
 def child(args) -> dict:

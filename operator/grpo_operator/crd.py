@@ -93,15 +93,29 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return {**head, **out}
 
 
-def _unchanged(field: str) -> str:
-    """CEL: an optional field is neither added, removed nor changed (transition rule)."""
+def _unchanged(path: str) -> str:
+    """CEL: the optional field at `path` (dotted, under self/oldSelf) is neither added, removed nor
+    changed. Every object on the way may itself be absent: `has()` is asked of each prefix."""
+    parts = path.split(".")
+
+    def present(root: str) -> str:
+        return " && ".join(f"has({root}.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+
     return (
-        f"has(self.{field}) == has(oldSelf.{field}) && "
-        f"(!has(self.{field}) || self.{field} == oldSelf.{field})"
+        f"({present('self')}) == ({present('oldSelf')}) && "
+        f"(!({present('self')}) || self.{path} == oldSelf.{path})"
     )
 
 
 def spec_schema() -> dict[str, Any]:
+    """The spec's structural schema with its immutability rules.
+
+    All rules sit on `spec` itself, which every GRPOJob has: the API server runs a transition
+    rule (one that reads oldSelf) only where the old object has the node the rule is on, so a
+    rule on an optional object such as runPolicy would never run for a job created without it,
+    and a later patch could add any runPolicy it liked. On `spec`, every field's rule runs on
+    every update, whether or not the field (or its parent) existed at creation.
+    """
     raw = GRPOJobSpec.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     schema = structural(raw, defs)
@@ -111,16 +125,10 @@ def spec_schema() -> dict[str, Any]:
     )
     parent, mutable = MUTABLE_SPEC_FIELD
     only = f"(only spec.{parent}.{mutable} may change)"
+    paths = [name for name in schema["properties"] if name != parent]
+    paths += [f"{parent}.{name}" for name in schema["properties"][parent]["properties"] if name != mutable]
     schema["x-kubernetes-validations"] = [
-        {"rule": _unchanged(name), "message": f"spec.{name} is immutable {only}"}
-        for name in schema["properties"]
-        if name != parent
-    ]
-    policy = schema["properties"][parent]
-    policy["x-kubernetes-validations"] = [
-        {"rule": _unchanged(name), "message": f"spec.{parent}.{name} is immutable {only}"}
-        for name in policy["properties"]
-        if name != mutable
+        {"rule": _unchanged(path), "message": f"spec.{path} is immutable {only}"} for path in paths
     ]
     return schema
 
@@ -134,7 +142,8 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "required": ["type", "status"],
         "properties": {
-            "type": {"type": "string", "description": "Running, Suspended, Succeeded, Failed or OutputPersistent."},
+            "type": {"type": "string",
+                     "description": "Running, Suspended, Succeeded, Failed, Disrupted or OutputPersistent."},
             "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
             "reason": {"type": "string",
                        "description": "CamelCase cause, e.g. InvalidSpec, BadInput, BackoffLimitExceeded."},
@@ -197,6 +206,11 @@ def status_schema() -> dict[str, Any]:
             "attempt": {"type": "integer", "description": "Pods created so far (the current pod's GRPO_ATTEMPT)."},
             "restarts": {"type": "integer",
                          "description": "Attempts that failed and were retried (counted against backoffLimit)."},
+            "disruptions": {"type": "integer",
+                            "description": "Attempts ended by the cluster, not by a failure: preemption, eviction "
+                                         "(node drain, queue manager, node pressure), node loss, pod deleted. "
+                                         "Retried without counting against backoffLimit; the Disrupted condition "
+                                         "names the last cause."},
             "startTime": {"type": "string", "format": "date-time",
                           "description": "When the job (last resumed and) started; "
                                          "activeDeadlineSeconds counts from here."},
@@ -217,6 +231,8 @@ PRINTER_COLUMNS = [
      "description": "Held-out accuracy of the latest evaluation (spec.evaluation)."},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1,
      "description": "Retried attempts."},
+    {"name": "Disruptions", "type": "integer", "jsonPath": ".status.disruptions", "priority": 1,
+     "description": "Attempts ended by preemption, eviction or node loss (not counted as failures)."},
     {"name": "Pod", "type": "string", "jsonPath": ".status.podName", "priority": 1, "description": "Current pod."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

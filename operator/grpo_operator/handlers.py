@@ -7,85 +7,193 @@ deterministic names (a second create is a 409, never a second pod), so it is saf
 call from any event, any number of times, and after an operator restart.
 
 Triggers: the job's create/resume and changes of spec.runPolicy.suspend; any event of a
-pod labelled grpo.dev/job-name; a timer (deadlines, TTLs, and a safety net for missed
-events). The operator needs RBAC for: grpojobs get/list/watch/patch/delete,
-grpojobs/status get/patch, pods get/list/watch/create/delete, serviceaccounts,
-configmaps, roles and rolebindings get/create, events create/patch.
+pod labelled grpo.dev/job-name; and a resync loop (deadlines, TTLs, and a safety net for
+missed events) that lists the jobs every RECHECK_SECONDS. The resync is a task of ours, not a
+kopf timer: kopf's timers put a finalizer on every job, and a finalizer would hold a CRD
+deletion until this operator released it (supervisor.py stops serving as soon as the CRD is
+being deleted). An operator of an earlier version left that finalizer: kopf removes it.
+
+Shutdown (kopf's cleanup): the resync loop stops, reconciles still running are waited for and
+new ones turned away, and only then is the API client closed.
+
+The operator needs RBAC for: grpojobs get/list/watch/patch/delete, grpojobs/status get/patch,
+pods get/list/watch/create/delete, serviceaccounts, configmaps, roles and rolebindings
+get/create, events create/patch, and the CRD grpojobs.grpo.dev get/list/watch (supervisor.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
 
 from grpo_runtime.spec import GRPOJob
 
-from grpo_operator import kube, lifecycle, render
+from grpo_operator import kube, kueue, lifecycle, render
 from grpo_operator.crd import GROUP, PLURAL, VERSION
 from grpo_operator.metrics import Metrics
 from grpo_operator.settings import Settings
 
 JOBS = (GROUP, VERSION, PLURAL)
-RECHECK_SECONDS = 15.0  # timer period: how late a deadline or a TTL may be noticed, at most
+RECHECK_SECONDS = 15.0  # resync period: how late a deadline or a TTL may be noticed, at most
+SHUTDOWN_SECONDS = 30.0  # how long cleanup waits for reconciles in flight before closing anyway
+log = logging.getLogger("grpo_operator")
 
 
-@kopf.on.startup()
+class InFlight:
+    """The reconciles running now. close() turns new ones away and waits for the running ones."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def enter(self) -> AsyncIterator[bool]:
+        """Yields False (do nothing) once closed."""
+        if self.closed:
+            yield False
+            return
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield True
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def close(self, timeout: float) -> None:
+        self.closed = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's own bookkeeping goes to annotations: the status belongs to the operator and the runtime.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="grpo.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="grpo.dev", key="last-handled-configuration"
     )
-    settings.persistence.finalizer = "grpo.dev/kopf-finalizer"  # kopf's timers need one on each job
-    # The watched resources are known; no need to watch CRDs and namespaces (nor the RBAC for it).
+    # No handler needs a finalizer now; under this name kopf finds (and removes) the one that
+    # the timers of earlier versions put on jobs.
+    settings.persistence.finalizer = "grpo.dev/kopf-finalizer"
+    # The supervisor owns CRD order (it starts kopf once the CRD is established and stops it before
+    # the CRD goes), and the namespaces are exact names: kopf needs no scanning of CRDs or
+    # namespaces, nor cluster-wide RBAC to list them.
     settings.scanning.disabled = True
     memo.setdefault("settings", Settings.from_env())
     memo.setdefault("metrics", Metrics())
     memo.locks = collections.defaultdict(asyncio.Lock)
+    memo.inflight = InFlight()
     memo.kube = kube.Kube(await kube.connect())
+    memo.resync = asyncio.create_task(resync(memo), name="GRPOJob resync")
 
 
-@kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    resync_task = memo.get("resync")
+    if resync_task is not None:
+        resync_task.cancel()
+        await asyncio.gather(resync_task, return_exceptions=True)
+    if "inflight" in memo:
+        await memo.inflight.close(SHUTDOWN_SECONDS)
     if "kube" in memo:
         await memo.kube.close()
 
 
-@kopf.on.resume(*JOBS, backoff=5)
-@kopf.on.create(*JOBS, backoff=5)
-@kopf.on.update(*JOBS, field="spec.runPolicy.suspend", backoff=5)
 async def job_changed(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     await reconcile(memo, namespace, name, logger)
 
 
-@kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT})
 async def pod_changed(
+    body: kopf.Body, namespace: str, labels: dict[str, str], memo: kopf.Memo, logger: logging.Logger,
+    **_: Any,
+) -> None:
+    # The pod as this event shows it: if it is gone by the time reconcile reads it, its last state
+    # says why it went (its DisruptionTarget condition).
+    await reconcile(memo, namespace, labels[render.LABEL_JOB], logger, last_seen=dict(body))
+
+
+def needs_recheck(job: dict[str, Any]) -> bool:
+    """Unfinished jobs (deadlines, missed events) and finished ones with a TTL still to apply."""
+    finished = (job.get("status") or {}).get("phase") in lifecycle.TERMINAL
+    policy = (job.get("spec") or {}).get("runPolicy") or {}
+    return not finished or policy.get("ttlSecondsAfterFinished") is not None
+
+
+async def resync(memo: kopf.Memo) -> None:
+    """Every RECHECK_SECONDS, reconcile each job that needs it; errors wait for the next round."""
+    settings: Settings = memo.settings
+    namespaces: list[str | None] = list(settings.namespaces) or [None]
+    while True:
+        await asyncio.sleep(RECHECK_SECONDS)
+        for namespace in namespaces:
+            try:
+                jobs = await memo.kube.list_jobs(namespace)
+            except Exception as exc:  # the API server away for a moment: next round
+                log.warning("resync: cannot list GRPOJobs in %s: %s", namespace or "all namespaces", exc)
+                continue
+            for job in jobs:
+                meta = job.get("metadata") or {}
+                if not needs_recheck(job):
+                    continue
+                try:
+                    await reconcile(memo, meta["namespace"], meta["name"], log)
+                except Exception as exc:
+                    log.warning("resync of %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+
+
+async def job_seen(type: str | None, namespace: str, name: str, status: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """Every change of a job (status.progress from its pod too) refreshes its metrics; a deletion drops them."""
+    if type == "DELETED":
+        memo.locks.pop((namespace, name), None)
+        memo.metrics.job_status(namespace, name, None)
+    else:
+        memo.metrics.job_status(namespace, name, status)
+
+
+async def workload_changed(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
     await reconcile(memo, namespace, labels[render.LABEL_JOB], logger)
 
 
-def _unfinished_or_ttl(status: dict[str, Any], spec: dict[str, Any], **_: Any) -> bool:
-    finished = status.get("phase") in lifecycle.TERMINAL
-    return not finished or (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished") is not None
+def registry(*, with_kueue: bool) -> kopf.OperatorRegistry:
+    """The handlers of one kopf run. Kueue's Workloads are watched only where Kueue is installed
+    (the supervisor asks discovery): kopf warns about every resource it cannot resolve."""
+    reg = kopf.OperatorRegistry()
+    # kopf's default registry logs in through the kubernetes client (in-cluster or kubeconfig); so here.
+    kopf.on.login(registry=reg)(kopf.login_via_client)
+    kopf.on.startup(registry=reg)(startup)
+    kopf.on.cleanup(registry=reg)(cleanup)
+    for on in (kopf.on.resume, kopf.on.create):
+        on(*JOBS, backoff=5, registry=reg)(job_changed)
+    kopf.on.update(*JOBS, field="spec.runPolicy.suspend", backoff=5, registry=reg)(job_changed)
+    kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=reg)(pod_changed)
+    kopf.on.event(*JOBS, registry=reg)(job_seen)
+    if with_kueue:
+        kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.PLURAL, labels={render.LABEL_JOB: kopf.PRESENT},
+                      registry=reg)(workload_changed)
+    return reg
 
 
-@kopf.timer(*JOBS, interval=RECHECK_SECONDS, when=_unfinished_or_ttl)
-async def recheck(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await reconcile(memo, namespace, name, logger)
+async def reconcile(
+    memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger, *, last_seen: dict[str, Any] | None = None
+) -> None:
+    async with memo.inflight.enter() as open_:
+        if open_:
+            await _reconcile(memo, namespace, name, logger, last_seen)
 
 
-@kopf.on.event(*JOBS, when=lambda type, **_: type == "DELETED")
-async def job_gone(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.locks.pop((namespace, name), None)
-    memo.metrics.job_phase(namespace, name, None)
-
-
-async def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
+async def _reconcile(
+    memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger, last_seen: dict[str, Any] | None
+) -> None:
     settings: Settings = memo.settings
     api: kube.Kube = memo.kube
     async with memo.locks[(namespace, name)]:
@@ -94,16 +202,34 @@ async def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.
             return
         pod_name = (job.get("status") or {}).get("podName")
         pod = await api.get("Pod", namespace, pod_name) if pod_name else None
-        decision = lifecycle.decide(job, pod, settings.clock())
+        now = settings.clock()
 
+        queued = kueue.queue_name(job) is not None
+        workload = await api.get_workload(namespace, kueue.workload_name(job)) if queued else None
+        pod_active = pod is not None and lifecycle.pod_outcome(pod).state in ("pending", "running", "terminating")
+        queueing = kueue.decide(job, workload, pod_active=pod_active, now=now)
+        if queueing.suspend is not None:
+            await api.patch_job_suspend(namespace, name, queueing.suspend)
+            job["spec"].setdefault("runPolicy", {})["suspend"] = queueing.suspend
+
+        decision = lifecycle.decide(job, pod, now, last_seen=None if pod else last_seen)
+
+        if queueing.create_workload and decision.job:
+            await _create_workload(memo, job, decision.job, logger)
         if decision.delete_pod:
             await api.delete_pod(namespace, decision.delete_pod)
         if decision.create_attempt and decision.job:
-            await _create_attempt(memo, job, decision.job, decision.create_attempt)
+            await _create_attempt(memo, job, decision.job, decision.create_attempt, workload)
         patch = decision.status_patch(job.get("status"))
         if patch:
             await api.patch_job_status(namespace, name, patch)
-        for event in decision.events:
+        if workload is not None and not queueing.workload_status and decision.status.get("phase") in lifecycle.TERMINAL:
+            # Finished in this very reconcile: tell Kueue now (nothing else may reconcile a finished job).
+            queueing = kueue.decide({**job, "status": decision.status}, workload, pod_active=pod_active, now=now)
+        if workload is not None and queueing.workload_status:
+            await api.patch_workload_status(namespace, workload["metadata"]["name"], queueing.workload_status,
+                                            workload["metadata"].get("resourceVersion"))
+        for event in queueing.events + decision.events:
             kopf.event(job, type=event.type, reason=event.reason, message=event.message)
             logger.log(logging.INFO if event.type == "Normal" else logging.WARNING, f"{event.reason}: {event.message}")
         memo.metrics.job_phase(namespace, name, decision.status.get("phase"))
@@ -111,11 +237,34 @@ async def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.
             await api.delete_job(namespace, name)
 
 
-async def _create_attempt(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, attempt: int) -> None:
-    """The support objects, then the attempt's pod; each owned by the job, each idempotent."""
+async def _create_workload(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, logger: logging.Logger) -> None:
     settings: Settings = memo.settings
+    workload = kueue.workload(job, render.pod(spec, 1, image=settings.runtime_image))
+    kopf.append_owner_reference(workload, owner=job)
+    try:
+        await memo.kube.create_workload(workload)
+    except kube.Conflict:
+        pass  # made before a restart: its name carries the job's uid
+    except kube.NotServed as exc:
+        message = f"{exc}: the job stays suspended until its Workload can be created"
+        kopf.event(job, type="Warning", reason="QueueUnavailable", message=message)
+        logger.warning(f"QueueUnavailable: {message}")
+
+
+async def _create_attempt(
+    memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, attempt: int, workload: dict[str, Any] | None
+) -> None:
+    """The support objects, then the attempt's pod; each owned by the job, each idempotent. A job
+    admitted by Kueue runs on the nodes of the ResourceFlavors Kueue assigned it."""
+    settings: Settings = memo.settings
+    node_selector, tolerations = {}, []
+    assigned = kueue.admitted_flavors(workload)
+    if assigned:
+        flavors = [await memo.kube.get_flavor(name) for name in sorted(set(assigned.values()))]
+        node_selector, tolerations = kueue.placement([f for f in flavors if f])
     objects = render.support_objects(spec, s3_endpoint=settings.s3_endpoint)
-    objects.append(render.pod(spec, attempt, image=settings.runtime_image))
+    objects.append(render.pod(spec, attempt, image=settings.runtime_image, model_cache=settings.model_cache,
+                              node_selector=node_selector, tolerations=tolerations))
     # An owner reference, not kopf.adopt(): adopt also copies the job's labels, and a label such as
     # Kueue's queue-name must stay on the job, not reach the pod.
     kopf.append_owner_reference(objects, owner=job)

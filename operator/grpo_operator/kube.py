@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes.aio import client, config
 
+from grpo_operator import kueue
 from grpo_operator.crd import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -29,6 +30,10 @@ def _check(status: int, body: dict[str, Any], what: str) -> None:
 
 class Conflict(Exception):
     """The object exists already (HTTP 409 on create)."""
+
+
+class NotServed(Exception):
+    """The API server does not serve that resource (its CRD is not installed)."""
 
 
 async def connect() -> client.ApiClient:
@@ -84,6 +89,14 @@ class Kube:
                 return None
             raise
 
+    async def list_jobs(self, namespace: str | None) -> list[dict[str, Any]]:
+        """The GRPOJobs of one namespace (None: of all namespaces)."""
+        if namespace is None:
+            listing = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        else:
+            listing = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return list(listing.get("items") or [])
+
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH
@@ -97,6 +110,55 @@ class Kube:
         except client.ApiException as exc:
             if exc.status != 404:
                 raise
+
+    async def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        """spec.runPolicy.suspend, the one mutable spec field: Kueue admission drives it (kueue.py)."""
+        await self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, {"spec": {"runPolicy": {"suspend": suspend}}},
+            _content_type=MERGE_PATCH,
+        )
+
+    async def get_workload(self, namespace: str, name: str) -> dict[str, Any] | None:
+        status, body = await self._json(await self.custom.get_namespaced_custom_object_without_preload_content(
+            kueue.GROUP, kueue.VERSION, namespace, kueue.PLURAL, name))
+        if status == 404:
+            return None
+        _check(status, body, f"get Workload {namespace}/{name}")
+        return body
+
+    async def create_workload(self, obj: dict[str, Any]) -> None:
+        """Create; Conflict when it exists; NotServed when Kueue is not installed."""
+        meta = obj["metadata"]
+        status, body = await self._json(await self.custom.create_namespaced_custom_object_without_preload_content(
+            kueue.GROUP, kueue.VERSION, meta["namespace"], kueue.PLURAL, obj))
+        if status == 409:
+            raise Conflict(f"Workload {meta['name']} exists")
+        if status == 404:
+            raise NotServed(f"{kueue.GROUP}/{kueue.VERSION} Workloads are not served: is Kueue installed?")
+        _check(status, body, f"create Workload {meta['namespace']}/{meta['name']}")
+
+    async def patch_workload_status(self, namespace: str, name: str, status_patch: dict[str, Any],
+                                    resource_version: str | None) -> bool:
+        """Merge-patch the Workload's status, only if it is still at `resource_version` (False if not:
+        Kueue wrote meanwhile; the next reconcile decides again)."""
+        patch: dict[str, Any] = {"status": status_patch}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        status, body = await self._json(
+            await self.custom.patch_namespaced_custom_object_status_without_preload_content(
+                kueue.GROUP, kueue.VERSION, namespace, kueue.PLURAL, name, patch, _content_type=MERGE_PATCH))
+        if status == 409:
+            return False
+        _check(status, body, f"patch Workload {namespace}/{name} status")
+        return True
+
+    async def get_flavor(self, name: str) -> dict[str, Any] | None:
+        status, body = await self._json(await self.custom.get_cluster_custom_object_without_preload_content(
+            kueue.GROUP, kueue.VERSION, "resourceflavors", name))
+        if status == 404:
+            return None
+        _check(status, body, f"get ResourceFlavor {name}")
+        return body
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         status, body = await self._json(await self._read[kind](name, namespace))

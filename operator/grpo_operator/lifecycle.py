@@ -1,17 +1,25 @@
 """What a GRPOJob's status should be, and what to do about it: a pure function.
 
-`decide(job, pod, now)` takes the job as the API server has it, its current attempt's pod
-(None when absent) and the time, and returns a Decision: the operator-owned status
-(phase, conditions, observedGeneration, podName, attempt, restarts, startTime,
-completionTime; never `progress`), the pod to create or delete, whether the job's TTL
-has run out, and the events to post. Calling it again with the same inputs gives the same
+`decide(job, pod, now, last_seen)` takes the job as the API server has it, its current
+attempt's pod (None when absent), the time, and (optionally) the pod as last seen before it
+vanished, and returns a Decision: the operator-owned status (phase, conditions,
+observedGeneration, podName, attempt, restarts, disruptions, startTime, completionTime; never
+`progress`), the pod to create or delete, whether the job's TTL has run out, and the events
+to post. Calling it again with the same inputs gives the same
 answer, and events are emitted only on transitions, so any handler may call it any time.
 
 Phases: Pending (pod created, not running) -> Running -> Succeeded | Failed; Suspended
 while runPolicy.suspend is true. A pod that fails with exit code 2 (bad input) fails the
-job at once; any other failure, an eviction or a vanished pod (preemption, node loss)
-starts the next attempt, which resumes from the last checkpoint, until `restarts` reaches
-runPolicy.backoffLimit. Suspending deletes the pod without counting a restart; resuming
+job at once; any other failure of the training starts the next attempt, which resumes from
+the last checkpoint, until `restarts` reaches runPolicy.backoffLimit.
+
+Disruptions are not failures (as a Kubernetes Job's podFailurePolicy treats the pod's
+DisruptionTarget condition): a pod that ends because the cluster took it away -- preempted by
+the scheduler, evicted (the Eviction API: a node drain, a queue manager; or the kubelet under
+node pressure, reason Evicted), its node shut down or lost, or deleted by anyone but this
+operator -- starts the next attempt without counting toward backoffLimit. They are counted in
+`disruptions`, and the Disrupted condition and a Disrupted event name the cause. A DisruptionTarget
+condition wins over the exit code (a preempted trainer dies of the SIGTERM it was sent). Suspending deletes the pod without counting a restart; resuming
 starts a new attempt and resets startTime, from which activeDeadlineSeconds counts (as
 Kubernetes Jobs do). A pod still terminating is waited for before its successor is made,
 so two trainers never write the same checkpoints, unless it is stuck (its node is lost).
@@ -33,6 +41,9 @@ EXIT_BAD_INPUT = 2
 # A pod still Terminating this long after its deletionTimestamp (which already includes the
 # grace period) is on a lost node and will never finish: its successor may start.
 STUCK_TERMINATING_SECONDS = 300
+# Pod status.reason values by which a kubelet or node controller ends a pod that did nothing
+# wrong: node-pressure eviction, graceful node shutdown, node lost (older controllers).
+DISRUPTED_POD_REASONS = ("Evicted", "Preempting", "Terminated", "Shutdown", "NodeShutdown", "NodeLost")
 OPERATOR_FIELDS = (
     "phase",
     "conditions",
@@ -40,6 +51,7 @@ OPERATOR_FIELDS = (
     "podName",
     "attempt",
     "restarts",
+    "disruptions",
     "startTime",
     "completionTime",
 )
@@ -72,6 +84,7 @@ class PodOutcome:
     state: Literal["pending", "running", "terminating", "succeeded", "failed", "gone"]
     reason: str = ""
     exit_code: int | None = None
+    disruption: str | None = None  # why the cluster took the pod away (then not a failure)
 
     @property
     def finished_badly(self) -> bool:
@@ -109,10 +122,27 @@ def _waiting_reason(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
-def pod_outcome(pod: Mapping[str, Any] | None) -> PodOutcome:
-    """Where the attempt's pod stands. Only reasons and exit codes are read, never free text."""
+def disruption_cause(pod: Mapping[str, Any] | None) -> str | None:
+    """The cause when the cluster is ending (or ended) the pod: its DisruptionTarget condition's
+    reason (PreemptionByScheduler, EvictionByEvictionAPI, DeletionByTaintManager, DeletionByPodGC,
+    TerminationByKubelet, ...), else a kubelet's pod reason such as Evicted; None otherwise."""
+    status = (pod or {}).get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return str(condition.get("reason") or "DisruptionTarget")
+    if status.get("reason") in DISRUPTED_POD_REASONS:
+        return str(status["reason"])
+    return None
+
+
+def pod_outcome(pod: Mapping[str, Any] | None, last_seen: Mapping[str, Any] | None = None) -> PodOutcome:
+    """Where the attempt's pod stands. Only reasons and exit codes are read, never free text.
+
+    A pod that is gone was deleted by someone else (the operator deletes pods only when it
+    suspends or ends the job): a disruption, named by `last_seen` when that says more."""
     if pod is None:
-        return PodOutcome("gone", "PodDeleted")
+        cause = disruption_cause(last_seen) or "PodDeleted"
+        return PodOutcome("gone", cause, disruption=cause)
     status = pod.get("status") or {}
     phase = status.get("phase")
     terminated = _terminated(pod)
@@ -120,8 +150,9 @@ def pod_outcome(pod: Mapping[str, Any] | None) -> PodOutcome:
     if phase == "Succeeded":
         return PodOutcome("succeeded", "Completed", exit_code)
     if phase == "Failed":
-        reason = status.get("reason") or (terminated or {}).get("reason") or "PodFailed"
-        return PodOutcome("failed", str(reason), exit_code)
+        cause = disruption_cause(pod)
+        reason = cause or status.get("reason") or (terminated or {}).get("reason") or "PodFailed"
+        return PodOutcome("failed", str(reason), exit_code, disruption=cause)
     if (pod.get("metadata") or {}).get("deletionTimestamp"):
         return PodOutcome("terminating", "Terminating")
     if phase == "Running":
@@ -203,11 +234,12 @@ class _Machine:
         self.event("Normal" if phase == "Succeeded" else "Warning", reason, message)
 
 
-def _advance(m: _Machine, job: GRPOJob, pod: Mapping[str, Any] | None) -> None:
+def _advance(m: _Machine, job: GRPOJob, pod: Mapping[str, Any] | None, last_seen: Mapping[str, Any] | None) -> None:
     """A valid job that has not finished yet."""
     s, policy, now = m.s, job.spec.run_policy, m.now
     attempt, restarts = int(s.get("attempt") or 0), int(s.get("restarts") or 0)
-    s["restarts"] = restarts
+    disruptions = int(s.get("disruptions") or 0)
+    s["restarts"], s["disruptions"] = restarts, disruptions
 
     if job.spec.output.uri:
         set_condition(s, "OutputPersistent", True, "OutputURI", f"output goes to {job.spec.output.uri}", now)
@@ -219,9 +251,12 @@ def _advance(m: _Machine, job: GRPOJob, pod: Mapping[str, Any] | None) -> None:
         set_condition(s, "OutputPersistent", False, "NoOutputURI", message, now)
         m.event("Warning", "EphemeralOutput", message)
 
-    outcome = pod_outcome(pod) if attempt else PodOutcome("gone")
+    if last_seen is not None and (last_seen.get("metadata") or {}).get("name") != s.get("podName"):
+        last_seen = None  # an earlier attempt's pod
+    outcome = pod_outcome(pod, last_seen) if attempt else PodOutcome("gone")
     if outcome.state == "terminating" and _stuck(pod, now):
-        outcome = PodOutcome("gone", "PodStuckTerminating")  # its node is gone: it will never report
+        # Its node is gone: it will never report.
+        outcome = PodOutcome("gone", "PodStuckTerminating", disruption="PodStuckTerminating")
     if attempt == 0 or s.get("phase") == "Suspended":
         if policy.suspend or outcome.state in ("pending", "running"):
             m.suspend(pod, outcome)  # (again, if an earlier deletion did not land)
@@ -237,6 +272,16 @@ def _advance(m: _Machine, job: GRPOJob, pod: Mapping[str, Any] | None) -> None:
         return  # wait until it is gone: its successor must not write the same checkpoints
     if policy.suspend:
         m.suspend(pod, outcome)
+        return
+    if outcome.finished_badly and outcome.disruption:
+        s["disruptions"] = disruptions + 1
+        message = (
+            f"attempt {attempt} (pod {s['podName']}) was disrupted: {outcome.disruption}; not a failure, not "
+            f"counted toward backoffLimit (disruption {disruptions + 1}); resuming from the last checkpoint"
+        )
+        set_condition(s, "Disrupted", True, outcome.disruption, message, now)
+        m.event("Warning", "Disrupted", message)
+        m.start_attempt(attempt + 1, f", after disruption {disruptions + 1} ({outcome.disruption})")
         return
     if outcome.finished_badly:
         what = f"attempt {attempt} (pod {s['podName']}) failed: {outcome.describe()}"
@@ -293,8 +338,14 @@ def _finished(m: _Machine, job: Mapping[str, Any], pod: Mapping[str, Any] | None
             m.event("Normal", "TTLExpired", f"deleting the job {ttl} s after it finished (ttlSecondsAfterFinished)")
 
 
-def decide(job: Mapping[str, Any], pod: Mapping[str, Any] | None, now: datetime) -> Decision:
-    """The job's next status and actions, given its current pod (None: absent) and the time."""
+def decide(
+    job: Mapping[str, Any],
+    pod: Mapping[str, Any] | None,
+    now: datetime,
+    last_seen: Mapping[str, Any] | None = None,
+) -> Decision:
+    """The job's next status and actions, given its current pod (None: absent), the time, and the
+    pod as last seen (a watch's DELETED event) when it is gone: that says why it went."""
     meta = job.get("metadata") or {}
     current = job.get("status") or {}
     status = copy.deepcopy({key: current[key] for key in OPERATOR_FIELDS if key in current})
@@ -310,7 +361,7 @@ def decide(job: Mapping[str, Any], pod: Mapping[str, Any] | None, now: datetime)
             machine.finish("Failed", "InvalidSpec", "; ".join(exc.messages))
     else:
         if status.get("phase") not in TERMINAL:
-            _advance(machine, decision.job, pod)
+            _advance(machine, decision.job, pod, last_seen)
 
     if status.get("phase") in TERMINAL:
         _finished(machine, job, pod)

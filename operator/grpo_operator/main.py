@@ -1,4 +1,5 @@
-"""`grpo operator`: run the kopf operator with settings from the environment (settings.py)."""
+"""`grpo operator`: run the operator (supervisor.py: kopf while the CRD is there) with settings from
+the environment (settings.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ def run_operator() -> int:
         return 2
     logging.basicConfig(level=settings.logging_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import asyncio
+
     import kopf
 
-    import grpo_operator.handlers  # noqa: F401  (registers the handlers)
     from grpo_operator.metrics import Metrics
+    from grpo_operator.supervisor import Supervisor
 
     metrics = Metrics()
     if settings.metrics_port:
@@ -29,11 +32,6 @@ def run_operator() -> int:
         log.info("metrics at http://0.0.0.0:%d/metrics", settings.metrics_port)
     scope = "all namespaces" if settings.clusterwide else ", ".join(settings.namespaces)
     log.info("watching GRPOJobs in %s; runtime image %s", scope, settings.runtime_image)
-    kopf.run(
-        clusterwide=settings.clusterwide,
-        namespaces=settings.namespaces,
-        standalone=True,  # one replica (the chart's Deployment); no KopfPeering objects needed
-        liveness_endpoint=settings.liveness_endpoint,
-        memo=kopf.Memo(settings=settings, metrics=metrics),
-    )
+    supervisor = Supervisor(settings, kopf.Memo(settings=settings, metrics=metrics), handle_signals=True)
+    asyncio.run(supervisor.run())
     return 0

@@ -26,6 +26,18 @@ REWARD_MODULES_DIR = "/opt/grpo/rewards"  # not under SPEC_DIR: that is a read-o
 RUNTIME_UID = 1000  # the runtime image's user; the pod never runs as root
 GPU = "nvidia.com/gpu"
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# spec.tracking.mlflow.credentialsSecret: basic auth or a token, whichever keys the Secret has
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+AZURE_SECRET_KEYS = (  # any of them may be in the Secret: a connection string, an account key or a SAS
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+)
+GCS_KEY_FILE = "key.json"  # the service account key in spec.output.credentialsSecret for gs://
+GCS_CREDENTIALS_DIR = "/var/run/secrets/grpo/gcs"
+HF_TOKEN_KEY = "HF_TOKEN"  # the key in spec.model.tokenSecret, and the env var huggingface_hub reads
+MODEL_CACHE_DIR = "/var/cache/grpo"  # spec.model.cache is mounted here
 
 
 def runtime_name(job: str) -> str:
@@ -59,12 +71,14 @@ def job_document(job: GRPOJob, *, s3_endpoint: str | None = None) -> dict[str, A
     """The manifest the pod trains from: the validated spec with defaults filled in.
 
     Only name and namespace are kept of the metadata (not kubectl's or kopf's annotations).
-    The operator's default S3 endpoint fills spec.output.endpoint when the job has none.
+    The operator's default S3 endpoint fills spec.output.endpoint when the job has none (and its
+    output is not on GCS or Azure, where the endpoint would mean theirs).
     """
     manifest = job.to_manifest()
     manifest["metadata"] = {k: v for k, v in manifest["metadata"].items() if k in ("name", "namespace")}
     output = manifest["spec"].setdefault("output", {})
-    if s3_endpoint and not output.get("endpoint"):
+    other_store = str(output.get("uri") or "").startswith(("gs://", "az://", "abfs://"))  # endpoint means theirs
+    if s3_endpoint and not output.get("endpoint") and not other_store:
         output["endpoint"] = s3_endpoint
     return manifest
 
@@ -129,7 +143,12 @@ def _resources(job: GRPOJob) -> dict[str, Any]:
     return {"requests": requests, "limits": limits} if requests else {"limits": limits}
 
 
-def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
+def _output_scheme(job: GRPOJob) -> str:
+    uri = job.spec.output.uri or ""
+    return uri.partition("://")[0] if "://" in uri else ""
+
+
+def _env(job: GRPOJob, attempt: int, cache: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "GRPOJOB_NAME", "value": job.metadata.name},
         {"name": "GRPOJOB_NAMESPACE", "value": job.metadata.namespace},
@@ -139,16 +158,51 @@ def _env(job: GRPOJob, attempt: int) -> list[dict[str, Any]]:
     if job.spec.reward_modules.config_map:
         env.append({"name": "PYTHONPATH", "value": REWARD_MODULES_DIR})
     secret = job.spec.output.credentials_secret
-    if secret:
-        # A reference only: the kubelet resolves it; the values never pass through the operator.
+    scheme = _output_scheme(job)
+    # References only: the kubelet resolves them; the values never pass through the operator.
+    if secret and scheme in ("az", "abfs"):
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for key in AZURE_SECRET_KEYS
+        ]
+    elif secret and scheme == "gs":
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GCS_CREDENTIALS_DIR}/{GCS_KEY_FILE}"})
+    elif secret:
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in SECRET_KEYS
+        ]
+    mlflow = job.spec.tracking.mlflow
+    if mlflow and mlflow.credentials_secret:
+        # each key optional: a Secret holds a username and password, or a token
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.credentials_secret, "key": key, "optional": True}}}
+            for key in MLFLOW_SECRET_KEYS
+        ]
+    if job.spec.model.token_secret:
+        env.append(
+            {"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": {"name": job.spec.model.token_secret, "key": HF_TOKEN_KEY}}}
+        )
+    if cache:
+        # the hub's cache (with its file locks) and ours (s3:// model folders, dequantized GGUF) on the claim
+        env += [
+            {"name": "HF_HOME", "value": f"{MODEL_CACHE_DIR}/huggingface"},
+            {"name": "GRPO_CACHE_DIR", "value": f"{MODEL_CACHE_DIR}/models"},
         ]
     return env
 
 
-def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
-    """The training pod of one attempt; `image` is the operator's default unless spec.image is set.
+def pod(
+    job: GRPOJob,
+    attempt: int,
+    *,
+    image: str,
+    model_cache: str | None = None,
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The training pod of one attempt; `image` is the operator's default unless spec.image is set,
+    `model_cache` the operator's default model cache claim unless spec.model.cache is set.
+    `node_selector` and `tolerations` are added to the spec's (Kueue's assigned flavors, kueue.py).
 
     Without spec.output.uri the runtime writes to ./grpo-runs/<name> under the working
     directory, an emptyDir: checkpoints and metrics live as long as this pod, so a retry
@@ -156,13 +210,14 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
     Warning event and the OutputPersistent=False condition (lifecycle.py).
     """
     spec = job.spec
+    cache = spec.model.cache or model_cache
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["grpo", "train", f"{SPEC_DIR}/{SPEC_FILE}"],
         "workingDir": WORKDIR,
-        "env": _env(job, attempt),
+        "env": _env(job, attempt, cache),
         "resources": _resources(job),
         "securityContext": {
             "runAsNonRoot": True,
@@ -203,12 +258,24 @@ def pod(job: GRPOJob, attempt: int, *, image: str) -> dict[str, Any]:
     if spec.reward_modules.config_map:
         container["volumeMounts"].append({"name": "reward-modules", "mountPath": REWARD_MODULES_DIR, "readOnly": True})
         pod_spec["volumes"].append({"name": "reward-modules", "configMap": {"name": spec.reward_modules.config_map}})
+    if spec.output.credentials_secret and _output_scheme(job) == "gs":
+        container["volumeMounts"].append({"name": "gcs-credentials", "mountPath": GCS_CREDENTIALS_DIR, "readOnly": True})
+        pod_spec["volumes"].append(
+            {
+                "name": "gcs-credentials",
+                "secret": {"secretName": spec.output.credentials_secret, "items": [{"key": GCS_KEY_FILE, "path": GCS_KEY_FILE}]},
+            }
+        )
+    if cache:
+        container["volumeMounts"].append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
+        pod_spec["volumes"].append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache}})
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.node_selector or node_selector:
+        pod_spec["nodeSelector"] = {**(node_selector or {}), **spec.node_selector}
+    if spec.tolerations or tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations] + [
+            dict(t) for t in tolerations or [] if dict(t) not in spec.tolerations]
     if spec.affinity:
         pod_spec["affinity"] = dict(spec.affinity)
     if spec.priority_class_name:

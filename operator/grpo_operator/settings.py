@@ -3,10 +3,13 @@
 GRPO_WATCH_NAMESPACES  comma-separated namespace names (no globs: those need namespace scanning,
                        which is off); empty: all namespaces (cluster-wide)
 GRPO_LOG_LEVEL         DEBUG, INFO (default), WARNING, ERROR
-GRPO_HEALTH_PORT       kopf's liveness endpoint http://0.0.0.0:PORT/healthz (default 8080; 0: off)
+GRPO_HEALTH_PORT       http://0.0.0.0:PORT/healthz (liveness) and /readyz (jobs are served: the CRD
+                       is there) (default 8080; 0: off)
 GRPO_METRICS_PORT      Prometheus text at http://0.0.0.0:PORT/metrics (default 0: off)
 GRPO_RUNTIME_IMAGE     the training image when a job sets no spec.image
 GRPO_S3_ENDPOINT       spec.output.endpoint for jobs that set none (MinIO and friends)
+GRPO_MODEL_CACHE       spec.model.cache for jobs that set none: a PersistentVolumeClaim name that
+                       exists in the jobs' namespaces (empty: no cache, downloads per pod)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Settings:
     metrics_port: int = 0
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
     s3_endpoint: str | None = None
+    model_cache: str | None = None
     # Not from the environment: tests give a clock that follows the (fake) event-loop time.
     clock: Callable[[], datetime] = field(default=utcnow, compare=False)
 
@@ -47,6 +51,10 @@ class Settings:
     @property
     def liveness_endpoint(self) -> str | None:
         return f"http://0.0.0.0:{self.health_port}/healthz" if self.health_port else None
+
+    @property
+    def readiness_endpoint(self) -> str | None:
+        return f"http://0.0.0.0:{self.health_port}/readyz" if self.health_port else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +70,7 @@ class Settings:
             metrics_port=_port(env, "GRPO_METRICS_PORT", 0),
             runtime_image=env.get("GRPO_RUNTIME_IMAGE", "").strip() or DEFAULT_RUNTIME_IMAGE,
             s3_endpoint=env.get("GRPO_S3_ENDPOINT", "").strip() or None,
+            model_cache=env.get("GRPO_MODEL_CACHE", "").strip() or None,
         )
 
     @property

@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run a GRPOJob here, without a cluster")
     p.add_argument("file")
-    p.add_argument("--output", help="override spec.output.uri (local dir or s3://bucket/prefix)")
+    p.add_argument("--output", help="override spec.output.uri (local dir, s3://, gs:// or az://bucket/prefix)")
     p.add_argument("--max-steps", type=int, help="override spec.training.maxSteps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="plot the reward curves of a run's metrics.jsonl to a PNG")
-    p.add_argument("uri", help="the run's output (local dir or s3://bucket/prefix)")
+    p = sub.add_parser("report", help="plot the reward curves of a run's metrics to a PNG")
+    p.add_argument("uri", help="the run's output (local dir, s3://, gs:// or az://bucket/prefix)")
     p.add_argument("--out", default="rewards.png", help="PNG to write (default rewards.png)")
     p.set_defaults(func=cmd_report)
 

@@ -1,4 +1,4 @@
-"""Prompt datasets: files (local or s3), the built-in arithmetic set, and a resumable sampler."""
+"""Prompt datasets: files (local or s3), hub datasets (hf://), the built-in arithmetic set, and a resumable sampler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpo_runtime.spec import DatasetSpec
+from grpo_runtime.spec import HUB_DATASET_SCHEME, DatasetSpec
 
 
 class DatasetError(Exception):
@@ -71,8 +71,38 @@ def _parse_rows(name: str, suffix: str, data: bytes, field: str) -> list[dict[st
         raise DatasetError(f"{field}: {name} is not a parquet file ({exc})") from None
 
 
+def hub_rows(spec: DatasetSpec, field: str = "spec.dataset.source") -> list[dict[str, Any]]:
+    """hf://NAME through the datasets library: NAME is a hub dataset id (or a local folder laid out
+    like one), with spec.dataset.config, split and revision. Downloads are cached under HF_HOME
+    (on the model cache claim when model.cache is set); HF_TOKEN reaches gated datasets."""
+    import datasets
+
+    name = spec.source.removeprefix(HUB_DATASET_SCHEME)
+    where = f"{field}: {spec.source}" + (f" (config {spec.config!r})" if spec.config else "")
+    try:
+        loaded = datasets.load_dataset(name, spec.config, split=spec.split, revision=spec.revision)
+    except Exception as exc:
+        from grpo_runtime.model import hub_access_error
+
+        refused = hub_access_error(exc, spec.source, field=field, secret_field="spec.model.tokenSecret")
+        if refused is not None:
+            raise DatasetError(str(refused)) from None
+        if isinstance(exc, datasets.exceptions.DatasetNotFoundError):
+            raise DatasetError(f"{where}: no such dataset on the hub ({_first_line(exc)})") from None
+        if isinstance(exc, ValueError | KeyError | FileNotFoundError | OSError):
+            # unknown split or config, a config that must be named, files that cannot be read
+            raise DatasetError(f"{where}, split {spec.split!r}: {_first_line(exc)}") from None
+        raise
+    return loaded.to_list()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def _read_source(source: str, endpoint: str | None, region: str | None, field: str) -> bytes:
-    if source.startswith("s3://"):
+    if source.startswith(("s3://", "gs://", "az://", "abfs://")):
         from grpo_runtime.storage import StorageError, open_storage
 
         parent, _, key = source.rpartition("/")
@@ -93,6 +123,8 @@ def load_rows(
     spec path errors name (another section may read a source with the dataset's columns)."""
     if spec.source.startswith("builtin:"):
         rows = BUILTIN_DATASETS[spec.source.removeprefix("builtin:")]()
+    elif spec.source.startswith(HUB_DATASET_SCHEME):
+        rows = hub_rows(spec, field)
     else:
         suffix = Path(spec.source.split("?", 1)[0]).suffix
         rows = _parse_rows(spec.source, suffix, _read_source(spec.source, endpoint, region, field), field)

@@ -4,7 +4,7 @@
 dataset, or a separate source), so that no held-out prompt text is ever a training row.
 `Evaluator.evaluate(step)` samples them through the job's own engine with the current weights
 (greedy, or k samples at the job's temperature), scores every completion with the job's rewards
-and returns one `eval/...` line for metrics.jsonl. It is seeded from its own stream and the
+and returns one `eval/...` record for the metrics. It is seeded from its own stream and the
 engines sample under forked RNGs, so a job trains identically with and without evaluation.
 
 Every score is "higher is better": per reward its mean, its accuracy (share of completions that
@@ -82,7 +82,7 @@ def split_rows(
         picked = sorted(random.Random(job.spec.training.seed * 7_919 + 104_729).sample(range(len(prompts)), count))
         held = [prompts[i][1] for i in picked]
     else:
-        source = dataset.model_copy(update={"source": evaluation.source, "max_samples": None})
+        source = dataset.model_copy(update={"source": evaluation.source, "split": evaluation.split, "max_samples": None})
         held = list(_distinct(load_rows(source, endpoint=endpoint, region=region, field="spec.evaluation.source"), field).values())
         held = held[: evaluation.max_samples] if evaluation.max_samples else held
     texts = {str(row[field]) for row in held}
@@ -148,9 +148,9 @@ def summarise(
 
 
 def is_eval_line(line: dict[str, Any]) -> bool:
-    """Eval lines of metrics.jsonl carry `step` and eval/... keys only: eval/NAME/SCORE per reward
-    (mean, accuracy, pass@k), eval/SCORE overall (accuracy, pass@k, num_prompts, num_samples,
-    completion_length, seconds)."""
+    """Eval records of the metrics (metrics/part-N.jsonl) carry `step` and eval/... keys only:
+    eval/NAME/SCORE per reward (mean, accuracy, pass@k), eval/SCORE overall (accuracy, pass@k,
+    num_prompts, num_samples, completion_length, seconds)."""
     return any(key.startswith(EVAL_PREFIX) for key in line)
 
 
@@ -177,7 +177,7 @@ class Evaluator:
 
     def evaluate(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Sample the held-out prompts with the current weights and score them: the eval line of
-        metrics.jsonl, and every completion with its prompt, reference answer and rewards."""
+        metrics, and every completion with its prompt, reference answer and rewards."""
         started = time.perf_counter()
         if self._prompt_ids is None:
             self._prompt_ids = encode_prompts(self.policy, self.job, self.rows)

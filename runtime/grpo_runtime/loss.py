@@ -3,12 +3,14 @@
 Two parts, kept apart (Liger's fused_linear_ppo + grpo_loss shape):
 
 - ``FusedLinearTokenLoss``: the chunking. It walks chunks of ``chunk_size`` token rows of the
-  flattened hidden states, projects each chunk through the lm_head, takes log-softmax and
-  gathers the target's log-prob, asks a *per-token* loss for dL/dlogp of those tokens, and
-  turns that into the gradients w.r.t. hidden states, weight and bias of the chunk. It knows
-  nothing about GRPO.
-- ``grpo_token_loss`` + ``NORMALISERS``: the GRPO maths of one token and how a loss type
-  normalises the sum. A new loss type is a normaliser entry (or a per-token function).
+  flattened hidden states, projects each chunk through the lm_head, takes log-softmax (and the
+  entropy, in the same pass) and gathers the target's log-prob, asks a *per-token* loss for
+  dL/dlogp of those tokens, and turns that into the gradients w.r.t. hidden states, weight and
+  bias of the chunk. It knows nothing about GRPO.
+- ``grpo_token_loss`` + ``NORMALISERS``: the GRPO maths of one token (TRL's, every variant:
+  clipped or CISPO, token or sequence ratio, delta, KL estimator, sampler correction, top-entropy
+  tokens) and how a loss type normalises the sum over the whole optimizer step. A new loss type
+  is a normaliser entry (or a branch of the per-token function).
 
 Gradient in forward, not recompute in backward. The loss is a sum over tokens of
 ``weight_i * f(logp_i)``: every normaliser (tokens per sequence, per micro-batch, per step,
@@ -24,6 +26,18 @@ recompute in backward 22.7 s, naive full logits 26.7 s; peak memory the same for
 pays for the gradients, so under torch.no_grad() none are computed (and ``token_logprobs`` is
 the call for log-probs alone).
 
+Coupled tokens (``whole=True``). GSPO's sequence ratio exp(mean of a completion's log-ratios),
+a sequence-level sampler correction and the top-entropy quantile make a token's loss depend on
+other tokens' current log-probs, so dL/dlogp_i is not known when its chunk is. Those losses are
+written over the vector of every selected token's log-prob (and entropy) and differentiated by
+autograd on that [M] vector, which holds no vocabulary; the chunks then need dL/dlogp only:
+- lm_head frozen (LoRA, this project's case): row i of grad_h is dlogp_i ((onehot - softmax) W / T)_i,
+  so the one pass stores the bracket and the rows are scaled once dlogp is known: no extra cost
+  (B=8, T=512, D=576, V=49152, fp32, CPU seconds: token level 8.5 s, sequence level 8.6 s).
+- lm_head trainable: grad_W sums rows, so a first pass computes the log-probs (a projection and a
+  log-sum-exp per chunk, no gradient work), then the usual pass: 10.8 s -> 16.1 s (+45%) on that
+  shape. Reusing earlier log-probs instead would be wrong after the first optimizer update.
+
 Only tokens with ``mask != 0`` do any vocabulary work: they are gathered first, so padding
 costs nothing (completions of one group differ widely in length).
 """
@@ -37,28 +51,46 @@ import torch
 
 from . import kernels
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+KL_ESTIMATORS = ("k3_ratio", "k3")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Knobs of the GRPO loss; the trainer fills them from TrainingSpec."""
+    """Knobs of the GRPO loss; the trainer fills them from TrainingSpec (documented there)."""
 
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo: how the token sum is normalised
-    beta: float = 0.0  # k3 KL coefficient; 0 skips the KL (ref_logps may be None)
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo: the per-token loss and how its sum is normalised
+    beta: float = 0.0  # KL coefficient; 0 skips the KL (ref_logps may be None)
     epsilon: float = 0.2  # ratio clipped below at 1 - epsilon
-    epsilon_high: float | None = None  # ratio clipped above at 1 + epsilon_high; None -> epsilon
+    epsilon_high: float | None = None  # ratio clipped above at 1 + this (cispo: at this); None -> epsilon
     temperature: float = 1.0  # logits are divided by it before the log-softmax (the sampling one)
     chunk_size: int = 512  # token rows per chunk: peak memory ~ chunk_size x vocab x 4 bytes
     max_completion_length: int | None = None  # dr_grpo normaliser B x this; None -> T
+    kl_estimator: str = "k3_ratio"  # k3_ratio: k3 x the importance ratio (TRL's use_bias_correction_kl); k3: plain
+    importance_sampling_level: str = "token"  # token | sequence (GSPO: the completion's mean log-ratio)
+    delta: float | None = None  # two-sided clipping: the ratio is also capped at delta (INTELLECT-2); None: off
+    sampling_correction: str = "token_truncate"  # how sampling_logps correct the loss when given; off: ignore them
+    sampling_correction_max: float | None = 3.0  # its upper bound C_max (None: none)
+    sampling_correction_min: float | None = None  # its lower bound C_min (None: none)
+    top_entropy_quantile: float = 1.0  # policy loss only on this top share of tokens by entropy; 1 keeps all
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {self.loss_type!r}")
+        for name, value, allowed in (
+            ("loss_type", self.loss_type, LOSS_TYPES),
+            ("kl_estimator", self.kl_estimator, KL_ESTIMATORS),
+            ("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS),
+            ("sampling_correction", self.sampling_correction, SAMPLING_CORRECTIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError("top_entropy_quantile must be in [0, 1]")
 
 
 # --------------------------------------------------------------------------- the chunking
@@ -76,16 +108,39 @@ def _project(h, weight, bias, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(h @ weight.T if bias is None else torch.addmm(bias, h, weight.T))
 
 
-def _logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) of each row of float32 logits z [n, V] at temperature 1 / inv_temp.
-    Overwrites z with exp(z / T - rowmax), kept for the gradient, and returns its row sums too."""
+def _logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, entropy: bool = False):
+    """log p(target) of each row of float32 logits z [n, V] at temperature 1 / inv_temp, and with
+    ``entropy`` the entropy of each row's softmax. Overwrites z with exp(z / T - rowmax), kept for
+    the gradient; returns (logp, the row sums of that, entropy or None).
+
+    Entropy in the same pass: H = log s - sum(e y) / s with y = z / T - rowmax, e = exp(y),
+    s = sum(e). The exponential goes into a small buffer a block of rows at a time, so that e and y
+    are both at hand without a second [n, V] buffer; then y becomes e y (summed) and e is copied
+    back. Rows, not columns: a column block of z is strided and torch's reductions over it are
+    several times slower. Measured on 2 loaded CPU cores, a [512, 49152] chunk: 50-65 ms without
+    the entropy, 150-210 ms with it (columns: 300-400 ms)."""
     if inv_temp != 1.0:
         z.mul_(inv_temp)
     target_logit = z.gather(1, targets[:, None]).squeeze(1)
     row_max = z.amax(1, keepdim=True)
-    z.sub_(row_max).exp_()
+    z.sub_(row_max)
+    if not entropy:
+        z.exp_()
+        row_sum = z.sum(1)
+        return target_logit - row_max.squeeze(1) - row_sum.log(), row_sum, None
+    ey = z.new_empty(z.shape[0])
+    scratch = z.new_empty(min(_ENTROPY_ROWS, z.shape[0]), z.shape[1])
+    for start in range(0, z.shape[0], _ENTROPY_ROWS):
+        y = z[start : start + _ENTROPY_ROWS]
+        e = torch.exp(y, out=scratch[: y.shape[0]])
+        ey[start : start + _ENTROPY_ROWS] = y.mul_(e).sum(1)
+        y.copy_(e)
     row_sum = z.sum(1)
-    return target_logit - row_max.squeeze(1) - row_sum.log(), row_sum
+    log_sum = row_sum.log()
+    return target_logit - row_max.squeeze(1) - log_sum, row_sum, log_sum - ey / row_sum
+
+
+_ENTROPY_ROWS = 64  # rows per exp block on the torch path when the entropy is wanted
 
 
 def _dlogits_(e: torch.Tensor, targets: torch.Tensor, row_sum: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
@@ -114,12 +169,18 @@ TokenLoss = Callable[[torch.Tensor, slice], torch.Tensor]
 """token_loss(logp of some selected tokens [n], their slice of the selection) -> the loss of those
 tokens, already weighted by their share of the normaliser (the total loss is the sum over chunks)."""
 
+WholeLoss = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+"""whole_loss(logp of every selected token [M], their entropies [M] or None) -> the loss, for losses
+in which a token's gradient depends on other tokens' log-probs (``whole=True``)."""
+
 
 class FusedLinearTokenLoss(torch.autograd.Function):
     """sum_i token_loss(log_softmax(hidden_i W^T + b) / T)[target_i]) over the selected rows.
 
     hidden [N, D], targets [N], rows [M] (the selected rows, e.g. mask != 0). Returns the loss
-    and the selected tokens' log-probs [M] (float32, not differentiable: for metrics).
+    and the selected tokens' log-probs [M] (float32, not differentiable: for metrics), and with
+    ``with_entropy`` also their entropies [M] (of softmax(logits / T), from the same pass).
+    ``whole``: token_loss is a WholeLoss, given every token at once (see the module docstring).
     Memory: one [chunk_size, V] buffer (float32; the weight's dtype on the Triton path), reused by
     every chunk, plus the gradients (the size of hidden, and of weight when it needs one).
     """
@@ -127,60 +188,112 @@ class FusedLinearTokenLoss(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)  # dtypes are chosen here: bf16 matmuls, float32 statistics
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, hidden, weight, bias, targets, rows, token_loss: TokenLoss, temperature: float, chunk_size: int):
-        inv_temp = 1.0 / temperature
+    def forward(ctx, hidden, weight, bias, targets, rows, token_loss, temperature: float, chunk_size: int,
+                with_entropy: bool = False, whole: bool = False):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        logps = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        grads = (
+            torch.zeros_like(hidden) if need_h else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None,
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None,
+        )
+        walk = _Walk(hidden, weight, bias, targets, rows, 1.0 / temperature, chunk_size, with_entropy)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        logp_, dlogits_, buf_dtype = _chunk_ops(weight)
-        buf = torch.empty(min(chunk_size, rows.numel()), weight.shape[0], dtype=buf_dtype, device=hidden.device)
-        for start in range(0, rows.numel(), chunk_size):
-            sl = slice(start, start + chunk_size)
-            idx = rows[sl]
-            h, t = hidden.index_select(0, idx), targets.index_select(0, idx)
-            z = _project(h, weight, bias, buf[: idx.numel()])
-            logp, stats = logp_(z, t, inv_temp)
-            logps[sl] = logp
+        if not whole:
+
+            def dlogp_of(logp, sl):
+                nonlocal loss
+                with torch.enable_grad():
+                    leaf = logp.detach().requires_grad_()
+                    chunk_loss = token_loss(leaf, sl)
+                    (dlogp,) = torch.autograd.grad(chunk_loss, leaf)
+                loss += chunk_loss.detach()
+                return dlogp
+
+            logps, entropies = walk(grads, dlogp_of)
+        else:
+            # A frozen lm_head needs only grad_h, and row i of it is dlogp_i x ((onehot - softmax) W / T)_i:
+            # one pass stores the brackets (dlogp = 1), the rows are scaled once dlogp is known. A trainable
+            # head (grad_W sums over rows) takes a first pass for the log-probs, then the usual one.
+            deferred = need_h and not (need_w or need_b)
+            ones = torch.ones(min(chunk_size, rows.numel()), dtype=torch.float32, device=hidden.device)
+            logps, entropies = walk(grads if deferred else (None, None, None), lambda logp, sl: ones[: logp.numel()])
             with torch.enable_grad():
-                leaf = logp.detach().requires_grad_()
-                chunk_loss = token_loss(leaf, sl)
-                (dlogp,) = torch.autograd.grad(chunk_loss, leaf)
-            loss += chunk_loss.detach()
-            if not (need_h or need_w or need_b):
-                continue
-            dz = dlogits_(z, t, stats, dlogp, inv_temp)
-            dzc = dz.to(weight.dtype)  # no copy for float32
-            if need_h:
-                grad_h.index_copy_(0, idx, (dzc @ weight).to(hidden.dtype))
-            if need_w:
-                if weight.dtype == torch.float32:
-                    grad_w.addmm_(dz.T, h.float())
-                else:  # bf16 matmul (float32 accumulation inside), summed over chunks in float32
-                    grad_w += (dzc.T @ h.to(weight.dtype)).float()
-            if need_b:
-                grad_b += dz.sum(0, dtype=torch.float32)
-            del dzc
+                leaf = logps.clone().requires_grad_()
+                whole_loss = token_loss(leaf, entropies)
+                (dlogp,) = torch.autograd.grad(whole_loss, leaf, allow_unused=True)
+            loss += whole_loss.detach()
+            dlogp = torch.zeros_like(logps) if dlogp is None else dlogp
+            if deferred:
+                grads[0].index_copy_(0, rows, grads[0].index_select(0, rows) * dlogp[:, None].to(hidden.dtype))
+            elif need_h or need_w or need_b:
+                walk(grads, lambda logp, sl: dlogp[sl])
+        grad_h, grad_w, grad_b = grads
         # Not save_for_backward: these are neither inputs nor outputs, and backward scales them in place.
         ctx.grads = (
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
             grad_b.to(bias.dtype) if need_b else None,
         )
-        ctx.mark_non_differentiable(logps)
-        return loss, logps
+        ctx.mark_non_differentiable(logps, *([entropies] if with_entropy else []))
+        return (loss, logps, entropies) if with_entropy else (loss, logps)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logps):
+    def backward(ctx, grad_loss, *_grad_metrics):
         if ctx.grads is None:
             raise RuntimeError("FusedLinearTokenLoss: the gradients were computed in forward and used once already")
         grads, ctx.grads = ctx.grads, None
         if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
             grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return *grads, None, None, None, None, None
+        return *grads, *[None] * (len(ctx.needs_input_grad) - len(grads))
+
+
+@dataclass
+class _Walk:
+    """One pass over the chunks of the selected rows: logits, log-probs (and entropies), and with a
+    dlogp for the chunk, the gradients added into grads (grad_h, grad_W, grad_b: each None if unwanted)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    rows: torch.Tensor
+    inv_temp: float
+    chunk_size: int
+    with_entropy: bool
+
+    def __call__(self, grads, dlogp_of: Callable[[torch.Tensor, slice], torch.Tensor]):
+        hidden, weight, bias, rows, inv_temp = self.hidden, self.weight, self.bias, self.rows, self.inv_temp
+        grad_h, grad_w, grad_b = grads
+        logps = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        entropies = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device) if self.with_entropy else None
+        logp_, dlogits_, buf_dtype = _chunk_ops(weight)
+        buf = torch.empty(min(self.chunk_size, rows.numel()), weight.shape[0], dtype=buf_dtype, device=hidden.device)
+        for start in range(0, rows.numel(), self.chunk_size):
+            sl = slice(start, start + self.chunk_size)
+            idx = rows[sl]
+            h, t = hidden.index_select(0, idx), self.targets.index_select(0, idx)
+            z = _project(h, weight, bias, buf[: idx.numel()])
+            logp, stats, entropy = logp_(z, t, inv_temp, self.with_entropy)
+            logps[sl] = logp
+            if self.with_entropy:
+                entropies[sl] = entropy
+            dlogp = dlogp_of(logp, sl)
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            dz = dlogits_(z, t, stats, dlogp, inv_temp)
+            dzc = dz.to(weight.dtype)  # no copy for float32
+            if grad_h is not None:
+                grad_h.index_copy_(0, idx, (dzc @ weight).to(hidden.dtype))
+            if grad_w is not None:
+                if weight.dtype == torch.float32:
+                    grad_w.addmm_(dz.T, h.float())
+                else:  # bf16 matmul (float32 accumulation inside), summed over chunks in float32
+                    grad_w += (dzc.T @ h.to(weight.dtype)).float()
+            if grad_b is not None:
+                grad_b += dz.sum(0, dtype=torch.float32)
+            del dzc
+        return logps, entropies
 
 
 @torch.no_grad()
@@ -193,7 +306,7 @@ def token_logprobs(hidden, weight, target_ids, *, temperature=1.0, chunk_size=51
     buf = torch.empty(min(chunk_size, batch * seq), weight.shape[0], dtype=buf_dtype, device=hidden.device)
     for start in range(0, batch * seq, chunk_size):
         sl = slice(start, start + chunk_size)
-        out[sl], _ = logp_(_project(h[sl], weight, bias, buf[: t[sl].numel()]), t[sl], 1.0 / temperature)
+        out[sl] = logp_(_project(h[sl], weight, bias, buf[: t[sl].numel()]), t[sl], 1.0 / temperature)[0]
     return out.view(batch, seq)
 
 
@@ -206,27 +319,123 @@ def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def grpo_token_loss(logp, old_logp, ref_logp, advantage, config: LossConfig) -> torch.Tensor:
-    """TRL's per-token GRPO loss: -min(r A, clip(r, 1-eps, 1+eps_high) A) + beta k3.
+class Sequences:
+    """Which completion each selected token belongs to: per-completion sums and means, broadcast
+    back onto its tokens (differentiable, for the terms that couple a completion's tokens)."""
 
-    old_logp None: on-policy (one optimisation pass), the ratio is exp(logp - logp.detach()):
-    1 in value, the policy gradient in gradient.
+    def __init__(self, index: torch.Tensor, count: int):
+        self.index, self.count = index, count  # index [M]: the row of each selected token; count: rows
+        self.lengths = torch.bincount(index, minlength=count).clamp(min=1).float()
+
+    def totals(self, x: torch.Tensor) -> torch.Tensor:
+        """[count] sums of x [M] per completion."""
+        return x.new_zeros(self.count).index_add(0, self.index, x)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.totals(x)[self.index]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.totals(x) / self.lengths)[self.index]
+
+
+def log_importance_ratio(logp, old_logp, config: LossConfig, seq: Sequences | None = None) -> torch.Tensor:
+    """log pi / pi_old per token; at sequence level (GSPO) the completion's mean of it, on each of its
+    tokens. old_logp None: on-policy, logp.detach() (1 in value, the policy gradient in gradient)."""
+    log_ratio = logp - (logp.detach() if old_logp is None else old_logp)
+    if config.importance_sampling_level == "sequence":
+        if seq is None:
+            raise ValueError("importance_sampling_level 'sequence' needs the completions' tokens together")
+        log_ratio = seq.mean(log_ratio)
+    return log_ratio
+
+
+@torch.no_grad()
+def sampling_weights(learner_logp, sampling_logp, config: LossConfig, seq: Sequences | None = None) -> torch.Tensor:
+    """The correction for sampling from another engine than the learner: pi_learner / pi_sampler at the
+    sampled tokens (TRL's vllm_importance_sampling_*), per token or per completion (the product over its
+    tokens), truncated to [min, max] or set to 0 outside it. Tokens without a sampling log-prob (NaN)
+    get weight 1. learner_logp: the learner's log-probs at sampling time (old, or the current detached)."""
+    log_ratio = torch.nan_to_num(learner_logp - sampling_logp, nan=0.0)
+    if config.sampling_correction.startswith("sequence"):
+        if seq is None:
+            raise ValueError("a sequence-level sampling correction needs the completions' tokens together")
+        log_ratio = seq.sum(log_ratio)
+    ratio = torch.exp(log_ratio)
+    low, high = config.sampling_correction_min, config.sampling_correction_max
+    if config.sampling_correction.endswith("truncate"):
+        return ratio.clamp(min=low, max=high)
+    outside = torch.zeros_like(ratio, dtype=torch.bool)
+    if low is not None:
+        outside |= ratio < low
+    if high is not None:
+        outside |= ratio > high
+    return ratio.masked_fill(outside, 0.0)
+
+
+def grpo_token_loss(
+    logp, old_logp, ref_logp, advantage, config: LossConfig, *, sampling_logp=None, keep=None, seq=None
+) -> torch.Tensor:
+    """TRL's per-token loss (GRPOTrainer._compute_loss, TRL 1.16) before its normaliser:
+
+        r = exp(log_importance_ratio)                    token, or the completion's mean (GSPO)
+        clipped:  -min(min(r, delta) A, clip(r, 1 - eps, 1 + eps_high) A)     grpo bnpo dr_grpo dapo
+        cispo:    -min(r, eps_high).detach() A logp
+        x keep (top-entropy tokens) x sampling_weights (sampler correction)
+        + beta k3(ref, logp) [x r when kl_estimator is k3_ratio]
+
+    old_logp None: on-policy. sampling_logp: the engine's log-probs of the sampled tokens. seq: the
+    tokens' completions, needed when a term couples a completion's tokens (then logp holds every
+    selected token of the micro-batch, see ``couples_tokens``).
     """
     eps_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
-    ratio = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))
-    clipped = ratio.clamp(1 - config.epsilon, 1 + eps_high)
-    loss = -torch.minimum(ratio * advantage, clipped * advantage)
+    ratio = torch.exp(log_importance_ratio(logp, old_logp, config, seq))
+    if config.loss_type == "cispo":
+        loss = -ratio.clamp(max=eps_high).detach() * advantage * logp
+    else:
+        clipped = ratio.clamp(1 - config.epsilon, 1 + eps_high)
+        capped = ratio if config.delta is None else ratio.clamp(max=config.delta)
+        loss = -torch.minimum(capped * advantage, clipped * advantage)
+    if keep is not None:
+        loss = loss * keep
+    if sampling_logp is not None:
+        learner = logp.detach() if old_logp is None else old_logp
+        loss = loss * sampling_weights(learner, sampling_logp, config, seq)
     if config.beta:
-        loss = loss + config.beta * k3_kl(ref_logp, logp)
+        kl = k3_kl(ref_logp, logp)
+        loss = loss + config.beta * (kl * ratio if config.kl_estimator == "k3_ratio" else kl)
     return loss
 
 
-# What the masked token sum is divided by, per loss type: (mask [B, T], config, num_items) -> broadcastable to mask.
-NORMALISERS: dict[str, Callable[[torch.Tensor, LossConfig, object], torch.Tensor | float]] = {
-    "grpo": lambda m, c, n: m.sum(-1, keepdim=True).clamp(min=1) * m.shape[0],  # mean over sequences of the token mean
-    "bnpo": lambda m, c, n: m.sum().clamp(min=1),  # tokens of this micro-batch
-    "dr_grpo": lambda m, c, n: m.shape[0] * (c.max_completion_length or m.shape[1]),  # batch x max length
-    "dapo": lambda m, c, n: (m.sum() if n is None else torch.as_tensor(n, dtype=m.dtype, device=m.device)).clamp(min=1),
+def couples_tokens(config: LossConfig, sampling_correction: bool) -> bool:
+    """Whether a token's loss depends on other tokens' current log-probs: GSPO's sequence ratio, a
+    sequence-level sampling correction, the top-entropy quantile. Those go to FusedLinearTokenLoss whole
+    (see the module docstring: free with a frozen lm_head, a first pass of log-probs with a trainable one)."""
+    return (
+        config.importance_sampling_level == "sequence"
+        or config.top_entropy_quantile < 1.0
+        or (sampling_correction and config.sampling_correction.startswith("sequence"))
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """The optimizer step a micro-batch belongs to: what the normalisers divide by."""
+
+    tokens: torch.Tensor  # completion tokens of the whole step (all its micro-batches)
+    sequences: int  # completions of the whole step
+    micro_batches: int  # micro-batches the step runs in
+
+
+# What the masked token sum of a micro-batch is divided by, per loss type: (mask [B, T], config, step) ->
+# broadcastable to mask. Each is the whole step's normaliser, so the micro-batches' losses sum to the step's
+# loss for any split; bnpo alone is defined per micro-batch (TRL's: the mean over the micro-batch's tokens,
+# averaged over the micro-batches), so it changes with the split.
+NORMALISERS: dict[str, Callable[[torch.Tensor, LossConfig, Step], torch.Tensor | float]] = {
+    "grpo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # mean of completions' token means
+    "bnpo": lambda m, c, s: m.sum().clamp(min=1) * s.micro_batches,  # tokens of this micro-batch, x micro-batches
+    "dr_grpo": lambda m, c, s: s.sequences * (c.max_completion_length or m.shape[1]),  # completions x max length
+    "dapo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
+    "cispo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
 }
 
 
@@ -242,57 +451,114 @@ def grpo_loss(
     config: LossConfig,
     bias=None,
     num_items_in_batch=None,
+    sampling_logps=None,
+    num_sequences_in_batch=None,
+    num_micro_batches=1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a micro-batch and its metrics, never holding [B, T, V] logits.
 
     hidden [B, T, D]: last-layer states aligned with target_ids [B, T] (hidden[:, t] predicts
     target_ids[:, t]); weight [V, D] (+ bias [V]): the lm_head, trainable or frozen (no grad work
-    then); mask [B, T]: 1 for completion tokens; advantages [B]; old_logps / ref_logps [B, T]
-    (old None: on-policy; ref needed when beta > 0); num_items_in_batch: the step's completion
-    tokens over all accumulation micro-batches (dapo), default mask.sum().
-    Metrics (detached): kl (mean k3 over tokens, 0 when beta is 0), clip_ratio_low / _high
-    (tokens where the clip is active: ratio below 1 - eps with A < 0 / above 1 + eps_high with
-    A > 0, as TRL counts them), clip_ratio (either).
+    then); mask [B, T]: 1 for completion tokens; advantages [B] (or [B, T]); old_logps / ref_logps
+    [B, T] (old None: on-policy; ref needed when beta > 0); sampling_logps [B, T]: the engine's
+    log-probs of the sampled tokens, turns on the sampling correction (config.sampling_correction,
+    unless that is off).
+
+    The step this micro-batch belongs to: num_items_in_batch (its completion tokens, default
+    mask.sum()), num_sequences_in_batch (its completions, default B), num_micro_batches (default 1).
+    With them the loss is this micro-batch's share of the step's loss: summed over the micro-batches
+    it is the loss of the whole step in one piece, whatever the split (bnpo and topEntropyQuantile
+    excepted, which TRL defines per micro-batch). The metrics are shares the same way (sum them):
+    kl (TRL's: the mean over tokens of the KL term as the loss has it, ratio-weighted for k3_ratio;
+    0 when beta is 0), entropy (mean token entropy of softmax(logits / T)), clip_ratio_low / _high
+    (tokens where the clip is active: ratio below 1 - eps with A < 0 / above 1 + eps_high with A > 0,
+    per completion at sequence level, as TRL counts them; cispo: its cap with A > 0 is _high),
+    clip_ratio (either), and with a sampling correction sampling_weight (its mean over tokens).
     """
     if config.beta and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps")
     batch, seq = target_ids.shape
     maskf = mask.to(torch.float32)
-    weights = (maskf / NORMALISERS[config.loss_type](maskf, config, num_items_in_batch)).reshape(-1)
+    tokens = maskf.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=maskf.device)
+    step = Step(tokens.float(), batch if num_sequences_in_batch is None else int(num_sequences_in_batch),
+                int(num_micro_batches))
+    weights = (maskf / NORMALISERS[config.loss_type](maskf, config, step)).reshape(-1)
     rows = maskf.reshape(-1).nonzero().squeeze(1)
+    sequences = Sequences(rows // seq, batch)
 
     def select(x):  # [B, T] -> the selected tokens [M], float32
         return None if x is None else x.reshape(-1).index_select(0, rows).float().detach()
 
-    old, ref, w = select(old_logps), select(ref_logps), select(weights)
+    if config.sampling_correction == "off":
+        sampling_logps = None
+    old, ref, w, sampling = select(old_logps), select(ref_logps), select(weights), select(sampling_logps)
     adv = advantages.detach().float().reshape(batch, -1).expand(batch, seq).reshape(-1).index_select(0, rows)
-
-    def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
-        def pick(x):
-            return None if x is None else x[sl]
-
-        return (grpo_token_loss(logp, pick(old), pick(ref), adv[sl], config) * w[sl]).sum()
-
+    hidden, targets = hidden.reshape(batch * seq, -1), target_ids.reshape(-1)
     if not torch.is_grad_enabled():  # evaluation: the Function would still see requires_grad and do the work
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
-    loss, logp = FusedLinearTokenLoss.apply(
-        hidden.reshape(batch * seq, -1), weight, bias, target_ids.reshape(-1), rows, token_loss,
-        config.temperature, config.chunk_size,
-    )
-    return loss, _metrics(logp, old, ref, adv, config)
+
+    if couples_tokens(config, sampling is not None):
+
+        def whole_loss(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+            keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
+            per_token = grpo_token_loss(logp, old, ref, adv, config, sampling_logp=sampling, keep=keep, seq=sequences)
+            return (per_token * w).sum()
+
+        loss, logp, entropy = FusedLinearTokenLoss.apply(
+            hidden, weight, bias, targets, rows, whole_loss, config.temperature, config.chunk_size, True, True
+        )
+    else:
+
+        def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
+            def pick(x):
+                return None if x is None else x[sl]
+
+            per_token = grpo_token_loss(logp, pick(old), pick(ref), adv[sl], config, sampling_logp=pick(sampling))
+            return (per_token * w[sl]).sum()
+
+        loss, logp, entropy = FusedLinearTokenLoss.apply(
+            hidden, weight, bias, targets, rows, token_loss, config.temperature, config.chunk_size, True
+        )
+    return loss, _metrics(logp, entropy, old, ref, adv, sampling, sequences, config, step)
+
+
+def high_entropy(entropy: torch.Tensor, quantile: float) -> torch.Tensor:
+    """1.0 for the tokens in the top ``quantile`` of entropy (at or above the 1 - quantile quantile of
+    ``entropy``, TRL's get_high_entropy_mask), 0.0 for the others."""
+    if entropy.numel() == 0:
+        return entropy
+    return (entropy >= torch.quantile(entropy, 1.0 - quantile)).float()
 
 
 @torch.no_grad()
-def _metrics(logp, old, ref, adv, config: LossConfig) -> dict[str, torch.Tensor]:
-    n = max(logp.numel(), 1)
+def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: LossConfig, step: Step):
     eps_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
-    ratio = torch.ones_like(logp) if old is None else torch.exp(logp - old)
-    low = (ratio < 1 - config.epsilon) & (adv < 0)
-    high = (ratio > 1 + eps_high) & (adv > 0)
-    kl = k3_kl(ref, logp).sum() / n if config.beta else logp.new_zeros(())
-    return {
-        "kl": kl,
-        "clip_ratio": (low | high).sum() / n,
-        "clip_ratio_low": low.sum() / n,
-        "clip_ratio_high": high.sum() / n,
+    ratio = torch.exp(log_importance_ratio(logp, old, config, seq))
+    if config.loss_type == "cispo":
+        high = (ratio > eps_high) & (adv > 0)
+        low = torch.zeros_like(high)
+    else:
+        capped = ratio if config.delta is None else ratio.clamp(max=config.delta)  # as TRL counts: after delta
+        low = (capped < 1 - config.epsilon) & (adv < 0)
+        high = (capped > 1 + eps_high) & (adv > 0)
+
+    def share(flags):  # per token, or per completion at sequence level (as TRL counts them)
+        if config.importance_sampling_level == "sequence":
+            return (seq.totals(flags.float()) > 0).sum() / step.sequences
+        return flags.sum() / step.tokens.clamp(min=1)
+
+    tokens = step.tokens.clamp(min=1)
+    metrics = {
+        "kl": logp.new_zeros(()),
+        "entropy": entropy.sum() / tokens,
+        "clip_ratio": share(low | high),
+        "clip_ratio_low": share(low),
+        "clip_ratio_high": share(high),
     }
+    if config.beta:
+        kl = k3_kl(ref, logp)
+        metrics["kl"] = (kl * ratio if config.kl_estimator == "k3_ratio" else kl).sum() / tokens
+    if sampling is not None:
+        learner = logp if old is None else old
+        metrics["sampling_weight"] = sampling_weights(learner, sampling, config, seq).sum() / tokens
+    return metrics

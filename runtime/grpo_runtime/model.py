@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,59 @@ from grpo_runtime.offload import apply_gradient_checkpointing
 log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
+REMOTE_SCHEMES = ("s3://", "gs://", "az://", "abfs://")  # model folders in a bucket, through storage.open_storage
 ALLOW_CPU_4BIT_ENV = "GRPO_ALLOW_CPU_4BIT"
 CACHE_DIR_ENV = "GRPO_CACHE_DIR"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HF_TOKEN_ENV = "HF_TOKEN"  # huggingface_hub reads it; the pod gets it from spec.model.tokenSecret
+
+
 class ModelError(Exception):
-    """The model named by the spec cannot be used (missing, unreadable, not a model): exit 2."""
+    """The model named by the spec cannot be used (missing, unreadable, not a model): exit 2.
+    The message never carries the hub token."""
+
+    def __init__(self, message: str):
+        token = os.environ.get(HF_TOKEN_ENV)
+        super().__init__(message.replace(token, "***") if token and len(token) >= 4 else message)
+
+
+def hub_access_error(
+    exc: BaseException, name: str, *, field: str = "spec.model.name", secret_field: str = "spec.model.tokenSecret"
+) -> ModelError | None:
+    """A ModelError saying what to do when `exc` (or its cause) is the hub refusing access:
+    a gated or private repository without a token, or a token it rejects. None otherwise.
+    `field` names the spec field that named the repository (a model or a dataset)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, HfHubHTTPError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    status = getattr(getattr(seen, "response", None), "status_code", None)
+    has_token = bool(os.environ.get(HF_TOKEN_ENV))
+    where = f"{field}: {name!r}"
+    if not has_token and (isinstance(seen, RepositoryNotFoundError) or status in (401, 403)):
+        return ModelError(
+            f"{where} is gated or private on the Hugging Face hub (or does not exist) and no hub token was given: "
+            f"set {secret_field} to a Secret whose key {HF_TOKEN_ENV} holds a token with access "
+            f"(without a cluster: export {HF_TOKEN_ENV})"
+        )
+    if has_token and status == 401:
+        return ModelError(
+            f"{where}: the hub refused the token from {secret_field} (HTTP 401: invalid or expired); "
+            "put a valid read token in the Secret"
+        )
+    if has_token and (isinstance(seen, GatedRepoError) or status == 403):
+        return ModelError(
+            f"{where}: the token from {secret_field} has no access to this gated repository (HTTP 403); "
+            "accept the licence on its hub page with the token's account, or use a token that has"
+        )
+    if has_token and isinstance(seen, RepositoryNotFoundError):
+        return ModelError(f"{where}: no such repository on the hub, or the account of the token in {secret_field} cannot see it")
+    return None
 
 
 @dataclass
@@ -47,13 +94,19 @@ class Policy:
 # --- where the weights come from ---------------------------------------------------------
 
 
-def resolve_model_source(name: str) -> str:
+def resolve_model_source(name: str, *, endpoint: str | None = None, region: str | None = None) -> str:
     """A directory or hub id `from_pretrained` can load; raises ModelError naming spec.model.name.
 
     pkg://PACKAGE/FILE finds FILE inside an installed package without importing it;
+    s3://, gs:// or az://bucket/prefix (a model folder, or one .gguf object) is downloaded once into the cache;
     *.gguf is dequantized once into a cached safetensors folder (GRPO_CACHE_DIR, default
     ~/.cache/grpo/models); a local directory or a hub id is returned as it is.
+    `endpoint` and `region` are those of spec.output (S3-compatible stores).
     """
+    if name.startswith(REMOTE_SCHEMES):
+        if name.lower().endswith(".gguf"):
+            return str(_dequantized_folder(_remote_file(name, endpoint, region), name))
+        return str(_remote_folder(name, endpoint, region))
     path = _package_file(name) if name.startswith(PKG_SCHEME) else Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -97,26 +150,78 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "grpo" / "models").expanduser()
 
 
+def _cache_entry(uri: str, endpoint: str | None) -> Path:
+    """The cache folder of a remote model: one per (URI, endpoint). Models in a bucket are
+    treated as immutable: new weights belong under a new prefix (as hub revisions are)."""
+    key = hashlib.sha256(f"{uri.rstrip('/')}|{endpoint or ''}".encode()).hexdigest()[:16]
+    stem = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return cache_root() / "remote" / f"{stem}-{key}"
+
+
+def _fill_once(target: Path, ready: Callable[[Path], bool], fill: Callable[[Path], None]) -> Path:
+    """Make `target` once: `fill` a private temp dir beside it, then rename it into place.
+
+    Jobs sharing the cache (a ReadWriteMany claim) may race: each fills its own temp dir and
+    the first rename wins; the others see a complete `target` and drop their copy. A reader
+    never sees a half-written `target`; a crash leaves only a hidden temp dir.
+    """
+    if ready(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not ready(target):  # not a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _remote_folder(uri: str, endpoint: str | None, region: str | None) -> Path:
+    from grpo_runtime.storage import StorageError, open_storage
+
+    def fill(tmp: Path) -> None:
+        log.info("downloading %s into the model cache (once)", uri)
+        try:
+            open_storage(uri, endpoint=endpoint, region=region).download_dir("", tmp)
+        except StorageError as exc:
+            raise ModelError(f"spec.model.name: {exc}") from None
+        if not (tmp / "config.json").is_file():
+            raise ModelError(f"spec.model.name: {uri!r} is not a model folder (no config.json under it)")
+
+    return _fill_once(_cache_entry(uri, endpoint), lambda p: (p / "config.json").is_file(), fill)
+
+
+def _remote_file(uri: str, endpoint: str | None, region: str | None) -> Path:
+    """One object (a .gguf file) downloaded once into the cache; its local path."""
+    from grpo_runtime.storage import StorageError, open_storage
+
+    folder, _, filename = uri.rstrip("/").rpartition("/")
+
+    def fill(tmp: Path) -> None:
+        try:
+            open_storage(folder, endpoint=endpoint, region=region).download_file(filename, tmp / filename)
+        except StorageError as exc:
+            raise ModelError(f"spec.model.name: {exc}") from None
+
+    return _fill_once(_cache_entry(uri, endpoint), lambda p: (p / filename).is_file(), fill) / filename
+
+
 def _dequantized_folder(gguf: Path, name: str) -> Path:
     """The cached plain-HF folder of a GGUF file, made once (atomically: tmp dir + rename)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         log.info("dequantizing %s into %s (once)", gguf, target)
         _dequantize_gguf(gguf, tmp, name)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return _fill_once(target, lambda p: (p / "config.json").is_file(), fill)
 
 
 def _dequantize_gguf(gguf: Path, out: Path, name: str) -> None:
@@ -154,8 +259,18 @@ def _first_line(exc: BaseException) -> str:
 # --- the policy ---------------------------------------------------------------------------
 
 
-def load_policy(model_spec, lora_spec, *, device=None, seed: int = 0, gradient_checkpointing: str = "off") -> Policy:
-    """Base model (frozen) + LoRA (trainable, initialised deterministically from `seed`)."""
+def load_policy(
+    model_spec,
+    lora_spec,
+    *,
+    device=None,
+    seed: int = 0,
+    gradient_checkpointing: str = "off",
+    endpoint: str | None = None,
+    region: str | None = None,
+) -> Policy:
+    """Base model (frozen) + LoRA (trainable, initialised deterministically from `seed`).
+    `endpoint`/`region`: of the S3-compatible store an s3:// model lives in."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -180,7 +295,7 @@ def load_policy(model_spec, lora_spec, *, device=None, seed: int = 0, gradient_c
         )
     kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
 
-    source = resolve_model_source(model_spec.name)
+    source = resolve_model_source(model_spec.name, endpoint=endpoint, region=region)
     if model_spec.revision and not Path(source).is_dir():
         kwargs["revision"] = model_spec.revision
     try:
@@ -188,8 +303,13 @@ def load_policy(model_spec, lora_spec, *, device=None, seed: int = 0, gradient_c
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=kwargs.get("revision"), trust_remote_code=model_spec.trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({_first_line(exc)})") from None
+    except Exception as exc:
+        refused = hub_access_error(exc, model_spec.name)
+        if refused is not None:
+            raise refused from None
+        if isinstance(exc, OSError | ValueError | KeyError):
+            raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({_first_line(exc)})") from None
+        raise
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,18 +1,18 @@
-"""`grpo report URI`: reward curves from a run's metrics.jsonl, training and held-out evaluation, as a PNG."""
+"""`grpo report URI`: reward curves from a run's metrics (metrics/part-N.jsonl), training and held-out
+evaluation, as a PNG."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 
 def read_metrics(uri: str, endpoint: str | None = None, region: str | None = None) -> list[dict[str, Any]]:
+    from grpo_runtime import metrics_log
     from grpo_runtime.storage import open_storage
 
-    text = open_storage(uri, endpoint=endpoint, region=region).read_bytes("metrics.jsonl").decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return metrics_log.read_metrics(open_storage(uri, endpoint=endpoint, region=region))
 
 
 def split_lines(metrics: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -84,7 +84,7 @@ def write_report(uri: str, out: str) -> int:
         return 2
     train, evals = split_lines(metrics)
     if not train and not evals:
-        print(f"grpo report: {uri}/metrics.jsonl has no steps yet", file=sys.stderr)
+        print(f"grpo report: {uri} has no metrics yet (no step has finished)", file=sys.stderr)
         return 2
     path = plot_rewards(metrics, out)
     line = f"{path}: {len(train)} steps"

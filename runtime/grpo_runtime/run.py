@@ -131,8 +131,10 @@ def _prepare(job: GRPOJob, uri: str):
         spec.lora,
         seed=spec.training.seed,
         gradient_checkpointing=spec.training.gradient_checkpointing,
+        endpoint=spec.output.endpoint,
+        region=spec.output.region,
     )
-    engine = make_engine(spec.generation, policy)
+    engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
     evaluator = Evaluator(job, policy, engine, rewards, held_out) if spec.evaluation else None
     return storage, rewards, policy, engine, sampler, evaluator
@@ -148,6 +150,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (DatasetError, ModelError, RewardError, StorageError, EngineError)
 
 
+def exit_code(exc: BaseException) -> int:
+    """The exit code `grpo train` gives a failure: bad input 2 (not retried), anything else 1."""
+    return EXIT_BAD_INPUT if isinstance(exc, _bad_input_errors()) else EXIT_FAILURE
+
+
 def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = None, quiet: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if max_steps is not None:
@@ -155,6 +162,7 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     uri = output_uri(job, output)
     bad_input = _bad_input_errors()
     try:
+        from grpo_runtime.tracking import open_tracking
         from grpo_runtime.trainer import Trainer
 
         storage, rewards, policy, engine, sampler, evaluator = _prepare(job, uri)
@@ -169,12 +177,20 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
         if sinks:
             trainer.on_step.append(sinks[0])
             trainer.on_eval.append(sinks[1])
+        tracking = open_tracking(job, storage, step=trainer.step, extras=trainer.checkpoint_extras)
+        if tracking:
+            trainer.on_step.append(tracking)
+            trainer.on_eval.append(tracking)  # eval records: the same step axis, eval/... names
         started = time.perf_counter()
         first_step = trainer.step
+        ok = False
         try:
             last = trainer.train()
+            ok = True
         finally:
             bar.close()
+            if tracking:
+                tracking.finish(ok)
     except bad_input as exc:
         print(f"grpo train: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -197,7 +213,7 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     if last:
         print(
             f"done: {ran} steps in {elapsed:.0f}s, final reward {last['reward']:.3f}, kl {last['kl']:.4f}; "
-            f"adapter at {uri.rstrip('/')}/final, metrics at {uri.rstrip('/')}/metrics.jsonl"
+            f"adapter at {uri.rstrip('/')}/final, metrics under {uri.rstrip('/')}/metrics/"
         )
     else:
         print(f"done: nothing to run, step {trainer.step} of {job.spec.training.max_steps} already reached; adapter at {uri.rstrip('/')}/final")

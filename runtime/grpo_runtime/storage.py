@@ -1,11 +1,14 @@
-"""Where a job's outputs live: a local directory or s3://bucket/prefix, behind one interface.
+"""Where a job's outputs live: a local directory, s3://bucket/prefix (boto3), gs://bucket/prefix
+(gcsfs) or az://container/prefix (adlfs; abfs:// too), behind one interface.
 
 Keys are relative, "/"-separated paths such as "checkpoints/step-5/adapter_model.safetensors".
 `list` and `delete_prefix` take a plain string prefix, as S3 does: pass a trailing "/" to
 mean a directory ("checkpoints/step-1/" does not match "checkpoints/step-10/...").
 
 Every object write is atomic: a reader sees the old content or the new, never half a file
-(local: temp file + os.replace; S3: a PUT or a completed multipart upload is all or nothing).
+(local: temp file + os.replace; S3: a PUT or a completed multipart upload is all or nothing;
+GCS: an upload, simple or resumable, makes the object only when it completes; Azure: a blob
+appears when its block list is committed). Local downloads go to a temp file, then os.replace.
 The checkpoint protocol in `checkpoints.py` is built on that guarantee.
 
 Errors surface as StorageError, whose message names the URI, what was being done and the
@@ -27,7 +30,17 @@ T = TypeVar("T")
 
 MiB = 1024 * 1024
 _TMP_PREFIX = ".tmp-"  # local temp files; never listed
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CLIENT_SECRET",
+    "HF_TOKEN",
+)
+FSSPEC_SCHEMES = {"gs": "gcs", "az": "az", "abfs": "az"}  # URI scheme -> fsspec protocol
 
 
 class StorageError(RuntimeError):
@@ -43,6 +56,7 @@ def _scrub(text: str) -> str:
         value = os.environ.get(name)
         if value and len(value) >= 4:
             text = text.replace(value, "***")
+    text = re.sub(r"(AccountKey|SharedAccessSignature|sig)=[^;&\s]+", r"\1=***", text)
     return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
 
 
@@ -71,9 +85,6 @@ class Storage(Protocol):
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         """Raises StorageError when nothing is under `prefix` (a wrong name, nearly always)."""
 
-    def append_line(self, key: str, line: str) -> None:
-        """Append one line (a newline is added) to a text object such as metrics.jsonl."""
-
 
 def open_storage(
     uri: str,
@@ -84,10 +95,11 @@ def open_storage(
     multipart_chunksize: int = 16 * MiB,
     max_attempts: int = 5,
 ) -> Storage:
-    """Storage for `uri`: "s3://bucket/prefix", "file:///dir" or a plain directory path.
+    """Storage for `uri`: "s3://bucket/prefix", "gs://bucket/prefix", "az://container/prefix",
+    "file:///dir" or a plain directory path.
 
-    `endpoint` and `region` apply to S3 only (MinIO, Ceph, R2...). `max_attempts` is botocore's
-    per-request retry budget.
+    `endpoint`: S3-compatible stores (MinIO, Ceph, R2...) or a GCS endpoint (an emulator);
+    `region` and `max_attempts` (botocore's per-request retry budget) apply to S3 only.
     """
     if uri.startswith("s3://"):
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -102,10 +114,16 @@ def open_storage(
             multipart_chunksize=multipart_chunksize,
             max_attempts=max_attempts,
         )
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme in FSSPEC_SCHEMES:
+        return FsspecStorage(uri, endpoint=endpoint)
     if uri.startswith("file://"):
         return LocalStorage(uri.removeprefix("file://"))
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
-        raise StorageError(f"{uri}: unsupported storage scheme (use a directory or s3://bucket/prefix)")
+        raise StorageError(
+            f"{uri}: unsupported storage scheme (use a directory, s3://bucket/prefix, gs://bucket/prefix "
+            "or az://container/prefix)"
+        )
     return LocalStorage(uri)
 
 
@@ -234,22 +252,6 @@ class LocalStorage:
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         _download_dir(self, prefix, Path(local_dir))
 
-    def append_line(self, key: str, line: str) -> None:
-        """O_APPEND write of one line, fsynced; readers never see a torn line in practice."""
-        data = _line_bytes(line)
-        path = self._path(key)
-
-        def append() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:
-                if f.tell() > 0 and not _ends_with_newline(path):
-                    f.write(b"\n")
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-
-        self._os_call(f"append to {key!r}", append)
-
     def _os_call(self, action: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -258,19 +260,6 @@ class LocalStorage:
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _line_bytes(line: str) -> bytes:
-    line = line.removesuffix("\n")
-    if "\n" in line:
-        raise ValueError("append_line takes one line; it contains a newline")
-    return (line + "\n").encode()
 
 
 def _upload_dir(storage: Storage, local_dir: Path, prefix: str) -> None:
@@ -487,19 +476,6 @@ class S3Storage:
     def download_dir(self, prefix: str, local_dir: str | Path) -> None:
         _download_dir(self, prefix, Path(local_dir))
 
-    def append_line(self, key: str, line: str) -> None:
-        """Read-modify-write: S3 has no append. GET the object (missing = empty), add the line,
-        PUT it back. Each PUT replaces the object atomically, so readers always see whole
-        lines; the cost is O(object size) per call and it assumes one writer per key (a job's
-        single trainer process writes its metrics.jsonl)."""
-        data = _line_bytes(line)
-        if self.exists(key):
-            old = self.read_bytes(key)
-            if old and not old.endswith(b"\n"):
-                old += b"\n"
-            data = old + data
-        self.write_bytes(key, data)
-
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r}, endpoint={self.endpoint!r})"
 
@@ -540,3 +516,139 @@ def _is_transient(exc: BaseException) -> bool:
         seen = seen.__cause__ or seen.__context__
     code, _ = _client_error(exc)
     return code in _TRANSIENT_CODES
+
+
+# ------------------------------------------------------------------------- GCS and Azure (fsspec)
+
+
+class FsspecStorage:
+    """gs://bucket/prefix through gcsfs, az://container/prefix (or abfs://) through adlfs.
+
+    The libraries do the transport: retries of transient errors (gcsfs retries 5xx, 429 and
+    dropped connections with backoff; adlfs through azure-core's retry policy), resumable or
+    block uploads of large files, paginated listing, batched deletes. This class only maps
+    the protocol onto them and turns their errors into StorageError.
+
+    Credentials come from the environment, as each library reads it: GOOGLE_APPLICATION_CREDENTIALS
+    (or the node's workload identity) for GCS; AZURE_STORAGE_CONNECTION_STRING, or
+    AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY / AZURE_STORAGE_SAS_TOKEN (or a
+    service principal) for Azure. STORAGE_EMULATOR_HOST or `endpoint` points gcsfs at an emulator.
+    """
+
+    def __init__(self, uri: str, *, endpoint: str | None = None):
+        import fsspec
+
+        scheme, _, rest = uri.partition("://")
+        bucket, _, prefix = rest.partition("/")
+        options: dict = {"skip_instance_cache": True, "use_listings_cache": False}
+        if "@" in bucket and scheme in ("az", "abfs"):  # container@account.dfs.core.windows.net
+            bucket, _, host = bucket.partition("@")
+            options["account_name"] = host.split(".")[0]
+        if not bucket:
+            raise StorageError(f"{uri}: needs a bucket or container: {scheme}://NAME/prefix")
+        protocol = FSSPEC_SCHEMES[scheme]
+        if protocol == "gcs" and endpoint:
+            options["endpoint_url"] = endpoint
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.prefix = _dir_prefix(prefix.strip("/"))
+        self.uri = f"{scheme}://{bucket}/{self.prefix}".rstrip("/")
+        try:
+            self.fs = fsspec.filesystem(protocol, **options)
+        except ImportError as exc:
+            raise StorageError(f"{self.uri}: the {protocol} client is not installed ({exc})") from None
+        except Exception as exc:  # e.g. no Azure account configured
+            raise StorageError(f"{self.uri}: cannot set up the {scheme}:// client: {_cause_text(exc)}") from exc
+        self._root = f"{bucket}/{self.prefix}"
+
+    def _path(self, key: str) -> str:
+        return self._root + _check_key(key)
+
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.uri}: cannot {action}: no such key (or bucket {self.bucket!r})") from exc
+        except PermissionError as exc:
+            raise StorageError(
+                f"{self.uri}: cannot {action}: access denied to {self.bucket!r} (check the credentials)"
+            ) from exc
+        except Exception as exc:
+            raise StorageError(f"{self.uri}: cannot {action}: {_cause_text(exc)}") from exc
+
+    def check(self) -> None:
+        probe = self._root + ".grpo-write-check"
+        self._call("write to the bucket", lambda: self.fs.pipe_file(probe, b""))
+        self._call("delete from the bucket", lambda: self.fs.rm_file(probe))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        self._call(f"write {key!r}", lambda: self.fs.pipe_file(path, data))
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        return self._call(f"read {key!r}", lambda: self.fs.cat_file(path))
+
+    def exists(self, key: str) -> bool:
+        path = self._path(key)
+        return self._call(f"check {key!r}", lambda: self.fs.isfile(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._root + _check_key(prefix, prefix=True)
+        base = (self._root + prefix.rpartition("/")[0]).rstrip("/")
+
+        def find() -> list[str]:
+            try:
+                found = self.fs.find(base)
+            except FileNotFoundError:
+                return []
+            return sorted(p[len(self._root) :] for p in found if p.startswith(full) and p != base)
+
+        return self._call(f"list {prefix!r}", find)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        def rm() -> None:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        self._call(f"delete {key!r}", rm)
+
+    def delete_prefix(self, prefix: str) -> None:
+        paths = [self._root + key for key in self.list(prefix)]
+        if paths:
+            self._call(f"delete under {prefix!r}", lambda: self.fs.rm(paths))
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        path = self._path(key)
+        self._call(f"upload {str(local_path)!r} to {key!r}", lambda: self.fs.put_file(str(local_path), path))
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        path, target = self._path(key), Path(local_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        os.close(fd)
+        try:
+            self._call(f"download {key!r}", lambda: self.fs.get_file(path, tmp))
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
+        _upload_dir(self, Path(local_dir), prefix)
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> None:
+        _download_dir(self, prefix, Path(local_dir))
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.uri!r}, endpoint={self.endpoint!r})"
+
+
+def _cause_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -24,12 +24,12 @@ from grpo_runtime.advantages import frac_zero_std_groups, group_advantages
 from grpo_runtime.data import PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
+from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
 from grpo_runtime.rewards import Reward, reward_metrics, score
 from grpo_runtime.spec import GRPOJob
 from grpo_runtime.storage import Storage
 
-METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -78,6 +78,7 @@ class Batch:
     completion_ids: torch.Tensor  # [N, C]
     completion_mask: torch.Tensor  # [N, C]
     prompt_width: int  # P
+    sampling_logps: torch.Tensor  # [N, C] the engine's log-prob of each sampled token (NaN: none given, or padding)
 
     def rows(self, index: torch.Tensor | slice) -> Batch:
         return Batch(
@@ -86,6 +87,7 @@ class Batch:
             self.completion_ids[index],
             self.completion_mask[index],
             self.prompt_width,
+            self.sampling_logps[index],
         )
 
 
@@ -106,17 +108,21 @@ def build_batch(
     n = len(completions)
     input_ids = torch.full((n, width_p + width_c), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width_p + width_c), dtype=torch.long)
+    sampling = torch.full((n, width_c), float("nan"))
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         ids = completion.completion_ids
         input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt)
         input_ids[row, width_p : width_p + len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[row, width_p - len(prompt) : width_p + len(ids)] = 1
+        if completion.logprobs is not None:
+            sampling[row, : len(ids)] = torch.tensor(completion.logprobs, dtype=torch.float32)
     return Batch(
         input_ids.to(device),
         attention.to(device),
         input_ids[:, width_p:].to(device),
         attention[:, width_p:].to(device),
         width_p,
+        sampling.to(device),
     )
 
 
@@ -126,13 +132,48 @@ def completion_hidden(policy: Policy, batch: Batch) -> torch.Tensor:
     return hidden[:, batch.prompt_width - 1 : -1]
 
 
+def loss_config(spec, engine: str) -> LossConfig:
+    """The loss a GRPOJobSpec describes, for a rollout engine named `engine`."""
+    training = spec.training
+    correction = training.sampling_correction
+    if correction == "auto":  # vLLM samples from other weights (merged, maybe dequantized), dtype and kernels
+        correction = "token_truncate" if engine == "vllm" else "off"
+    return LossConfig(
+        loss_type=training.loss_type,
+        beta=training.beta,
+        epsilon=training.epsilon,
+        epsilon_high=training.epsilon_high,
+        temperature=spec.generation.temperature,
+        chunk_size=training.loss_chunk_size,
+        max_completion_length=spec.generation.max_completion_length,
+        kl_estimator=training.kl_estimator,
+        importance_sampling_level=training.importance_sampling_level,
+        delta=training.delta,
+        sampling_correction=correction,
+        sampling_correction_max=training.sampling_correction_max,
+        sampling_correction_min=training.sampling_correction_min,
+        top_entropy_quantile=training.top_entropy_quantile,
+    )
+
+
+def split_micro_batches(completions: int, gradient_accumulation_steps: int) -> list[torch.Tensor]:
+    """The rows of each micro-batch: min(gradientAccumulationSteps, completions) of them, sizes differing by
+    at most one (every one runs: the loss's normalisers count the step, not the micro-batches)."""
+    return list(torch.arange(completions).tensor_split(min(gradient_accumulation_steps, completions)))
+
+
 @torch.no_grad()
-def batch_logprobs(policy: Policy, batch: Batch, config: LossConfig, micro_batches: int) -> torch.Tensor:
+def batch_logprobs(
+    policy: Policy, batch: Batch, config: LossConfig, micro_batches: int | list[torch.Tensor]
+) -> torch.Tensor:
+    """log-probs [N, C] of the completion tokens, no grad, a micro-batch (a count, or their rows) at a time."""
+    if isinstance(micro_batches, int):
+        micro_batches = split_micro_batches(batch.input_ids.shape[0], micro_batches)
     weight, bias = lm_head(policy.model)
-    parts = []
-    for rows in torch.arange(batch.input_ids.shape[0]).chunk(micro_batches):
+    out = []
+    for rows in micro_batches:
         micro = batch.rows(rows)
-        parts.append(
+        out.append(
             token_logprobs(
                 completion_hidden(policy, micro),
                 weight,
@@ -142,7 +183,7 @@ def batch_logprobs(policy: Policy, batch: Batch, config: LossConfig, micro_batch
                 bias=bias,
             )
         )
-    return torch.cat(parts)
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +212,8 @@ class Trainer:
     storage: Storage
     on_step: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     step: int = 0
+    # small JSON-able state of others (e.g. the tracking run id) saved with each checkpoint
+    checkpoint_extras: dict[str, Any] = field(default_factory=dict)
     evaluator: Any = None  # grpo_runtime.evaluation.Evaluator when spec.evaluation is set
     on_eval: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
@@ -178,15 +221,7 @@ class Trainer:
         spec = self.job.spec
         self.training = spec.training
         self.generation = spec.generation
-        self.loss_config = LossConfig(
-            loss_type=spec.training.loss_type,
-            beta=spec.training.beta,
-            epsilon=spec.training.epsilon,
-            epsilon_high=spec.training.epsilon_high,
-            temperature=spec.generation.temperature,
-            chunk_size=spec.training.loss_chunk_size,
-            max_completion_length=spec.generation.max_completion_length,
-        )
+        self.loss_config = loss_config(spec, self.engine.name)
         self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay
@@ -199,7 +234,8 @@ class Trainer:
             num_training_steps=total,
         )
         self.latest_checkpoint: str | None = None
-        self.eval_history: list[dict[str, Any]] = []  # the eval lines of metrics.jsonl, oldest first
+        self.metrics_log = MetricsLog(self.storage)
+        self.eval_history: list[dict[str, Any]] = []  # the eval records of the metrics, oldest first
         self.best = None  # grpo_runtime.evaluation.BestAdapter when checkpoint.keepBest is set
         self._at_max_lengths = True  # the first step of every process probes the worst-case memory
 
@@ -221,43 +257,56 @@ class Trainer:
 
     def optimise(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
         """numIterations optimizer updates on one generated batch; returns loss metrics."""
-        micro_batches = min(self.training.gradient_accumulation_steps, batch.input_ids.shape[0])
-        old = batch_logprobs(self.policy, batch, self.loss_config, micro_batches) if self.training.num_iterations > 1 else None
+        parts = split_micro_batches(batch.input_ids.shape[0], self.training.gradient_accumulation_steps)
+        old = batch_logprobs(self.policy, batch, self.loss_config, parts) if self.training.num_iterations > 1 else None
         ref = None
         if self.training.beta > 0:
             with self.policy.model.disable_adapter():
-                ref = batch_logprobs(self.policy, batch, self.loss_config, micro_batches)
-        weight, bias = lm_head(self.policy.model)
+                ref = batch_logprobs(self.policy, batch, self.loss_config, parts)
         advantages = advantages.to(self.policy.device)
-        tokens_in_step = batch.completion_mask.sum()
-        sums = {"loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "grad_norm": 0.0}
+        sums: dict[str, float] = {}
         self.policy.model.train()
         for _ in range(self.training.num_iterations):
-            for rows in torch.arange(batch.input_ids.shape[0]).chunk(micro_batches):
-                micro = batch.rows(rows)
-                loss, metrics = grpo_loss(
-                    completion_hidden(self.policy, micro),
-                    weight,
-                    micro.completion_ids,
-                    micro.completion_mask,
-                    advantages[rows],
-                    old_logps=None if old is None else old[rows],
-                    ref_logps=None if ref is None else ref[rows],
-                    config=self.loss_config,
-                    bias=bias,
-                    num_items_in_batch=tokens_in_step,
-                )
-                # dapo already divides by the whole step's tokens; the others are per micro-batch means.
-                scaled = loss if self.loss_config.loss_type == "dapo" else loss / micro_batches
-                scaled.backward()
-                sums["loss"] += scaled.item()
-                sums["kl"] += metrics["kl"].item() / micro_batches
-                sums["clip_ratio"] += metrics["clip_ratio"].item() / micro_batches
-            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(self.params, self.training.max_grad_norm).item()
+            for key, value in self.accumulate(batch, advantages, parts, old, ref).items():
+                sums[key] = sums.get(key, 0.0) + value
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
+                self.params, self.training.max_grad_norm
+            ).item()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return {key: value / self.training.num_iterations for key, value in sums.items()}
+
+    def accumulate(self, batch: Batch, advantages, parts, old=None, ref=None) -> dict[str, float]:
+        """The step's gradients, added into the parameters' .grad one micro-batch at a time; returns the step's
+        loss and metrics. Each micro-batch's loss is its share of the step's (the loss's normalisers are given
+        the step's totals), so the sum is the same for any split."""
+        weight, bias = lm_head(self.policy.model)
+        step = {
+            "num_items_in_batch": batch.completion_mask.sum(),
+            "num_sequences_in_batch": batch.input_ids.shape[0],
+            "num_micro_batches": len(parts),
+        }
+        sums: dict[str, float] = {}
+        for rows in parts:
+            micro = batch.rows(rows)
+            loss, metrics = grpo_loss(
+                completion_hidden(self.policy, micro),
+                weight,
+                micro.completion_ids,
+                micro.completion_mask,
+                advantages[rows],
+                old_logps=None if old is None else old[rows],
+                ref_logps=None if ref is None else ref[rows],
+                sampling_logps=micro.sampling_logps,
+                config=self.loss_config,
+                bias=bias,
+                **step,
+            )
+            loss.backward()
+            for key, value in {"loss": loss, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+        return sums
 
     def run_step(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -280,7 +329,11 @@ class Trainer:
             "reward_std": scores.total.std().item(),
             **reward_metrics(scores),
             "kl": losses["kl"],
+            "entropy": losses["entropy"],
             "clip_ratio": losses["clip_ratio"],
+            "clip_ratio_low": losses["clip_ratio_low"],
+            "clip_ratio_high": losses["clip_ratio_high"],
+            **({"sampling_weight": losses["sampling_weight"]} if "sampling_weight" in losses else {}),
             "grad_norm": losses["grad_norm"],
             "learning_rate": self.scheduler.get_last_lr()[0],
             "frac_reward_zero_std": frac_zero_std_groups(scores.total, self.generation.num_generations),
@@ -293,7 +346,7 @@ class Trainer:
             "peak_memory_mb": _peak_memory_mb(self.policy.device),
         }
         self._write_samples(rows, completions, scores)
-        self.storage.append_line(METRICS_FILE, json.dumps(metrics))
+        self.metrics_log.append(metrics)
         return metrics
 
     def _write_samples(self, rows, completions: list[Completion], scores) -> None:
@@ -328,6 +381,7 @@ class Trainer:
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
                 },
+                "extras": dict(self.checkpoint_extras),
             }
             torch.save(state, Path(tmp) / STATE_FILE)
             self.latest_checkpoint = checkpoints.publish_checkpoint(
@@ -339,6 +393,7 @@ class Trainer:
         """Continue from checkpoints/LATEST when there is one; False when starting fresh."""
         step = checkpoints.latest_checkpoint(self.storage)
         if step is None:
+            self._drop_metrics_after(0)  # an attempt that died before its first checkpoint
             return False
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -357,35 +412,28 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
+        self.checkpoint_extras.update(state.get("extras") or {})
         self.latest_checkpoint = f"{checkpoints.CHECKPOINTS}/step-{self.step}"
         self._drop_metrics_after(self.step)
         self.engine.sync(self.policy)
         return True
 
     def _drop_metrics_after(self, step: int) -> None:
-        """Steps after the checkpoint are re-run; their old lines would be duplicates."""
-        if not self.storage.exists(METRICS_FILE):
-            return
-        kept = [
-            line
-            for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.storage.write_bytes(METRICS_FILE, "".join(f"{line}\n" for line in kept).encode())
+        """Steps after the checkpoint are re-run; their old records would be duplicates."""
+        self.metrics_log.truncate_after(step)
 
     # -- held-out evaluation --------------------------------------------------------------
 
     def _start_history(self) -> None:
-        """metrics.jsonl as this run continues it: empty on a fresh start (lines of an attempt that
-        never checkpointed would be duplicates), else as resume() trimmed it; its eval lines so far."""
+        """The metrics as this run continues them: none on a fresh start (records of an attempt that
+        never checkpointed, step-0 evaluations included, would be duplicates), else as resume()
+        trimmed them; their eval records so far."""
         from grpo_runtime.evaluation import BestAdapter, is_eval_line
+        from grpo_runtime.metrics_log import read_metrics
 
         if self.step == 0:
             self._drop_metrics_after(-1)
-        lines = []
-        if self.storage.exists(METRICS_FILE):
-            lines = [json.loads(line) for line in self.storage.read_bytes(METRICS_FILE).decode().splitlines() if line.strip()]
-        self.eval_history = [line for line in lines if is_eval_line(line)]
+        self.eval_history = [record for record in read_metrics(self.storage) if is_eval_line(record)]
         if self.job.spec.checkpoint.keep_best:
             self.best = BestAdapter(self.storage, self.job.spec.checkpoint.keep_best)
             self.best.start(self.step, self.eval_history)
@@ -401,7 +449,7 @@ class Trainer:
 
         metrics, samples = self.evaluator.evaluate(self.step)
         self.storage.write_bytes(f"samples/eval-step-{self.step}.jsonl", samples_jsonl(samples))
-        self.storage.append_line(METRICS_FILE, json.dumps(metrics))
+        self.metrics_log.append(metrics)
         if self.best is not None:
             self.best.offer(self.step, metrics, self.policy.model)
         self.eval_history.append(metrics)
@@ -427,4 +475,21 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
             save_adapter(self.policy.model, tmp)
             self.storage.upload_dir(tmp, "final")
+            if self.job.spec.output.merged:
+                self._write_merged(tmp)
         return metrics
+
+    def _write_merged(self, adapter_dir: str) -> None:
+        from grpo_runtime.merge import merge_adapter
+
+        model = self.job.spec.model
+        with tempfile.TemporaryDirectory(prefix="grpo-merged-") as tmp:
+            merge_adapter(
+                self.policy.source,
+                adapter_dir,
+                tmp,
+                revision=None if Path(self.policy.source).is_dir() else model.revision,
+                trust_remote_code=model.trust_remote_code,
+            )
+            self.storage.delete_prefix("final-merged/")  # no file of an older merge survives
+            self.storage.upload_dir(tmp, "final-merged")

@@ -43,7 +43,7 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     data = _results(tmp_path)
     parts = {p["key"]: p for p in data["parts"]}
-    assert set(parts) == {"a", "b", "c", "d"}
+    assert set(parts) == {"a", "b", "c", "d", "e"}
     for part in parts.values():
         assert part["status"] == "passed", part
         assert part["checks"] and all(c["passed"] for c in part["checks"])
@@ -58,6 +58,10 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     # c: offload really moved the layer inputs (the CPU-forced hooks), one per layer
     offload_row = next(r for r in parts["c"]["rows"] if r["mode"] == "offload")
     assert offload_row["offloaded_tensors"] == 2
+    # e: a small bf16 step reached the vLLM engine; the OOM-at-wake check is CUDA-only and says so
+    assert {c["name"] for c in parts["e"]["checks"]} == {
+        "small bf16 update: abs(engine/learner objective change - 1)", "small bf16 update: abs(slope - 1)"}
+    assert any(str(r.get("oom_at_wake", "")).startswith("not run: needs CUDA") for r in parts["e"]["rows"])
     assert data["environment"]["mode"].startswith("smoke")
     assert "| a. Loss fwd+bwd" in run.stdout  # the table is printed too
 
@@ -66,7 +70,7 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
 def suite(monkeypatch):
     module = _load_suite()
     noop = lambda *args, **kwargs: None  # noqa: E731
-    for name in ("part_loss", "part_step", "part_offload", "part_kernels"):
+    for name in ("part_loss", "part_step", "part_offload", "part_kernels", "part_vllm"):
         monkeypatch.setattr(module, name, noop)
     return module
 
@@ -190,4 +194,4 @@ def _cheap_inputs(B, V, D, T, device, seed=0):
     import torch
 
     hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed)).requires_grad_()
-    return hidden, None, None, None, None, None, None
+    return hidden, None, None, None, None, None, None, None

@@ -1,12 +1,11 @@
 """bench/learning.py: the local example's held-out gain, read from the run it starts.
 
 The 20-minute SmolLM2 run itself is not run here; the same script runs a tiny job end to end
-through the real `grpo train`, and its last line must be what that run's metrics.jsonl says.
+through the real `grpo train`, and its last line must be what that run's metrics say.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import yaml
 from grpo_runtime.spec import load_job
 
 from tests.runtime.conftest import build_tiny_model
-from tests.runtime.test_trainer import tiny_job
+from tests.runtime.test_trainer import read_metrics, tiny_job
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "learning.py"
@@ -44,7 +43,7 @@ def test_last_line_is_the_held_out_accuracy_before_and_after(tiny_model_dir, tmp
     out = tmp_path / "run"
     result = bench("--job", job, "--reward", "short", "--output", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     evals = [m for m in metrics if "eval/accuracy" in m]
     assert [m["step"] for m in evals] == [0, 2, 3]
     lines = result.stdout.strip().splitlines()

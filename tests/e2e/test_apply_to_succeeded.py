@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest_asyncio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
 from k8s_doubles import eventually, stored  # noqa: E402
-from k8s_fixtures import apiserver, kubeconfig, operator  # noqa: E402,F401
+from k8s_fixtures import apiserver, bare_apiserver, kubeconfig, operator  # noqa: E402,F401
 from local_kubelet import LocalKubelet  # noqa: E402
 
 from tests.runtime.conftest import build_tiny_model  # noqa: E402
@@ -36,7 +37,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest_asyncio.fixture
 async def kubelet(apiserver, kubeconfig, tmp_path):  # noqa: F811
-    env = {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # the repository (for tests.* reward modules) first, then whatever the test run itself imports from
+    pythonpath = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    env = {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     async with LocalKubelet(str(apiserver.url), root=tmp_path / "kubelet", env=env) as k:
         yield k
 
@@ -80,10 +83,15 @@ def s3_keys(bucket, prefix):
     return {o["Key"] for o in client.list_objects_v2(Bucket=bucket.name, Prefix=prefix).get("Contents", [])}
 
 
-def s3_metrics(bucket, key):
-    client = boto3.client("s3", endpoint_url=bucket.endpoint, region_name="us-east-1")
-    body = client.get_object(Bucket=bucket.name, Key=key)["Body"].read().decode()
-    return [json.loads(line) for line in body.splitlines()]
+def s3_metrics(bucket, prefix):
+    """The run's metrics stream under `prefix`, read as `grpo report` reads it."""
+    from grpo_runtime.metrics_log import read_metrics
+    from grpo_runtime.storage import open_storage
+
+    with pytest.MonkeyPatch.context() as env:  # the test took the credentials away from this process
+        env.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
+        env.setenv("AWS_SECRET_ACCESS_KEY", bucket.secret)
+        return read_metrics(open_storage(bucket.uri(prefix), endpoint=bucket.endpoint))
 
 
 async def test_apply_trains_in_a_pod_and_succeeds(apiserver, operator, kubelet, s3_bucket, tiny_model, monkeypatch):  # noqa: F811
@@ -105,8 +113,8 @@ async def test_apply_trains_in_a_pod_and_succeeds(apiserver, operator, kubelet, 
     assert set(progress["rewards"]) == {"correct", "short"}
     assert progress["latestCheckpoint"] == "checkpoints/step-3"
     assert {"jobs/tiny/final/adapter_model.safetensors", "jobs/tiny/checkpoints/LATEST",
-            "jobs/tiny/metrics.jsonl", "jobs/tiny/spec.yaml"} <= s3_keys(s3_bucket, "jobs/tiny/")
-    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/tiny/metrics.jsonl")] == [1, 2, 3]
+            "jobs/tiny/metrics/part-000000.jsonl", "jobs/tiny/spec.yaml"} <= s3_keys(s3_bucket, "jobs/tiny/")
+    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/tiny")] == [1, 2, 3]
     assert s3_bucket.secret not in json.dumps(job(apiserver, "tiny"))
     assert s3_bucket.secret not in log
 
@@ -125,4 +133,4 @@ async def test_killed_pod_is_replaced_and_resumes_from_the_last_checkpoint(apise
     assert status["phase"] == "Succeeded", (status, second[-3000:])
     assert status["restarts"] == 1
     assert "resumed from checkpoints/step-2 at step 2" in second
-    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/flaky/metrics.jsonl")] == [1, 2, 3, 4]
+    assert [m["step"] for m in s3_metrics(s3_bucket, "jobs/flaky")] == [1, 2, 3, 4]

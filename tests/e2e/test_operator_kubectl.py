@@ -92,7 +92,8 @@ async def test_apply_get_delete_with_real_kubectl(apiserver, operator, kubectl, 
         await eventually(lambda: job_status(apiserver).get("phase") == "Running")
 
         # The runtime's progress report, as the pod's sink would patch it.
-        progress = {"status": {"progress": {"step": 3, "totalSteps": 10, "reward": 0.625}}}
+        progress = {"status": {"progress": {"step": 3, "totalSteps": 10, "reward": 0.625,
+                                            "eval": {"step": 2, "accuracy": 0.375}}}}
         response = await apiserver.patch(
             "/apis/grpo.dev/v1alpha1/namespaces/default/grpojobs/kubectl-demo/status",
             data=json.dumps(progress), headers={"Content-Type": "application/merge-patch+json"},
@@ -100,12 +101,14 @@ async def test_apply_get_delete_with_real_kubectl(apiserver, operator, kubectl, 
         assert response.status == 200
 
         table = (await kubectl("get", "grpojobs")).splitlines()
-        assert table[0].split() == ["NAME", "PHASE", "STEP", "REWARD", "AGE"]
-        assert table[1].split()[:4] == ["kubectl-demo", "Running", "3", "0.625"]
+        assert table[0].split() == ["NAME", "PHASE", "STEP", "REWARD", "EVAL", "AGE"]
+        assert table[1].split()[:5] == ["kubectl-demo", "Running", "3", "0.625", "0.375"]
 
         wide = (await kubectl("get", "grpo", "-o", "wide")).splitlines()  # the short name
-        assert wide[0].split() == ["NAME", "PHASE", "STEP", "TOTAL", "REWARD", "RESTARTS", "POD", "AGE"]
-        assert wide[1].split()[:7] == ["kubectl-demo", "Running", "3", "10", "0.625", "0", "kubectl-demo-attempt-1"]
+        assert wide[0].split() == ["NAME", "PHASE", "STEP", "TOTAL", "REWARD", "EVAL", "RESTARTS", "DISRUPTIONS",
+                                   "POD", "AGE"]
+        assert wide[1].split()[:9] == ["kubectl-demo", "Running", "3", "10", "0.625", "0.375", "0", "0",
+                                       "kubectl-demo-attempt-1"]
 
         explained = await kubectl("explain", "grpojob.spec.generation.numGenerations")
         assert "Completions sampled per prompt (the GRPO group size G)." in explained

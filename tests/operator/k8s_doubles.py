@@ -29,9 +29,19 @@ server does:
 - CRDs: creating a CustomResourceDefinition (or install_crd()) registers its resource for
   discovery (kind, shortNames, categories, status subresource), its printer columns, and
   its OpenAPI v3 document under /openapi/v3 (kubectl apply looks there for server-side
-  fieldValidation, kubectl explain for the schema).
+  fieldValidation, kubectl explain for the schema); the created CRD's status says
+  NamesAccepted and Established at once (the API server's controllers are merely quick).
+  Deleting a CRD does what the API server does, in its order: the CRD is marked
+  (deletionTimestamp, Terminating=True: a MODIFIED event), every object of its resource is
+  deleted (DELETED events), the resource leaves discovery and its URLs answer 404, and the
+  CRD itself is deleted. Creating it again serves the resource again, with no objects.
+- CEL validation rules (x-kubernetes-validations) of a CRD's schema run on create and on
+  every write (the status subresource's included: the whole object is validated), with the
+  API server's semantics (crd_validation.py: transition rules run only where the old object
+  has the node), after the schema's defaults are filled in; a failed rule is a 422 Invalid
+  naming the field and the rule's message.
 
-Not emulated: schema validation and CEL rules, admission webhooks, RBAC, namespaces' own
+Not emulated: OpenAPI schema validation, admission webhooks, RBAC, namespaces' own
 existence, PUT, graceful pod termination (a deleted pod is gone at once), real watch
 resourceVersions (a watch replays the current objects, then streams changes).
 """
@@ -55,6 +65,8 @@ import attrs
 import jsonpatch
 import kmock
 from kmock._internal import dicts as kmock_dicts  # kmock's own merge-patch (the one it applies)
+
+from crd_validation import apply_defaults, violations
 
 WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
@@ -154,6 +166,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _condition(type_: str, status: str, reason: str, message: str) -> dict[str, str]:
+    return {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": _now()}
+
+
+CRDS = kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions")
+
+
 @attrs.define(kw_only=True)
 class ApiServerDouble(kmock.KubernetesEmulator):
     """kmock's emulator with the API-server semantics listed in this module's docstring."""
@@ -164,6 +183,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
     _printer_columns: dict[Any, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
     served: list[kmock.Request] = attrs.field(factory=list, init=False)
     _openapi: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    _schemas: dict[Any, tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    _uninstalled: set[Any] = attrs.field(factory=set, init=False)  # resources of deleted CRDs
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         # kmock says groupVersion "/v1" for the core group; kubectl then resolves `pods` elsewhere.
@@ -191,8 +212,44 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                 categories=set(names.get("categories", [])),
                 subresources=set((version.get("subresources") or {}).keys()),
             )
+            self._uninstalled.discard(kmock.resource(key))
             self._printer_columns[kmock.resource(key)] = version.get("additionalPrinterColumns", [])
+            self._schemas[kmock.resource(key)] = (
+                f"{names['kind']}.{spec['group']}", (version.get("schema") or {}).get("openAPIV3Schema") or {})
             self._openapi[f"apis/{spec['group']}/{version['name']}"] = _openapi_document(crd, version)
+
+    async def _uninstall_crd(self, name: str) -> None:
+        """A CRD's deletion as the API server carries it out (see the module's docstring)."""
+        key = (CRDS, None, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return
+        crd = copy.deepcopy(self.objects[key].raw)
+        crd["metadata"]["deletionTimestamp"] = _now()
+        conditions = [c for c in (crd.get("status") or {}).get("conditions") or [] if c["type"] != "Terminating"]
+        conditions.append(_condition("Terminating", "True", "InstanceDeletionInProgress",
+                                     "CustomResource deletion is in progress"))
+        crd.setdefault("status", {})["conditions"] = conditions
+        spec = crd["spec"]
+        resources = {kmock.resource(f"{spec['group']}/{v['name']}/{spec['names']['plural']}")
+                     for v in spec["versions"]}
+        async with self._lock:
+            await self._buses[CRDS].put({"type": "MODIFIED", "object": crd})
+            for (resource, _, _), obj in list(self.objects.items()):
+                if resource in resources and not obj.deleted:
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+        for resource in resources:
+            if resource in self.resources:
+                del self.resources[resource]
+            self._schemas.pop(resource, None)
+            self._printer_columns.pop(resource, None)
+            self._uninstalled.add(resource)
+        for version in spec["versions"]:
+            self._openapi.pop(f"apis/{spec['group']}/{version['name']}", None)
+
+    def _get_resources(self) -> list[Any]:
+        return [resource for resource in super()._get_resources() if resource not in self._uninstalled]
 
     # ---- request routing ----------------------------------------------------------------------
 
@@ -210,6 +267,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
     async def _serve(self, request: kmock.Request) -> Any:
         if request.url.path.startswith("/openapi/"):
             return self._serve_openapi(request)
+        if request.resource is not None and any(request.resource == gone for gone in self._uninstalled):
+            return await status_error(404, "NotFound", "the server could not find the requested resource")(request)
         if request.resource is None or request.action not in WRITE_ACTIONS:
             return await super()._handle(request)
         async with self._write_lock:  # admission + storage + GC as one step, like etcd's transaction
@@ -217,6 +276,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                 request = self._admit(request)
             except _Refused as refusal:
                 return await refusal.response(request)
+            if request.action == kmock.action.DELETE and request.resource == CRDS and request.name:
+                await self._uninstall_crd(request.name)
             response = await super()._handle(request)
             if request.action in (kmock.action.DELETE, kmock.action.UPDATE):
                 await self._collect_garbage()
@@ -232,6 +293,18 @@ class ApiServerDouble(kmock.KubernetesEmulator):
     def _next_revision(self) -> str:
         self._revision = next(self._revisions)
         return str(self._revision)
+
+    def _validate(self, request: kmock.Request, new: dict[str, Any], old: dict[str, Any] | None = None) -> None:
+        """The CRD's CEL rules, as the API server runs them (crd_validation.py); 422 when any fails."""
+        if request.resource not in self._schemas:
+            return
+        kind, schema = self._schemas[request.resource]
+        apply_defaults(schema, new)
+        found = violations(schema, new) if old is None else violations(schema, new, old)
+        if found:
+            name = (new.get("metadata") or {}).get("name")
+            detail = found[0] if len(found) == 1 else "[" + ", ".join(found) + "]"
+            raise _Refused(422, "Invalid", f'{kind} "{name}" is invalid: {detail}')
 
     def _admit(self, request: kmock.Request) -> kmock.Request:
         if request.action == kmock.action.CREATE:
@@ -264,6 +337,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                     f'pods "{meta["name"]}" is forbidden: error looking up service account '
                     f'{namespace}/{account}: serviceaccount "{account}" not found',
                 )
+        self._validate(request, obj)
         meta.update(
             uid=str(uuid.uuid4()),
             resourceVersion=self._next_revision(),
@@ -275,8 +349,16 @@ class ApiServerDouble(kmock.KubernetesEmulator):
             obj.pop("status", None)
             if request.resource == kmock.resource("v1/pods"):
                 obj["status"] = {"phase": "Pending"}
-        if request.resource == kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions"):
+        if request.resource == CRDS:
             self.install_crd(obj)
+            obj["status"] = {
+                "conditions": [
+                    _condition("NamesAccepted", "True", "NoConflicts", "no conflicts found"),
+                    _condition("Established", "True", "InitialNamesAccepted", "the initial names have been accepted"),
+                ],
+                "acceptedNames": obj["spec"]["names"],
+                "storedVersions": [v["name"] for v in obj["spec"]["versions"] if v.get("storage")],
+            }
         return _with_data(request, obj)
 
     def _admit_update(self, request: kmock.Request) -> kmock.Request:
@@ -313,6 +395,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
             new.pop("status", None)
             if "status" in old:
                 new["status"] = old["status"]
+        self._validate(request, new, old)  # the whole object, on status writes too
         meta = new.setdefault("metadata", {})
         for field in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp"):
             if field in old["metadata"]:
@@ -510,21 +593,17 @@ async def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: 
 
 
 @contextlib.asynccontextmanager
-async def operator_task(*, namespaces: tuple[str, ...] = ("default",), memo: Any = None,
-                        timeout: float = 30.0) -> AsyncIterator[asyncio.Task[None]]:
-    """The real operator as a task in the test's event loop (as kopf.testing.KopfTask does in
-    later kopf releases; 1.45.2 has only the thread-based KopfRunner, which looptime cannot reach)."""
-    import kopf
-
-    import grpo_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
+async def operator_task(*, settings: Any, memo: Any, timeout: float = 30.0) -> AsyncIterator[Any]:
+    """The real operator as production runs it (supervisor.py: kopf while the CRD is there), as a
+    task in the test's event loop, so that looptime reaches it; yields the Supervisor."""
+    from grpo_operator.supervisor import Supervisor
 
     stop = asyncio.Event()
-    task = asyncio.create_task(kopf.operator(
-        namespaces=list(namespaces), clusterwide=not namespaces, standalone=True,
-        settings=kopf.OperatorSettings(), memo=memo, stop_flag=stop,
-    ))
+    supervisor = Supervisor(settings, memo, stop=stop)
+    task = asyncio.create_task(supervisor.run())
+    supervisor.task = task
     try:
-        yield task
+        yield supervisor
     finally:
         stop.set()
         done, _ = await asyncio.wait({task}, timeout=timeout)

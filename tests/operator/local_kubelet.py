@@ -9,13 +9,16 @@ Where a laptop is not a node, it translates:
 - volumes become directories under `root/<namespace>/<pod>-<uid>/volumes/<volume>`: a configMap volume is
   materialised from the ConfigMap (its items, or all keys), an emptyDir is an empty
   directory, /dev/shm is left alone; a path argument under a mountPath, and the
-  workingDir, are rewritten to the directory;
+  workingDir, are rewritten to the directory (the executable, argv[0], is not: it names a
+  program of the image, run from this host, see below);
 - env: `value`, `valueFrom.secretKeyRef` (read from the API server's Secret, decoded),
   `valueFrom.configMapKeyRef` and `fieldRef` (metadata.name/namespace); no image: the
   process inherits PATH/HOME/PYTHONPATH/LANG from this process plus `env` given here
   (e.g. a KUBECONFIG for the double, where a real pod has its service-account token);
 - the command: `grpo` runs as `python -m grpo_runtime.cli` of this interpreter, and
-  `commands` may map other executables (or override a pod's argv entirely via `argv`).
+  `commands` may map other executables (or override a pod's argv entirely via `argv`); what
+  they map to is a host path and is never rewritten, wherever the checkout or the
+  interpreter lives.
 A missing Secret or key leaves the pod Pending with CreateContainerConfigError, a
 missing ConfigMap with ContainerCreating, as a kubelet would, until they appear.
 
@@ -198,7 +201,9 @@ class LocalKubelet:
 
         argv = self.argv(pod) if self.argv else None
         argv = argv or self._argv(container, mounts)
-        workdir = mounts.get(container.get("workingDir", ""), self.pod_dir(namespace, name) / "cwd")
+        working_dir = container.get("workingDir", "")
+        inside = self._inside(working_dir, mounts) if working_dir else working_dir
+        workdir = Path(inside) if inside != working_dir else self.pod_dir(namespace, name) / "cwd"
         workdir.mkdir(parents=True, exist_ok=True)
         log = (self.pod_dir(namespace, name) / "log").open("wb")
         process = await asyncio.create_subprocess_exec(
@@ -283,14 +288,21 @@ class LocalKubelet:
         return env
 
     def _argv(self, container: dict[str, Any], mounts: dict[str, Path]) -> list[str]:
+        """The pod's argv on this host. The executable is the image's, which the double does not
+        have: it is looked up in `commands` (else used as it stands) and never rewritten, so the
+        host's interpreter stays itself wherever it is installed. The arguments are the pod's: a
+        path inside one of its mounts becomes the volume's directory; nothing else is touched."""
         argv = list(container.get("command") or []) + list(container.get("args") or [])
-        if argv and argv[0] in self.commands:
-            argv = self.commands[argv[0]] + argv[1:]
+        if not argv:
+            return []
+        executable = self.commands.get(argv[0], [argv[0]])
+        return executable + [self._inside(arg, mounts) for arg in argv[1:]]
 
-        def local(arg: str) -> str:
-            for mount_path, directory in mounts.items():
-                if arg == mount_path or arg.startswith(mount_path.rstrip("/") + "/"):
-                    return str(directory) + arg[len(mount_path.rstrip("/")):]
-            return arg
-
-        return [local(arg) for arg in argv]
+    @staticmethod
+    def _inside(arg: str, mounts: dict[str, Path]) -> str:
+        """A pod path under a mountPath -> the volume's directory here (the longest mountPath wins)."""
+        for mount_path in sorted(mounts, key=len, reverse=True):
+            root = mount_path.rstrip("/")
+            if arg == mount_path or arg.startswith(root + "/"):
+                return str(mounts[mount_path]) + arg[len(root):]
+        return arg

@@ -13,6 +13,8 @@ from grpo_operator.crd import crd, spec_schema
 from grpo_runtime.cli import main as grpo
 from grpo_runtime.spec import GRPOJobSpec, parse_job
 
+from crd_validation import violations
+
 CHECKED_IN = Path(__file__).resolve().parents[2] / "crds" / "grpojob.yaml"
 
 FULL_JOB = {
@@ -149,12 +151,60 @@ def test_spec_is_immutable_except_suspend():
     spec = spec_schema()
     guarded = {rule["message"].split(" ")[0] for rule in spec["x-kubernetes-validations"]}
     policy = spec["properties"]["runPolicy"]
-    guarded |= {rule["message"].split(" ")[0] for rule in policy["x-kubernetes-validations"]}
     everything = {f"spec.{name}" for name in spec["properties"] if name != "runPolicy"}
     everything |= {f"spec.runPolicy.{name}" for name in policy["properties"]}
     assert guarded == everything - {"spec.runPolicy.suspend"}
-    for rule in spec["x-kubernetes-validations"] + policy["x-kubernetes-validations"]:
+    for rule in spec["x-kubernetes-validations"]:
         assert "oldSelf" in rule["rule"]  # transition rules: checked on update only
+    # Every rule sits on spec, which every job has: a transition rule on an optional node (say
+    # runPolicy) does not run when the old object lacks that node, and would guard nothing.
+    below = [path for path, node in walk(spec) if path and "x-kubernetes-validations" in node]
+    assert below == []
+
+
+SCHEMA = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+NO_POLICY = {"apiVersion": "grpo.dev/v1alpha1", "kind": "GRPOJob", "metadata": {"name": "j"},
+             "spec": {k: v for k, v in FULL_JOB["spec"].items() if k != "runPolicy"}}
+
+
+def updated(job: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {**job, "spec": {**job["spec"], **spec}}
+
+
+def test_immutability_holds_for_fields_absent_at_creation():
+    """Issue 14: a job created without runPolicy took a patch adding a deadline and a TTL."""
+    added = updated(NO_POLICY, runPolicy={"activeDeadlineSeconds": 1, "backoffLimit": 0, "ttlSecondsAfterFinished": 0})
+    refused = violations(SCHEMA, added, NO_POLICY)
+    assert sorted(refused) == [
+        f'spec: Invalid value: "object": spec.runPolicy.{name} is immutable (only spec.runPolicy.suspend may change)'
+        for name in ("activeDeadlineSeconds", "backoffLimit", "ttlSecondsAfterFinished")
+    ]
+    no_image = {**NO_POLICY, "spec": {k: v for k, v in NO_POLICY["spec"].items() if k != "image"}}
+    assert violations(SCHEMA, NO_POLICY, no_image)  # spec.image added later
+    assert violations(SCHEMA, updated(NO_POLICY, lora={"rank": 64}), NO_POLICY)  # a whole section changed
+
+
+def test_suspend_alone_may_change_whether_or_not_run_policy_existed():
+    assert violations(SCHEMA, updated(NO_POLICY, runPolicy={"suspend": True}), NO_POLICY) == []
+    with_policy = updated(NO_POLICY, runPolicy={"backoffLimit": 1, "suspend": True})
+    assert violations(SCHEMA, updated(NO_POLICY, runPolicy={"backoffLimit": 1, "suspend": False}), with_policy) == []
+    assert violations(SCHEMA, NO_POLICY, with_policy)  # dropping runPolicy drops backoffLimit: refused
+    assert violations(SCHEMA, updated(NO_POLICY, runPolicy={"backoffLimit": 1}), with_policy) == []
+    assert violations(SCHEMA, with_policy) == []  # create: transition rules do not run
+
+
+def test_rules_on_an_optional_object_do_not_run_when_the_old_object_lacks_it():
+    """The evaluator runs rules as the API server does, so it reproduces the hole of the old layout
+    (rules on runPolicy itself), which the real v1.25 API server showed."""
+    old_layout = {"type": "object", "properties": {"spec": {"type": "object", "properties": {"runPolicy": {
+        "type": "object",
+        "properties": {"backoffLimit": {"type": "integer"}, "suspend": {"type": "boolean"}},
+        "x-kubernetes-validations": [{"rule": "has(self.backoffLimit) == has(oldSelf.backoffLimit)",
+                                      "message": "spec.runPolicy.backoffLimit is immutable"}],
+    }}}}}
+    before, after = {"spec": {}}, {"spec": {"runPolicy": {"backoffLimit": 0}}}
+    assert violations(old_layout, after, before) == []  # the hole
+    assert violations(old_layout, after, {"spec": {"runPolicy": {}}})  # the rule runs when old has the node
 
 
 def test_status_has_the_contract_fields():

@@ -107,12 +107,32 @@ async def test_label_and_field_selectors(apiserver):
 
 async def test_tables_use_the_crds_printer_columns(apiserver):
     await post(apiserver, JOBS, JOB)
-    await patch(apiserver, f"{JOBS}/j/status", {"status": {"phase": "Running", "progress": {"step": 4, "reward": 0.5}}})
+    progress = {"step": 4, "reward": 0.5, "eval": {"step": 4, "accuracy": 0.25}}
+    await patch(apiserver, f"{JOBS}/j/status", {"status": {"phase": "Running", "progress": progress}})
     response = await apiserver.get(JOBS, headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
     table = await response.json()
     assert table["kind"] == "Table"
     columns = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0]
-    assert columns == ["Name", "Phase", "Step", "Reward", "Age"]
+    assert columns == ["Name", "Phase", "Step", "Reward", "Eval", "Age"]
     (row,) = table["rows"]
     cells = dict(zip([c["name"] for c in table["columnDefinitions"]], row["cells"], strict=True))
-    assert (cells["Name"], cells["Phase"], cells["Step"], cells["Reward"]) == ("j", "Running", 4, 0.5)
+    assert (cells["Name"], cells["Phase"], cells["Step"], cells["Reward"], cells["Eval"]) == ("j", "Running", 4, 0.5, 0.25)
+
+
+async def test_cel_rules_of_the_crd_refuse_changing_a_running_jobs_spec(apiserver):
+    """The GRPOJob CRD's rules, run by the double as the API server runs them (issue 14's patch)."""
+    job = {"apiVersion": "grpo.dev/v1alpha1", "kind": "GRPOJob", "metadata": {"name": "cel"},
+           "spec": {"model": {"name": "tiny"}, "dataset": {"source": "builtin:arithmetic"},
+                    "rewards": [{"name": "a", "function": "builtin:exact_answer"}]}}
+    status, _ = await post(apiserver, JOBS, job)
+    assert status == 201
+    policy = {"activeDeadlineSeconds": 1, "backoffLimit": 0, "ttlSecondsAfterFinished": 0}
+    status, error = await patch(apiserver, f"{JOBS}/cel", {"spec": {"runPolicy": policy}})
+    assert status == 422 and error["reason"] == "Invalid"
+    assert error["message"].startswith('GRPOJob.grpo.dev "cel" is invalid: [spec: Invalid value: "object": ')
+    assert "spec.runPolicy.activeDeadlineSeconds is immutable" in error["message"]
+    assert "runPolicy" not in stored(apiserver, "grpo.dev/v1alpha1/grpojobs", "default", "cel")["spec"]
+    status, _ = await patch(apiserver, f"{JOBS}/cel", {"spec": {"runPolicy": {"suspend": True}}})
+    assert status == 200
+    status, error = await patch(apiserver, f"{JOBS}/cel", {"spec": {"model": {"name": "other"}}})
+    assert status == 422 and "spec.model is immutable" in error["message"]

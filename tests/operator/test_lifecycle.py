@@ -167,16 +167,66 @@ def test_backoff_limit_zero_fails_at_the_first_failure():
     assert job["status"]["phase"] == "Failed" and decision.create_attempt is None
 
 
-def test_eviction_is_retried():
-    job, decision = step(running_job(), pod(phase="Failed", reason="Evicted"), seconds(9))
-    assert decision.create_attempt == 2
-    assert "Evicted" in decision.events[0].message
+def disrupted(reason="PreemptionByScheduler", **kwargs):
+    """A pod the cluster took away: the DisruptionTarget condition the scheduler, the Eviction API,
+    the taint manager or the kubelet set before it ends the pod."""
+    body = pod(**kwargs)
+    body["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": reason,
+                                     "message": "Kubernetes default scheduler: preempted"}]
+    return body
 
 
-def test_vanished_pod_is_retried():
-    job, decision = step(running_job(), None, seconds(9))
+def test_eviction_is_a_disruption_not_a_failure():
+    job, decision = step(running_job(run_policy={"backoffLimit": 0}), pod(phase="Failed", reason="Evicted"), seconds(9))
     assert decision.create_attempt == 2
+    assert (job["status"]["restarts"], job["status"]["disruptions"]) == (0, 1)
+    assert condition(job, "Disrupted")["reason"] == "Evicted"
+    assert reasons(decision) == ["Disrupted", "PodCreated"] and "Evicted" in decision.events[0].message
+
+
+def test_vanished_pod_is_a_disruption():
+    job, decision = step(running_job(run_policy={"backoffLimit": 0}), None, seconds(9))
+    assert decision.create_attempt == 2 and job["status"]["disruptions"] == 1 and job["status"]["restarts"] == 0
+    assert condition(job, "Disrupted")["reason"] == "PodDeleted"
     assert "PodDeleted" in decision.events[0].message
+
+
+def test_a_deleted_pods_last_state_names_the_cause():
+    """The pod's DELETED event carries its last state: a preemption, not just 'deleted'."""
+    last = disrupted("PreemptionByScheduler", phase="Running")
+    decision = decide(running_job(), None, seconds(9), last_seen=last)
+    assert decision.create_attempt == 2
+    assert decision.status["disruptions"] == 1
+    assert next(c for c in decision.status["conditions"] if c["type"] == "Disrupted")["reason"] == "PreemptionByScheduler"
+    older = disrupted("PreemptionByScheduler", name="j-attempt-0", phase="Running")  # not the current attempt's
+    decision = decide(running_job(), None, seconds(9), last_seen=older)
+    assert next(c for c in decision.status["conditions"] if c["type"] == "Disrupted")["reason"] == "PodDeleted"
+
+
+def test_disruption_target_wins_over_the_exit_code():
+    """A preempted or drained trainer dies of its SIGTERM (143): still a disruption."""
+    for cause in ("PreemptionByScheduler", "EvictionByEvictionAPI", "DeletionByTaintManager", "TerminationByKubelet"):
+        job, decision = step(running_job(run_policy={"backoffLimit": 0}),
+                             disrupted(cause, phase="Failed", exit_code=143), seconds(9))
+        assert decision.create_attempt == 2 and job["status"]["phase"] == "Pending", cause
+        assert condition(job, "Disrupted")["reason"] == cause
+        assert job["status"]["restarts"] == 0
+
+
+def test_many_disruptions_never_fail_the_job_but_failures_still_count():
+    job = running_job(run_policy={"backoffLimit": 1})
+    for attempt in (1, 2, 3):
+        job, decision = step(job, disrupted(name=f"j-attempt-{attempt}", phase="Failed", exit_code=143),
+                             seconds(10 * attempt))
+        assert decision.create_attempt == attempt + 1
+        job, _ = step(job, pod(name=f"j-attempt-{attempt + 1}", phase="Running"), seconds(10 * attempt + 5))
+    assert (job["status"]["restarts"], job["status"]["disruptions"]) == (0, 3)
+    job, decision = step(job, pod(name="j-attempt-4", phase="Failed", exit_code=1), seconds(50))
+    assert decision.create_attempt == 5 and job["status"]["restarts"] == 1  # a crash counts
+    job, _ = step(job, pod(name="j-attempt-5", phase="Running"), seconds(55))
+    job, _ = step(job, pod(name="j-attempt-5", phase="Failed", exit_code=1), seconds(60))
+    assert job["status"]["phase"] == "Failed" and condition(job, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert job["status"]["disruptions"] == 3
 
 
 def test_terminating_pod_is_waited_for_before_the_next_attempt():
@@ -191,6 +241,7 @@ def test_a_pod_stuck_terminating_on_a_lost_node_is_replaced():
     assert decide(job, stuck, seconds(299)).create_attempt is None
     decision = decide(job, stuck, seconds(301))
     assert decision.create_attempt == 2 and "PodStuckTerminating" in decision.events[0].message
+    assert decision.status["disruptions"] == 1 and decision.status["restarts"] == 0  # its node was lost
 
 
 def test_deadline_counts_while_a_pod_terminates():
@@ -311,4 +362,7 @@ def test_pod_outcome_reads_reasons_and_exit_codes_only():
     assert pod_outcome(None).state == "gone"
     assert pod_outcome(pod(phase="Failed", exit_code=137)).describe() == "Error, exit code 137"
     assert pod_outcome(pod(phase="Failed", reason="Evicted")).exit_code is None
+    assert pod_outcome(pod(phase="Failed", reason="Evicted")).disruption == "Evicted"
+    assert pod_outcome(pod(phase="Failed", exit_code=1)).disruption is None
+    assert pod_outcome(pod(phase="Failed", reason="OOMKilled")).disruption is None  # the trainer's own fault
     assert pod_outcome(pod(phase="Unknown")).state == "pending"

@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,6 +90,30 @@ async def test_mount_paths_in_arguments_are_rewritten(apiserver, kubelet):
     await eventually(lambda: terminated(apiserver, "p2"))
     assert terminated(apiserver, "p2")["exitCode"] == 0
     assert "kind: X" in kubelet.log("default", "p2")
+
+
+async def test_host_paths_stay_host_paths_wherever_the_checkout_lives(apiserver, kubelet):
+    """Volumes mounted at the very top-level folders that hold this interpreter and this checkout
+    (as /work or /home may be on some machine): the interpreter still runs, and only the pod's
+    own path argument is rewritten into its volume."""
+    tops = sorted({"/" + Path(PY).parts[1], "/" + Path(__file__).resolve().parts[1]})
+    await create(apiserver, "/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p6"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": "local", "workingDir": tops[0],
+                "command": [PY, "-c", "import os, sys; open(sys.argv[1], 'w').write(os.getcwd())",
+                            f"{tops[0]}/pod-file.txt"],
+                "volumeMounts": [{"name": f"v{i}", "mountPath": top} for i, top in enumerate(tops)],
+            }],
+            "volumes": [{"name": f"v{i}", "emptyDir": {}} for i in range(len(tops))],
+        },
+    })
+    await eventually(lambda: terminated(apiserver, "p6"))
+    assert terminated(apiserver, "p6")["exitCode"] == 0, kubelet.log("default", "p6")
+    written = kubelet.pod_dir("default", "p6") / "volumes" / "v0" / "pod-file.txt"
+    assert written.read_text() == str(written.parent)  # the workingDir is the volume too
 
 
 async def test_non_zero_exit_fails_the_pod_with_its_exit_code(apiserver, kubelet):

@@ -197,21 +197,58 @@ async def test_backoff_limit_exhausted_fails_the_job(apiserver, operator, script
         await scripted_kubelet.finish("default", "doomed-attempt-1", 137)
         await eventually(lambda: status(apiserver, "doomed").get("podName") == "doomed-attempt-2")
         await eventually(phase_is(apiserver, "doomed", "Running"))
-        await scripted_kubelet.evict("default", "doomed-attempt-2")
+        await scripted_kubelet.finish("default", "doomed-attempt-2", 1)
         await eventually(phase_is(apiserver, "doomed", "Failed"))
         failed = condition(apiserver, "doomed", "Failed")
-        assert failed["reason"] == "BackoffLimitExceeded" and "Evicted" in failed["message"]
+        assert failed["reason"] == "BackoffLimitExceeded" and "exit code 1" in failed["message"]
         assert len(pods_of(apiserver, "doomed")) == 2
 
 
-async def test_deleted_pod_is_replaced(apiserver, operator, scripted_kubelet):
+async def test_deleted_pod_is_replaced_as_a_disruption(apiserver, operator, scripted_kubelet):
     async with operator():
-        await create_job(apiserver, "preempted")
-        await eventually(phase_is(apiserver, "preempted", "Running"))
-        response = await apiserver.delete("/api/v1/namespaces/default/pods/preempted-attempt-1")
+        await create_job(apiserver, "deleted", runPolicy={"backoffLimit": 0})
+        await eventually(phase_is(apiserver, "deleted", "Running"))
+        response = await apiserver.delete("/api/v1/namespaces/default/pods/deleted-attempt-1")
         assert response.status == 200
-        await eventually(lambda: stored(apiserver, "v1/pods", "default", "preempted-attempt-2"))
-        assert status(apiserver, "preempted")["restarts"] == 1
+        await eventually(lambda: stored(apiserver, "v1/pods", "default", "deleted-attempt-2"))
+        assert (status(apiserver, "deleted")["restarts"], status(apiserver, "deleted")["disruptions"]) == (0, 1)
+        assert condition(apiserver, "deleted", "Disrupted")["reason"] == "PodDeleted"
+
+
+async def preempt(apiserver, pod: str, reason: str = "PreemptionByScheduler") -> None:
+    """What the scheduler (or the Eviction API, a node drain, Kueue) does to a pod: mark it with the
+    DisruptionTarget condition, then delete it."""
+    condition_ = {"type": "DisruptionTarget", "status": "True", "reason": reason,
+                  "message": "Kubernetes default scheduler: preempted by a higher-priority pod"}
+    response = await apiserver.patch(f"/api/v1/namespaces/default/pods/{pod}/status",
+                                     data=json.dumps({"status": {"conditions": [condition_]}}),
+                                     headers={"Content-Type": "application/merge-patch+json"})
+    assert response.status == 200, await response.text()
+    response = await apiserver.delete(f"/api/v1/namespaces/default/pods/{pod}")
+    assert response.status == 200
+
+
+async def test_preemptions_and_evictions_do_not_use_up_the_backoff_limit(apiserver, operator, scripted_kubelet):
+    """Issue 14: a GRPO job resumes from its checkpoint; three preemptions in a busy cluster are no failure."""
+    async with operator():
+        await create_job(apiserver, "busy", runPolicy={"backoffLimit": 0})
+        await eventually(phase_is(apiserver, "busy", "Running"))
+        await preempt(apiserver, "busy-attempt-1")
+        await eventually(lambda: status(apiserver, "busy").get("podName") == "busy-attempt-2")
+        await eventually(phase_is(apiserver, "busy", "Running"))
+        await preempt(apiserver, "busy-attempt-2", "EvictionByEvictionAPI")  # kubectl drain
+        await eventually(lambda: status(apiserver, "busy").get("podName") == "busy-attempt-3")
+        await eventually(phase_is(apiserver, "busy", "Running"))
+        await scripted_kubelet.evict("default", "busy-attempt-3")  # node pressure
+        await eventually(lambda: status(apiserver, "busy").get("podName") == "busy-attempt-4")
+        await eventually(phase_is(apiserver, "busy", "Running"))
+        assert (status(apiserver, "busy")["restarts"], status(apiserver, "busy")["disruptions"]) == (0, 3)
+        assert condition(apiserver, "busy", "Disrupted")["reason"] == "Evicted"
+        causes = [e["message"] for e in events_of(apiserver, "busy") if e["reason"] == "Disrupted"]
+        assert ["PreemptionByScheduler" in causes[0], "EvictionByEvictionAPI" in causes[1], "Evicted" in causes[2]] \
+            == [True, True, True]
+        await scripted_kubelet.finish("default", "busy-attempt-4", 0)
+        await eventually(phase_is(apiserver, "busy", "Succeeded"))
 
 
 async def test_suspend_deletes_the_pod_and_resume_makes_a_new_one(apiserver, operator, scripted_kubelet):

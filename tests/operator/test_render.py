@@ -164,3 +164,58 @@ def test_reward_modules_config_map_is_mounted_and_importable():
     plain = render.pod(job(), 1, image="registry/runtime:1")
     assert "PYTHONPATH" not in env_of(plain)
     assert all(m["mountPath"] != render.REWARD_MODULES_DIR for m in plain["spec"]["containers"][0]["volumeMounts"])
+
+
+def test_hub_token_is_a_secret_reference_named_hf_token():
+    model = {"name": "meta-llama/Llama-3.1-8B-Instruct", "tokenSecret": "hf-token"}
+    pod = render.pod(job(model=model), 1, image="x")
+    token = env_of(pod)["HF_TOKEN"]
+    assert "value" not in token
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}
+    assert "HF_TOKEN" not in env_of(render.pod(job(), 1, image="x"))
+
+
+def test_model_cache_claim_is_mounted_where_hub_and_grpo_caches_live():
+    model = {"name": "Qwen/Qwen2.5-1.5B-Instruct", "cache": "model-cache"}
+    pod = render.pod(job(model=model), 1, image="x")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    env = env_of(pod)
+    assert env["HF_HOME"]["value"].startswith(mounts["model-cache"] + "/")
+    assert env["GRPO_CACHE_DIR"]["value"].startswith(mounts["model-cache"] + "/")
+    plain = render.pod(job(), 1, image="x")
+    assert "model-cache" not in {v["name"] for v in plain["spec"]["volumes"]} and "HF_HOME" not in env_of(plain)
+
+
+def test_azure_credentials_are_optional_secret_references_by_the_uri_scheme():
+    output = {"uri": "az://runs/gsm8k", "credentialsSecret": "azure-creds"}
+    env = env_of(render.pod(job(output=output), 1, image="x"))
+    for key in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+                "AZURE_STORAGE_SAS_TOKEN"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "azure-creds", "key": key, "optional": True}}
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_gcs_service_account_key_is_a_mounted_secret_file():
+    output = {"uri": "gs://runs/gsm8k", "credentialsSecret": "gcs-key"}
+    pod = render.pod(job(output=output), 1, image="x")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["gcs-credentials"]["secret"] == {"secretName": "gcs-key", "items": [{"key": "key.json", "path": "key.json"}]}
+    mounts = {m["name"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["gcs-credentials"]["readOnly"] is True
+    env = env_of(pod)
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"]["value"] == mounts["gcs-credentials"]["mountPath"] + "/key.json"
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    document = yaml.safe_load(render.config_map(job(output=output), s3_endpoint="http://minio:9000")["data"]["job.yaml"])
+    assert "endpoint" not in document["spec"]["output"]  # the operator's S3 endpoint is not GCS's
+
+
+def test_the_operators_default_model_cache_applies_unless_the_job_names_one():
+    default = render.pod(job(), 1, image="x", model_cache="shared-models")
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "shared-models"}} in default["spec"]["volumes"]
+    assert "HF_HOME" in env_of(default)
+    own = render.pod(job(model={"name": "Qwen/Qwen2.5-1.5B-Instruct", "cache": "mine"}), 1, image="x", model_cache="shared-models")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in own["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["mine"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from grpo_operator.crd import crd
 from grpo_operator.main import run_operator
 from grpo_operator.metrics import Metrics
 from grpo_operator.settings import DEFAULT_RUNTIME_IMAGE, Settings, SettingsError
@@ -40,6 +42,7 @@ async def test_every_variable():
     assert settings.liveness_endpoint is None
     assert settings.metrics_port == 9090
     assert (settings.runtime_image, settings.s3_endpoint) == ("reg/rt:2", "http://minio:9000")
+    assert Settings.from_env({"GRPO_MODEL_CACHE": " shared-models "}).model_cache == "shared-models"
 
 
 @pytest.mark.parametrize("env, message", [
@@ -79,8 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_grpo_operator_serves_health_and_metrics_and_runs_jobs(apiserver, kubeconfig: Path):
-    """The chart's command, `grpo operator`, in a process of its own, configured by env only."""
+async def test_grpo_operator_waits_for_its_crd_serves_health_and_metrics_and_stops_cleanly(bare_apiserver, kubeconfig):
+    """The chart's command, `grpo operator`, in a process of its own, configured by env only,
+    started before its CRD exists (GitOps sync order, helm install --skip-crds)."""
+    apiserver = bare_apiserver
     health, metrics = free_port(), free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GRPO_WATCH_NAMESPACES": "default",
            "GRPO_HEALTH_PORT": str(health), "GRPO_METRICS_PORT": str(metrics),
@@ -98,15 +103,22 @@ async def test_grpo_operator_serves_health_and_metrics_and_runs_jobs(apiserver, 
                 except aiohttp.ClientError:
                     return 0, ""
 
-            async def wait_for(url: str) -> str:
+            async def wait_for(url: str, status: int = 200) -> str:
                 for _ in range(300):
-                    status, text = await get(url)
-                    if status == 200:
+                    answer, text = await get(url)
+                    if answer == status:
                         return text
                     await asyncio.sleep(0.1)
-                raise AssertionError(f"{url} never answered 200")
+                raise AssertionError(f"{url} never answered {status}")
 
-            await wait_for(f"http://127.0.0.1:{health}/healthz")
+            await wait_for(f"http://127.0.0.1:{health}/healthz")  # alive ...
+            not_ready = json.loads(await wait_for(f"http://127.0.0.1:{health}/readyz", 503))  # ... not ready
+            assert not_ready["reason"] == "CRDMissing"
+            response = await apiserver.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd())
+            assert response.status == 201
+            ready = json.loads(await wait_for(f"http://127.0.0.1:{health}/readyz"))
+            assert ready == {"ready": True, "reason": "CRDEstablished",
+                             "message": "CustomResourceDefinition grpojobs.grpo.dev is established"}
             job = {"apiVersion": "grpo.dev/v1alpha1", "kind": "GRPOJob", "metadata": {"name": "proc"},
                    "spec": {"model": {"name": "tiny"}, "dataset": {"source": "builtin:arithmetic"},
                             "rewards": [{"name": "a", "function": "builtin:exact_answer"}]}}
@@ -119,4 +131,7 @@ async def test_grpo_operator_serves_health_and_metrics_and_runs_jobs(apiserver, 
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode == 0, output.decode()[-3000:]
+    log = output.decode()
+    assert process.returncode == 0, log[-3000:]
+    assert "Activity 'cleanup' succeeded" in log and log.rstrip().endswith("grpo_operator: stopped")
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]

@@ -147,7 +147,7 @@ def test_versions_and_default_runtime_image_match_the_operator(render):
 # ---------------------------------------------------------------- the Deployment
 
 
-def test_deployment_runs_locked_down_with_a_liveness_probe(render):
+def test_deployment_runs_locked_down_with_liveness_and_readiness_probes(render):
     manifests = render()
     deployment = one(manifests, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -164,7 +164,28 @@ def test_deployment_runs_locked_down_with_a_liveness_probe(render):
     probe = c["livenessProbe"]["httpGet"]
     health = next(p for p in c["ports"] if p["name"] == probe["port"])
     assert probe["path"] == "/healthz"
-    assert Settings.from_env(env_of(manifests)).liveness_endpoint == f"http://0.0.0.0:{health['containerPort']}/healthz"
+    settings = Settings.from_env(env_of(manifests))
+    assert settings.liveness_endpoint == f"http://0.0.0.0:{health['containerPort']}/healthz"
+    ready = c["readinessProbe"]["httpGet"]
+    assert ready["port"] == probe["port"] and ready["path"] == "/readyz"
+    assert settings.readiness_endpoint == f"http://0.0.0.0:{health['containerPort']}/readyz"
+
+
+# bench/operator_memory.py, `grpo operator` with 300 GRPOJobs and their pods (2026-11-27): 125.4 MiB RSS.
+MEASURED_RSS_MIB_300_JOBS = 125.4
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_memory_request_covers_what_the_operator_uses_with_hundreds_of_jobs(render):
+    resources = container(render())["resources"]
+    request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
+    assert request >= 1.25 * MEASURED_RSS_MIB_300_JOBS, "the request must cover 300 jobs with headroom"
+    assert limit >= 2 * request
+    assert str(MEASURED_RSS_MIB_300_JOBS).split(".")[0] in (CHART / "values.yaml").read_text()  # documented there
 
 
 class RecordingEnv(dict):
@@ -200,12 +221,14 @@ def test_values_reach_the_operator_settings(render):
         "--set", "runtime.image.repository=registry.example.com/grpo-runtime",
         "--set", "runtime.image.tag=cu13",
         "--set", "runtime.s3Endpoint=http://minio.minio:9000",
+        "--set", "runtime.modelCache=shared-models",
     )  # fmt: skip
     settings = Settings.from_env(env_of(manifests))
     assert settings.namespaces == ("team-a", "team-b") and not settings.clusterwide
     assert (settings.log_level, settings.health_port, settings.metrics_port) == ("DEBUG", 8181, 9300)
     assert settings.runtime_image == "registry.example.com/grpo-runtime:cu13"
     assert settings.s3_endpoint == "http://minio.minio:9000"
+    assert settings.model_cache == "shared-models"
     ports = {p["name"]: p["containerPort"] for p in container(manifests)["ports"]}
     assert ports == {"health": 8181, "metrics": 9300}
 
@@ -213,17 +236,19 @@ def test_values_reach_the_operator_settings(render):
 def test_defaults_give_a_clusterwide_operator_without_metrics(render):
     settings = Settings.from_env(env_of(render()))
     assert settings.clusterwide and settings.metrics_port == 0 and settings.s3_endpoint is None
+    assert settings.model_cache is None
 
 
 # ---------------------------------------------------------------- RBAC
 
 
-def allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+def allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str, name: str | None = None) -> bool:
+    """RBAC's answer; a rule with resourceNames allows only requests that name one of them."""
     return any(
         group in rule.get("apiGroups", [])
         and resource in rule.get("resources", [])
         and verb in rule.get("verbs", [])
-        and not rule.get("resourceNames")
+        and (not rule.get("resourceNames") or name in rule["resourceNames"])
         for rule in rules
     )
 
@@ -231,12 +256,12 @@ def allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) ->
 class Recorder:
     """Stands in for a kubernetes client API class; records each method called on it."""
 
-    def __init__(self, calls: list[str]):
+    def __init__(self, calls: list[tuple[str, tuple[Any, ...]]]):
         self.calls = calls
 
     def __getattr__(self, name: str) -> Any:
         async def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append(name)
+            self.calls.append((name, args))
             return _Response() if name.endswith("_without_preload_content") else {}
 
         return call
@@ -260,44 +285,69 @@ _RESOURCES = {
 _VERBS = {"read": "get", "get": "get", "create": "create", "patch": "patch", "delete": "delete", "list": "list"}
 
 
-def permission(client_method: str) -> tuple[str, str, str]:
-    """kubernetes client method name -> (API group, resource[/subresource], RBAC verb)."""
+def permission(client_method: str, args: tuple[Any, ...] = ()) -> tuple[str, str, str]:
+    """kubernetes client method name (and its arguments) -> (API group, resource[/subresource], RBAC verb).
+    Custom objects name their group and plural in the arguments: (group, version, [namespace,] plural)."""
     name = client_method.removesuffix("_without_preload_content")
-    verb, _, rest = name.partition("_namespaced_")
+    namespaced = "_namespaced_" in name
+    verb, _, rest = name.partition("_namespaced_") if namespaced else name.partition("_cluster_")
     subresource = ""
     if rest.endswith("_status"):
         rest, subresource = rest.removesuffix("_status"), "/status"
     group, resource = _RESOURCES[rest]
+    if rest == "custom_object" and args:
+        group, resource = args[0], args[3 if namespaced else 2]
     return group, resource + subresource, _VERBS[verb]
 
 
 def operator_calls(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]:
     """Every API call kube.Kube makes, found by calling each of its methods on recording clients."""
-    calls: list[str] = []
+    calls: list[tuple[str, tuple[Any, ...]]] = []
     for api in ("CoreV1Api", "RbacAuthorizationV1Api", "CustomObjectsApi"):
         monkeypatch.setattr(kube.client, api, lambda _api: Recorder(calls))
     api = kube.Kube(None)
-    known = {"close", "get_job", "patch_job_status", "delete_job", "get", "create", "delete_pod"}
+    known = {"close", "get_job", "list_jobs", "patch_job_status", "delete_job", "get", "create", "delete_pod",
+             "patch_job_suspend", "get_workload", "create_workload", "patch_workload_status", "get_flavor"}
     methods = {name for name in vars(kube.Kube) if not name.startswith("_")}
     assert methods == known, f"kube.Kube changed: teach this test what {methods ^ known} call(s)"
 
     async def call_all() -> None:
         await api.get_job("ns", "job")
+        await api.list_jobs("ns")
+        await api.list_jobs(None)
         await api.patch_job_status("ns", "job", {"phase": "Running"})
         await api.delete_job("ns", "job")
         await api.delete_pod("ns", "pod")
+        await api.patch_job_suspend("ns", "job", False)
+        await api.get_workload("ns", "wl")
+        await api.create_workload({"metadata": {"name": "wl", "namespace": "ns"}})
+        await api.patch_workload_status("ns", "wl", {}, "1")
+        await api.get_flavor("h100")
         for kind in api._create:
             await api.create({"kind": kind, "metadata": {"name": "x", "namespace": "ns"}})
         for kind in api._read:
             await api.get(kind, "ns", "x")
 
     asyncio.run(call_all())
-    return {permission(name) for name in calls}
+    return {permission(name, args) for name, args in calls}
 
 
 # kopf's own calls for this operator (handlers.py, main.py): it lists and watches GRPOJobs and
 # labelled pods, patches the job's annotations and its finalizer (timers need one) and posts
 # events. standalone=True and scanning disabled: no peering objects, CRDs or namespaces.
+# The supervisor's (supervisor.py): it lists and watches its one CRD, named by a field selector.
+CRD = "grpojobs.grpo.dev"
+SUPERVISOR_CALLS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+}
+
+# Kueue's Workloads, where Kueue is installed (handlers.registry): kopf lists and watches them.
+KOPF_KUEUE_CALLS = {
+    ("kueue.x-k8s.io", "workloads", "list"),
+    ("kueue.x-k8s.io", "workloads", "watch"),
+}
+
 KOPF_CALLS = {
     ("grpo.dev", "grpojobs", "list"),
     ("grpo.dev", "grpojobs", "watch"),
@@ -313,7 +363,7 @@ def _rules(manifests: list[dict[str, Any]], kind: str) -> list[list[dict[str, An
 
 
 def test_rbac_grants_every_call_the_operator_makes_and_nothing_else(render, monkeypatch):
-    needed = operator_calls(monkeypatch) | KOPF_CALLS
+    needed = operator_calls(monkeypatch) | KOPF_CALLS | KOPF_KUEUE_CALLS
     # The per-job Role (children.role) grants get+patch on grpojobs/status: RBAC lets the operator
     # create it only if it holds those itself (no `escalate`), and the OwnerReferencesPermission-
     # Enforcement admission plugin wants update on the owner's finalizers for blockOwnerDeletion.
@@ -326,9 +376,11 @@ def test_rbac_grants_every_call_the_operator_makes_and_nothing_else(render, monk
 
     (rules,) = _rules(render(), "ClusterRole")
     missing = {need for need in needed if not allows(rules, *need)}
+    missing |= {need for need in SUPERVISOR_CALLS if not allows(rules, *need, name=CRD)}
     assert not missing, f"the ClusterRole lacks {sorted(missing)}"
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == needed, f"granted but never used: {sorted(granted - needed)}"
+    assert granted == needed | SUPERVISOR_CALLS, f"granted but never used: {sorted(granted - needed)}"
+    assert not any(allows(rules, *need, name="someone-elses.example.com") for need in SUPERVISOR_CALLS)
     assert all("*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"] for rule in rules)
 
 
@@ -354,15 +406,22 @@ def test_clusterwide_mode_binds_a_clusterrole_to_the_operator(render):
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
-def test_namespaced_mode_has_a_role_per_namespace_and_no_cluster_rights(render):
+def test_namespaced_mode_has_a_role_per_namespace_and_no_cluster_rights_but_its_crd(render):
     manifests = render(*MODES["namespaced"])
-    assert not find(manifests, "ClusterRole") and not find(manifests, "ClusterRoleBinding")
+    (cluster_role,) = find(manifests, "ClusterRole")
+    (cluster_binding,) = find(manifests, "ClusterRoleBinding")
+    assert cluster_role["rules"] == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                                      "resourceNames": [CRD], "verbs": ["list", "watch"]},
+                                     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["resourceflavors"], "verbs": ["get"]}]
+    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert cluster_binding["subjects"][0]["name"] == one(manifests, "ServiceAccount")["metadata"]["name"]
     roles = {r["metadata"]["namespace"]: r for r in find(manifests, "Role")}
     bindings = {b["metadata"]["namespace"]: b for b in find(manifests, "RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     (cluster_rules,) = _rules(render(), "ClusterRole")
     for namespace, role in roles.items():
-        assert role["rules"] == cluster_rules  # the same verbs, only narrower in scope
+        # the same verbs, narrower in scope; the CRD rule lives in the ClusterRole above
+        assert role["rules"] + cluster_role["rules"] == cluster_rules
         binding = bindings[namespace]
         assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == role["metadata"]["name"]
         assert binding["subjects"][0]["namespace"] == "grpo-system"

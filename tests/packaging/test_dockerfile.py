@@ -1,10 +1,9 @@
-"""The Dockerfile, without a container engine: its targets, what each installs (checked against
-pyproject.toml's extras and the packages they pull in), its users, and hadolint."""
+"""The Dockerfile, without a container engine: its targets, what each installs (its lock, checked
+against pyproject.toml in test_locks.py), its users, and hadolint."""
 
 from __future__ import annotations
 
 import fnmatch
-import importlib.metadata
 import json
 import re
 import shutil
@@ -19,12 +18,13 @@ import yaml
 from grpo_operator.render import RUNTIME_UID
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from tests.packaging.helpers import CHART, REPO, run
+from tests.packaging.locks import IMAGE_EXTRAS, lock_extras, lock_path, pins
 
 DOCKERFILE = REPO / "Dockerfile"
 EXTRAS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-BASE = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 @dataclass
@@ -64,14 +64,16 @@ def parse(path: Path) -> tuple[dict[str, str], dict[str, Stage]]:
 ARGS, STAGES = parse(DOCKERFILE)
 
 
-def pip_extras(stage: Stage) -> set[str]:
-    """The extras of this project that the stage's `pip install` lines ask for."""
-    extras: set[str] = set()
-    for command in stage.all("RUN"):
-        for install in re.findall(r"pip install ([^&;]+)", command):
-            for group in re.findall(r"\[([a-z,]+)\]", install):
-                extras |= set(group.split(","))
-    return extras
+def pip_installs(stage: Stage) -> list[str]:
+    return [m.strip() for cmd in stage.all("RUN") for m in re.findall(r"pip install ([^&;]+)", cmd)]
+
+
+def lock_of(stage: Stage) -> Path:
+    """The repo's lock file that this stage's `pip install -r` installs (through its COPY)."""
+    copies = dict(reversed(c.split()) for c in stage.all("COPY") if c.startswith("requirements/"))
+    (lock,) = [m for install in pip_installs(stage) for m in re.findall(r"-r (\S+)", install)]
+    assert lock in copies, f"stage {stage.name} installs {lock}, which no COPY brings from requirements/"
+    return REPO / copies[lock]
 
 
 def exec_form(args: str) -> list[str]:
@@ -84,12 +86,30 @@ def test_both_targets_exist_with_their_entrypoints():
     assert exec_form(STAGES["runtime"].all("ENTRYPOINT")[-1]) == ["grpo", "train"]
 
 
-def test_each_target_installs_exactly_its_extras():
-    assert pip_extras(STAGES["operator"]) == {"operator"}
-    assert pip_extras(STAGES["runtime"]) == {"runtime", "gpu"}
-    assert {"operator", "runtime", "gpu"} <= set(EXTRAS)
+@pytest.mark.parametrize("image", ["operator", "runtime"])
+def test_each_target_installs_exactly_its_lock(image):
+    stage = STAGES[image]
+    assert lock_of(stage) == lock_path(image)
+    assert lock_extras(lock_path(image).read_text()) == IMAGE_EXTRAS[image]
+    # nothing is resolved at build time: the lock, hash-checked, wheels only; then our wheel alone
+    (from_lock, ours) = pip_installs(stage)
+    assert {"--no-deps", "--require-hashes", "--only-binary :all:"} <= set(re.findall(r"--[\w-]+(?: :all:)?", from_lock))
+    assert ours == "--no-deps /wheels/grpo_operator-*.whl"
     gpu = {canonicalize_name(Requirement(r).name) for r in EXTRAS["gpu"]}
     assert {"vllm", "bitsandbytes"} <= gpu, "the runtime image promises vLLM and bitsandbytes"
+
+
+def test_the_comments_state_the_locked_versions():
+    """The `name==version` pins that a stage's comments promise are the ones its lock installs."""
+    for section in re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)[1:]:
+        name = section.split()[2] if " AS " in section.splitlines()[0] else None
+        comments = "\n".join(line for line in section.splitlines() if line.startswith("#"))
+        stated = re.findall(r"([a-z][\w-]*)==([\w.+]*\w)", comments)
+        if name in IMAGE_EXTRAS:
+            locked = pins(lock_path(name).read_text())
+            assert stated, f"the {name} stage's comments name none of its locked versions"
+            for package, version in stated:
+                assert locked.get(canonicalize_name(package)) == Version(version), f"{name}: {package}=={version}"
 
 
 def test_bases_slim_python_for_the_operator_cuda_for_the_runtime():
@@ -143,42 +163,19 @@ def test_dockerignore_lets_in_every_copied_path():
     assert not included(".git") and not included(".tools") and not included("tests")
 
 
-# ---------------------------------------------------------------- what `.[operator]` brings in
-
-
-def closure(requirements: list[str], extras: set[str] = frozenset()) -> set[str]:
-    """Names of the distributions these requirements pull in, transitively (installed metadata)."""
-    seen: set[str] = set()
-    todo = [(Requirement(r), extras) for r in requirements]
-    while todo:
-        req, active = todo.pop()
-        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in (active or {""})):
-            continue
-        name = canonicalize_name(req.name)
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requires = importlib.metadata.requires(req.name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue  # not installed here: its own dependencies are unknown
-        todo += [(Requirement(r), set(req.extras)) for r in requires]
-    return seen
+# ---------------------------------------------------------------- what the operator image has
 
 
 def operator_image_packages() -> set[str]:
-    return closure(BASE + EXTRAS["operator"]) | {"grpo-operator"}
+    return set(pins(lock_path("operator").read_text())) | {"grpo-operator"}
 
 
 def test_the_operator_image_has_no_torch():
     packages = operator_image_packages()
     assert {"kopf", "kubernetes", "pydantic"} <= packages
     heavy = {p for p in packages if p in {"torch", "transformers", "vllm", "triton"} or p.startswith("nvidia-")}
-    assert not heavy, f"the operator extra pulls in {heavy}"
-
-
-def test_the_closure_sees_torch_in_the_runtime_extra():
-    assert "torch" in closure(EXTRAS["runtime"])
+    assert not heavy, f"the operator lock has {heavy}"
+    assert {"torch", "vllm"} <= set(pins(lock_path("runtime").read_text())), "the check above would see them"
 
 
 # Imports what `grpo operator` imports, in a process where only the given distributions (and the
@@ -221,8 +218,8 @@ def import_with_only(packages: set[str], code: str) -> subprocess.CompletedProce
 def test_everything_the_operator_imports_is_in_the_operator_image():
     result = import_with_only(operator_image_packages(), OPERATOR_IMPORTS)
     assert result.returncode == 0, (
-        "`grpo operator` cannot start with only `pip install .[operator]` installed; add the missing "
-        f"distribution to the `operator` extra in pyproject.toml:\n{result.stderr.strip().splitlines()[-1]}"
+        "`grpo operator` cannot start with only requirements/operator.lock installed; add the missing "
+        f"distribution to the `operator` extra in pyproject.toml and regenerate the lock:\n{result.stderr.strip().splitlines()[-1]}"
     )
     assert result.stdout.split() == ["False"], "the operator imported torch"
 

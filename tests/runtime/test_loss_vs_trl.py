@@ -1,0 +1,290 @@
+"""Our loss against TRL's own: GRPOTrainer._compute_loss of the installed TRL (1.16), run on the same
+tiny Llama and the same inputs, for every loss type and option, on one, two and four micro-batches.
+
+TRL's method runs unchanged on a stand-in for its trainer that holds exactly the attributes the
+method reads (its config comes from a real GRPOConfig, so TRL's defaults are the ones compared);
+the model is patched with TRL's own fused lm head, as GRPOTrainer does. Ours: the same model's
+last hidden states into ``grpo_loss``. Compared: the loss, the gradient of every parameter, and
+the metrics. Where we differ from TRL on purpose, the test says so:
+- metrics over several micro-batches: TRL logs the plain mean of the micro-batches' means; ours
+  are weighted by the micro-batches' tokens (completions for sequence-level clip counts), so the
+  logged value does not depend on the split. Compared here against TRL's per-micro-batch values
+  weighted the same way; with equal micro-batches the two agree.
+- the sampling-correction weights are computed in TRL's generation code (inline, not a function):
+  ``trl_sampling_ratio`` below is that code, copied, and its output goes into TRL's loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpo_runtime.loss import LossConfig, grpo_loss
+from grpo_runtime.model import decoder_hidden_states, lm_head
+
+trl = pytest.importorskip("trl")  # a dev dependency: always there in CI
+from accelerate import Accelerator  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+
+B, P, C, V = 4, 5, 7, 61
+LENGTHS = [7, 3, 5, 1]  # ragged completions (right-padded), one of a single token
+
+
+class TRLTrainer:
+    """The attributes of GRPOTrainer that _compute_loss reads, and TRL's own methods."""
+
+    _compute_loss = GRPOTrainer._compute_loss
+    _get_per_token_logps_and_entropies = GRPOTrainer._get_per_token_logps_and_entropies
+    get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask
+    get_off_policy_mask = staticmethod(GRPOTrainer.get_off_policy_mask)
+
+    def __init__(self, args: GRPOConfig, model, micro_batches: int, use_vllm: bool):
+        self.args, self.model = args, model
+        self.accelerator = Accelerator(cpu=True)
+        self.beta, self.loss_type = args.beta, args.loss_type
+        self.epsilon_low = args.epsilon
+        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        self.importance_sampling_level = args.importance_sampling_level
+        self.top_entropy_quantile = args.top_entropy_quantile
+        self.off_policy_mask_threshold = args.off_policy_mask_threshold
+        self.max_completion_length = args.max_completion_length
+        self.use_vllm = use_vllm
+        self.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+        self.current_gradient_accumulation_steps = micro_batches
+        self._entropy_bonus_enabled = False
+        self.aux_loss_enabled = False
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+
+def trl_sampling_ratio(args: GRPOConfig, old, sampling, mask):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, the vllm_importance_sampling_ratio lines."""
+    per_token_logps_diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if args.vllm_importance_sampling_mode in ["sequence_mask", "sequence_truncate"]:
+        logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)
+    else:
+        logps_diff = per_token_logps_diff
+    ratio = torch.exp(logps_diff)
+    if args.vllm_importance_sampling_mode in ["sequence_truncate", "token_truncate"]:
+        return torch.clamp(ratio, min=args.vllm_importance_sampling_clip_min,
+                           max=args.vllm_importance_sampling_clip_max)
+    low = args.vllm_importance_sampling_clip_min if args.vllm_importance_sampling_clip_min is not None else -math.inf
+    high = args.vllm_importance_sampling_clip_max if args.vllm_importance_sampling_clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=V, max_position_embeddings=64, initializer_range=0.2,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float()
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(0, V, (B, P), generator=g)
+    completion_ids = torch.randint(0, V, (B, C), generator=g)
+    completion_mask = (torch.arange(C)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    advantages = torch.tensor([1.1, -0.8, 0.5, -1.3])
+    inputs = SimpleNamespace(prompt_ids=prompt_ids, prompt_mask=torch.ones(B, P, dtype=torch.long),
+                             completion_ids=completion_ids, completion_mask=completion_mask, advantages=advantages)
+    with torch.no_grad():
+        logits = model(torch.cat([prompt_ids, completion_ids], 1)).logits[:, P - 1 : -1]
+    return model, inputs, logits, g
+
+
+def logprobs_at(logits, ids, temperature):
+    return torch.log_softmax(logits / temperature, -1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+def make_logps(setup, temperature, seed):
+    """old (spread so both clips are active), ref and sampling log-probs (with one token the sampler could
+    not score: NaN) around the model's own."""
+    _, x, logits, _ = setup
+    g = torch.Generator().manual_seed(seed)
+    logp = logprobs_at(logits, x.completion_ids, temperature)
+    old = logp + 0.35 * torch.randn(B, C, generator=g)
+    ref = logp + 0.3 * torch.randn(B, C, generator=g)
+    sampling = logp + 0.25 * torch.randn(B, C, generator=g)
+    sampling[0, 1] = float("nan")
+    return old, ref, sampling
+
+
+def our_config(trl_args: GRPOConfig) -> LossConfig:
+    return LossConfig(
+        loss_type=trl_args.loss_type, beta=trl_args.beta, epsilon=trl_args.epsilon, epsilon_high=trl_args.epsilon_high,
+        temperature=trl_args.temperature, chunk_size=5, max_completion_length=trl_args.max_completion_length,
+        kl_estimator="k3_ratio" if trl_args.use_bias_correction_kl else "k3",
+        importance_sampling_level=trl_args.importance_sampling_level, delta=trl_args.delta,
+        sampling_correction=trl_args.vllm_importance_sampling_mode,
+        sampling_correction_max=trl_args.vllm_importance_sampling_clip_max,
+        sampling_correction_min=trl_args.vllm_importance_sampling_clip_min,
+        top_entropy_quantile=trl_args.top_entropy_quantile,
+    )
+
+
+def grads_of(model):
+    out = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def run_trl(setup, args, micro_batches, old, ref, sampling):
+    model, x, _, _ = setup
+    model.zero_grad(set_to_none=True)
+    add_fused_lm_head(model, temperature=args.temperature, outputs=("log_probs", "entropy"))
+    trainer = TRLTrainer(args, model, micro_batches, use_vllm=sampling is not None)
+    model.train()
+    total = 0.0
+    tokens, per_micro = x.completion_mask.sum(), []
+    for rows in torch.arange(B).chunk(micro_batches):
+        inputs = {key: getattr(x, key)[rows] for key in vars(x)}
+        inputs["num_items_in_batch"] = tokens
+        if old is not None:
+            inputs["old_per_token_logps"] = old[rows]
+        if args.beta:
+            inputs["ref_per_token_logps"] = ref[rows]
+        if sampling is not None:
+            learner = old[rows] if old is not None else logprobs_now(setup, args.temperature)[rows]
+            inputs["importance_sampling_ratio"] = trl_sampling_ratio(args, learner, sampling[rows],
+                                                                     x.completion_mask[rows])
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+        total += loss.item()
+        per_micro.append((x.completion_mask[rows].sum().item(), len(rows)))
+    del model.forward  # TRL patched the instance; back to the class's forward
+    metrics = trainer._metrics["train"]
+    return total, grads_of(model), metrics, per_micro
+
+
+@torch.no_grad()
+def logprobs_now(setup, temperature):
+    model, x, _, _ = setup
+    logits = model(torch.cat([x.prompt_ids, x.completion_ids], 1)).logits[:, P - 1 : -1]
+    return logprobs_at(logits, x.completion_ids, temperature)
+
+
+def run_ours(setup, config, micro_batches, old, ref, sampling):
+    model, x, _, _ = setup
+    model.zero_grad(set_to_none=True)
+    model.train()
+    total, metrics = 0.0, defaultdict(float)
+    for rows in torch.arange(B).chunk(micro_batches):
+        ids = torch.cat([x.prompt_ids[rows], x.completion_ids[rows]], 1)
+        attention = torch.cat([x.prompt_mask[rows], x.completion_mask[rows]], 1)
+        hidden = decoder_hidden_states(model, ids, attention)[:, P - 1 : -1]
+        weight, bias = lm_head(model)
+        loss, m = grpo_loss(
+            hidden, weight, x.completion_ids[rows], x.completion_mask[rows], x.advantages[rows],
+            old_logps=None if old is None else old[rows], ref_logps=ref[rows] if config.beta else None,
+            sampling_logps=None if sampling is None else sampling[rows], config=config, bias=bias,
+            num_items_in_batch=x.completion_mask.sum(), num_sequences_in_batch=B, num_micro_batches=micro_batches,
+        )
+        loss.backward()
+        total += loss.item()
+        for key, value in m.items():
+            metrics[key] += value.item()
+    return total, grads_of(model), metrics
+
+
+def trl_step_metric(values, per_micro, per_sequence=False):
+    """TRL's per-micro-batch means, weighted by the micro-batches' tokens (completions when per_sequence)."""
+    weights = [seqs if per_sequence else toks for toks, seqs in per_micro]
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+
+
+GSPO_CLIP = {"epsilon": 0.02, "epsilon_high": 0.03}  # a completion's mean log-ratio moves less than a token's
+CASES = {
+    # name: GRPOConfig overrides (beyond the defaults below), off-policy old log-probs, sampling correction
+    "grpo": ({"loss_type": "grpo"}, True, False),
+    "bnpo": ({"loss_type": "bnpo"}, True, False),
+    "dr_grpo": ({"loss_type": "dr_grpo"}, True, False),
+    "dapo": ({"loss_type": "dapo"}, True, False),
+    "cispo": ({"loss_type": "cispo", "epsilon_high": 1.2}, True, False),
+    "dapo-on-policy": ({"loss_type": "dapo"}, False, False),
+    "grpo-temperature": ({"loss_type": "grpo", "temperature": 0.7}, True, False),
+    "dapo-plain-k3": ({"loss_type": "dapo", "use_bias_correction_kl": False}, True, False),
+    "grpo-on-policy-plain-k3": ({"loss_type": "grpo", "use_bias_correction_kl": False}, False, False),
+    "gspo": ({"loss_type": "grpo", "importance_sampling_level": "sequence", **GSPO_CLIP}, True, False),
+    "gspo-dapo": ({"loss_type": "dapo", "importance_sampling_level": "sequence", **GSPO_CLIP}, True, False),
+    "gspo-on-policy": ({"loss_type": "grpo", "importance_sampling_level": "sequence"}, False, False),
+    "delta": ({"loss_type": "dapo", "delta": 1.3}, True, False),
+    "dr_grpo-delta-temperature": ({"loss_type": "dr_grpo", "delta": 1.25, "temperature": 0.7}, True, False),
+    "entropy-mask": ({"loss_type": "dapo", "top_entropy_quantile": 0.4}, True, False),
+    "entropy-mask-grpo": ({"loss_type": "grpo", "top_entropy_quantile": 0.2}, False, False),
+    "tis-token-truncate": ({"loss_type": "dapo", "vllm_importance_sampling_mode": "token_truncate",
+                            "vllm_importance_sampling_clip_max": 1.2}, True, True),
+    "tis-token-truncate-on-policy": ({"loss_type": "grpo", "vllm_importance_sampling_mode": "token_truncate",
+                                      "vllm_importance_sampling_clip_max": 1.2}, False, True),
+    "tis-token-mask": ({"loss_type": "bnpo", "vllm_importance_sampling_mode": "token_mask",
+                        "vllm_importance_sampling_clip_max": 1.2, "vllm_importance_sampling_clip_min": 0.8},
+                       True, True),
+    "tis-sequence-truncate": ({"loss_type": "dapo", "vllm_importance_sampling_mode": "sequence_truncate",
+                               "vllm_importance_sampling_clip_max": 1.5, "vllm_importance_sampling_clip_min": 0.7},
+                              True, True),
+    "tis-sequence-mask-on-policy": ({"loss_type": "dr_grpo", "vllm_importance_sampling_mode": "sequence_mask",
+                                     "vllm_importance_sampling_clip_max": 1.5}, False, True),
+    "cispo-tis-entropy": ({"loss_type": "cispo", "epsilon_high": 1.1, "top_entropy_quantile": 0.5,
+                           "vllm_importance_sampling_mode": "token_truncate"}, True, True),
+    "everything": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.1, **GSPO_CLIP,
+                    "top_entropy_quantile": 0.5, "vllm_importance_sampling_mode": "sequence_truncate",
+                    "temperature": 0.7}, True, True),
+}
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 4])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
+    overrides, off_policy, correction = CASES[case]
+    args = GRPOConfig(
+        output_dir="unused", use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=B // micro_batches,
+        num_generations=2, gradient_accumulation_steps=micro_batches, max_completion_length=9,
+        **{"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.28, **overrides},
+    )
+    assert args.steps_per_generation == micro_batches  # TRL's dapo/cispo normaliser assumes it
+    old, ref, sampling = make_logps(setup, args.temperature, seed=len(case))
+    old = old if off_policy else None
+    sampling = sampling if correction else None
+    trl_loss, trl_grads, trl_metrics, per_micro = run_trl(setup, args, micro_batches, old, ref, sampling)
+    loss, grads, metrics = run_ours(setup, our_config(args), micro_batches, old, ref, sampling)
+
+    assert loss == pytest.approx(trl_loss, rel=1e-5, abs=1e-7)
+    for name, want in trl_grads.items():
+        scale = want.abs().max().clamp(min=1e-8)
+        assert (grads[name] - want).abs().max() <= 2e-5 * scale, name
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+    sequence_level = args.importance_sampling_level == "sequence"
+    pairs = [("kl", "kl", False), ("entropy", "entropy", False)]
+    if args.loss_type == "cispo":
+        pairs.append(("clip_ratio_high", "cispo_clip_ratio", sequence_level))
+    else:
+        pairs += [("clip_ratio_low", "clip_ratio/low_mean", sequence_level),
+                  ("clip_ratio_high", "clip_ratio/high_mean", sequence_level),
+                  ("clip_ratio", "clip_ratio/region_mean", sequence_level)]
+    for ours_key, trl_key, per_sequence in pairs:
+        want = trl_step_metric(trl_metrics[trl_key], per_micro, per_sequence)
+        assert metrics[ours_key] == pytest.approx(want, rel=1e-5, abs=1e-6), ours_key
+    if off_policy and args.loss_type != "cispo":
+        assert metrics["clip_ratio"] > 0  # the clips are exercised
+
+
+def test_cases_exercise_every_option():
+    """The table above covers every loss type and every option of the loss."""
+    seen = defaultdict(set)
+    for overrides, off_policy, correction in CASES.values():
+        for key, value in overrides.items():
+            seen[key].add(value)
+        seen["off_policy"].add(off_policy)
+        seen["correction"].add(correction)
+    assert seen["loss_type"] == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo"}
+    assert seen["vllm_importance_sampling_mode"] == {"token_truncate", "token_mask", "sequence_truncate",
+                                                     "sequence_mask"}
+    assert {"importance_sampling_level", "delta", "top_entropy_quantile", "use_bias_correction_kl",
+            "temperature"} <= seen.keys()
+    assert seen["off_policy"] == seen["correction"] == {True, False}
