@@ -19,6 +19,7 @@ from grpo_runtime.data import DatasetError, arithmetic_problems
 from grpo_runtime.evaluation import pass_at_k, split_rows, summarise
 from grpo_runtime.spec import EvaluationSpec, SpecError, parse_job
 
+from tests.runtime.test_hub_datasets import gsm8k_repo  # noqa: F401  (a fixture)
 from tests.runtime.test_trainer import read_metrics, run_in_process, tiny_job, write_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,6 +138,20 @@ def test_separate_source_is_deduplicated_capped_and_removed_from_training(tiny_m
     capped = parse_job(eval_job(tiny_model_dir, tmp_path, {"source": str(source), "maxSamples": 2}))
     assert [r["prompt"] for r in split_rows(capped, rows)[1]] == ["q1", "new"]
     assert split_rows(parse_job(tiny_job(tiny_model_dir, tmp_path)), rows) == (rows, [])  # no evaluation
+
+
+def test_a_hub_source_is_evaluated_on_its_own_split(gsm8k_repo, tiny_model_dir, tmp_path):
+    from tests.runtime.test_hub_datasets import TRAIN
+
+    doc = eval_job(tiny_model_dir, tmp_path, {"source": f"hf://{gsm8k_repo}", "split": "test"})
+    doc["spec"]["dataset"] = {"source": f"hf://{gsm8k_repo}", "config": "main", "promptField": "question"}
+    job = parse_job(doc)
+    train, held = split_rows(job, TRAIN)
+    assert held == TRAIN[:1]  # the test split (config main, as the dataset's)
+    assert train == TRAIN[1:]  # the double's test question is also a train row: it leaves training
+    doc["spec"]["evaluation"]["split"] = "validation"
+    with pytest.raises(DatasetError, match=r"^spec.evaluation.source: hf://.* split 'validation'"):
+        split_rows(parse_job(doc), TRAIN)
 
 
 def test_held_out_larger_than_the_dataset_names_the_field(tiny_model_dir, tmp_path):
