@@ -177,16 +177,11 @@ def status_schema() -> dict[str, Any]:
                     "passAtK": _number("Share of held-out prompts with a correct completion among numSamples "
                                        "(unbiased pass@k); only when numSamples > 1."),
                     "numSamples": {"type": "integer", "description": "Completions per held-out prompt."},
-                    "rewards": {
-                        "type": "object",
-                        "description": "Per reward function name: its mean and its accuracy (share reaching its "
-                                       "threshold).",
-                        "additionalProperties": {
-                            "type": "object",
-                            "properties": {"mean": _number("Mean reward."),
-                                           "accuracy": _number("Share of completions reaching the threshold.")},
-                        },
-                    },
+                    "rewards": {"type": "object", "additionalProperties": {"type": "number", "nullable": True},
+                                "description": "Mean reward on the held-out prompts per reward function name."},
+                    "accuracies": {"type": "object", "additionalProperties": {"type": "number", "nullable": True},
+                                   "description": "Per reward function name: the share of held-out completions "
+                                                  "reaching its threshold."},
                 },
             },
             "updatedAt": {"type": "string", "format": "date-time", "description": "When the runtime wrote this."},

@@ -92,18 +92,20 @@ class KubernetesProgressSink:
 
 
 def eval_progress(line: dict[str, Any]) -> dict[str, Any]:
-    """status.progress.eval from an eval record of the metrics (see grpo_runtime.evaluation):
-    step, accuracy (the headline), numSamples, passAtK (k > 1), and mean and accuracy per reward."""
-    rewards: dict[str, dict[str, Any]] = {}
+    """status.progress.eval from an eval record of the metrics (see grpo_runtime.evaluation): step,
+    accuracy (the headline), numSamples, passAtK (k > 1), rewards (name -> mean, as progress.rewards)
+    and accuracies (name -> share of completions reaching that reward's threshold)."""
+    per_reward: dict[str, dict[str, Any]] = {"mean": {}, "accuracy": {}}
     for key, value in line.items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("mean", "accuracy"):
-            rewards.setdefault(parts[1], {})[parts[2]] = value
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in per_reward:
+            per_reward[parts[2]][parts[1]] = value
     progress = {
         "step": line["step"],
         "accuracy": line["eval/accuracy"],
         "numSamples": line["eval/num_samples"],
-        "rewards": rewards,
+        "rewards": per_reward["mean"],
+        "accuracies": per_reward["accuracy"],
     }
     if line["eval/num_samples"] > 1:
         progress["passAtK"] = line[f"eval/pass@{line['eval/num_samples']}"]

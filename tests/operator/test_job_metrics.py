@@ -123,3 +123,19 @@ async def test_the_operator_exports_what_the_pod_reports_and_forgets_deleted_job
         assert (await apiserver.delete(f"{JOBS_URL}/watched")).status == 200
         await eventually(lambda: job(apiserver, "watched") is None)
         await eventually(lambda: not any(("job", "watched") in labels for _, labels in samples(memo.metrics)))
+
+
+def test_the_eval_series_read_what_the_runtime_patches():
+    """status.progress.eval as grpo_runtime.status.eval_progress writes it, not a hand-written copy."""
+    from grpo_runtime.status import eval_progress
+
+    record = {"step": 20, "eval/accuracy": 0.25, "eval/correct/mean": 0.25, "eval/correct/accuracy": 0.25,
+              "eval/format/mean": 0.75, "eval/format/accuracy": 0.5, "eval/num_samples": 1, "eval/num_prompts": 4,
+              "eval/completion_length": 30.0}
+    metrics = Metrics()
+    metrics.job_status("ml", "evaluated", {"phase": "Running", "progress": {"step": 20, "eval": eval_progress(record)}})
+    got = samples(metrics)
+    assert got[("grpo_job_eval_accuracy", job_labels("evaluated"))] == 0.25
+    assert got[("grpo_job_eval_step", job_labels("evaluated"))] == 20
+    assert got[("grpo_job_eval_reward_mean", job_labels("evaluated", reward="correct"))] == 0.25
+    assert got[("grpo_job_eval_reward_mean", job_labels("evaluated", reward="format"))] == 0.75

@@ -419,8 +419,8 @@ def test_status_progress_gets_the_baseline_first_and_every_evaluation(tiny_model
             "accuracy": m["eval/accuracy"],
             "numSamples": 2,
             "passAtK": m["eval/pass@2"],
-            "rewards": {name: {"mean": m[f"eval/{name}/mean"], "accuracy": m[f"eval/{name}/accuracy"]}
-                        for name in ("correct", "short")},
+            "rewards": {name: m[f"eval/{name}/mean"] for name in ("correct", "short")},
+            "accuracies": {name: m[f"eval/{name}/accuracy"] for name in ("correct", "short")},
         }
         for m in evals
     ]
@@ -441,8 +441,8 @@ def test_the_sink_patches_eval_into_status_progress_with_nan_as_null():
             "eval/completion_length": 3.0}
     KubernetesProgressSink("job", "ns", api=api).update({"eval": eval_progress(line)})
     sent = api.body["status"]["progress"]
-    assert sent["eval"] == {"step": 4, "accuracy": 0.5, "numSamples": 1,
-                            "rewards": {"correct": {"mean": 0.5, "accuracy": 0.5}, "odd": {"mean": None, "accuracy": 0.0}}}
+    assert sent["eval"] == {"step": 4, "accuracy": 0.5, "numSamples": 1, "rewards": {"correct": 0.5, "odd": None},
+                            "accuracies": {"correct": 0.5, "odd": 0.0}}
     assert set(sent) == {"eval", "updatedAt"}
 
 
