@@ -75,21 +75,22 @@ def split_rows(
         count = held_out if isinstance(held_out, int) else max(1, round(held_out * len(prompts)))
         if count >= len(prompts):
             raise DatasetError(
-                f"spec.evaluation.heldOut: {held_out} means {count} held-out prompts, which leaves nothing to train on: "
-                f"{dataset.source} has {len(prompts)} distinct prompts"
+                f"spec.evaluation.heldOut: {held_out} means {count} held-out prompts, which leaves nothing to "
+                f"train on: {dataset.source} has {len(prompts)} distinct prompts"
                 + (f" (dataset.maxSamples {dataset.max_samples})" if dataset.max_samples else "")
             )
         picked = sorted(random.Random(job.spec.training.seed * 7_919 + 104_729).sample(range(len(prompts)), count))
         held = [prompts[i][1] for i in picked]
     else:
         source = dataset.model_copy(update={"source": evaluation.source, "split": evaluation.split, "max_samples": None})
-        held = list(_distinct(load_rows(source, endpoint=endpoint, region=region, field="spec.evaluation.source"), field).values())
-        held = held[: evaluation.max_samples] if evaluation.max_samples else held
+        loaded = load_rows(source, endpoint=endpoint, region=region, field="spec.evaluation.source")
+        held = list(_distinct(loaded, field).values())[: evaluation.max_samples]  # [:None] keeps them all
     texts = {str(row[field]) for row in held}
     train = [row for row in rows if str(row[field]) not in texts]
     if not train:
         raise DatasetError(
-            f"spec.evaluation.source: every prompt of {dataset.source} is also in {evaluation.source}; nothing to train on"
+            f"spec.evaluation.source: every prompt of {dataset.source} is also in {evaluation.source}; "
+            "nothing to train on"
         )
     if evaluation.source is not None and len(train) < len(rows):
         log.warning(
