@@ -107,7 +107,7 @@ class MLflowTracker:
         self.client = MlflowClient(tracking_uri=spec.tracking_uri)
         self.run_id = run_id
         self.resumed = run_id is not None
-        self.last_step = 0  # steps up to this one are in the run already (a resumed run)
+        self.last_step = -1  # steps up to this one are in the run already (a resumed run); step 0 is the eval baseline
 
     def start(self) -> None:
         if self.run_id is not None:
@@ -124,7 +124,7 @@ class MLflowTracker:
                 return self.start()
             self.last_step = max(
                 (m.step for key in run.data.metrics for m in self.client.get_metric_history(self.run_id, key)),
-                default=0,
+                default=-1,
             )
             self.client.update_run(self.run_id, status="RUNNING")
             log.info("MLflow: continuing run %s (it has steps up to %d)", self.run_id, self.last_step)

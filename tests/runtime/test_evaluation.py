@@ -20,6 +20,7 @@ from grpo_runtime.evaluation import pass_at_k, split_rows, summarise
 from grpo_runtime.spec import EvaluationSpec, SpecError, parse_job
 
 from tests.runtime.test_hub_datasets import gsm8k_repo  # noqa: F401  (a fixture)
+from tests.runtime.test_tracking import mlflow_server  # noqa: F401  (a fixture)
 from tests.runtime.test_trainer import read_metrics, run_in_process, tiny_job, write_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -507,3 +508,22 @@ def test_the_readme_evaluation_example_is_a_valid_section():
     (block,) = [b for b in blocks if b.startswith("evaluation:")]
     evaluation = EvaluationSpec.model_validate(yaml.safe_load(block)["evaluation"])
     assert evaluation.held_out == 100 and evaluation.every_steps == 10 and evaluation.correct == {"correct": 1.0}
+
+
+def test_mlflow_and_tensorboard_get_every_evaluation_from_the_baseline_on(tiny_model_dir, tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    from tests.runtime.test_tracking import history, only_run, tensorboard_scalars, tracked_job
+
+    out = tmp_path / "run"
+    doc = tracked_job(tiny_model_dir, out, mlflow_server, experiment="evaluated", maxSteps=3)
+    doc["spec"]["evaluation"] = {"heldOut": 4, "everySteps": 2}
+    assert run_in_process(doc) == 0
+    evals = eval_lines(read_metrics(out))
+    expected = [(m["step"], pytest.approx(m["eval/accuracy"])) for m in evals]
+    assert [step for step, _ in expected] == [0, 2, 3]
+    client = MlflowClient(mlflow_server)
+    run_id = only_run(client, "evaluated").info.run_id
+    assert history(client, run_id, "eval/accuracy") == expected  # the step-0 baseline too
+    assert [step for step, _ in history(client, run_id, "reward")] == [1, 2, 3]
+    assert tensorboard_scalars(out / "tensorboard", "eval/accuracy") == expected
