@@ -100,3 +100,18 @@ def _one_torch_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- one store of each kind
+
+
+@pytest.fixture(params=["local", "s3", "gs", "az"])
+def any_storage(request, tmp_path):
+    """A fresh, empty job prefix on a local folder, moto's S3, the GCS emulator and Azurite in turn."""
+    from grpo_runtime.storage import open_storage
+
+    if request.param == "local":
+        return open_storage(str(tmp_path / "out"))
+    fixture = {"s3": "s3_bucket", "gs": "gcs_bucket", "az": "azure_container"}[request.param]
+    bucket = request.getfixturevalue(fixture)
+    return open_storage(bucket.uri("jobs/demo"), endpoint=bucket.endpoint)

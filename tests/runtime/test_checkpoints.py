@@ -9,18 +9,12 @@ from pathlib import Path
 import pytest
 
 from grpo_runtime.checkpoints import fetch_checkpoint, latest_checkpoint, publish_checkpoint
-from grpo_runtime.storage import StorageError, open_storage
+from grpo_runtime.storage import StorageError
 
 
-@pytest.fixture(params=["local", "s3", "gs", "az"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage(str(tmp_path / "out"))
-    if request.param in ("gs", "az"):
-        bucket = request.getfixturevalue("gcs_bucket" if request.param == "gs" else "azure_container")
-        return open_storage(bucket.uri("jobs/demo"), endpoint=bucket.endpoint)
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(bucket.uri("jobs/demo"), endpoint=bucket.endpoint)
+@pytest.fixture
+def storage(any_storage):
+    return any_storage
 
 
 def make_checkpoint(root: Path, step: int) -> Path:

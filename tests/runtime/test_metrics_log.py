@@ -11,15 +11,9 @@ from grpo_runtime.metrics_log import MetricsLog, read_metrics, segment_key
 from grpo_runtime.storage import open_storage
 
 
-@pytest.fixture(params=["local", "s3", "gs", "az"])
-def storage(request, tmp_path):
-    if request.param == "local":
-        return open_storage(str(tmp_path / "out"))
-    if request.param in ("gs", "az"):
-        bucket = request.getfixturevalue("gcs_bucket" if request.param == "gs" else "azure_container")
-        return open_storage(bucket.uri("jobs/demo"), endpoint=bucket.endpoint)
-    bucket = request.getfixturevalue("s3_bucket")
-    return open_storage(bucket.uri("jobs/demo"), endpoint=bucket.endpoint)
+@pytest.fixture
+def storage(any_storage):
+    return any_storage
 
 
 class RecordingStorage:
