@@ -19,18 +19,17 @@ from grpo_runtime.rewards import load_rewards
 from grpo_runtime.spec import parse_job
 from grpo_runtime.trainer import encode_prompts
 
-from tests.runtime.test_engine_vllm import _open, generation_spec, open_engine, optimizer_step, vllm_tiny_dir  # noqa: F401
+from tests.runtime.test_engine_vllm import (  # noqa: F401  (fixtures: pytest finds them in this module's namespace)
+    _close_engines_at_the_end,
+    _open,
+    generation_spec,
+    open_engine,
+    optimizer_step,
+    vllm_tiny_dir,
+)
 from tests.runtime.test_trainer import tiny_job
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_engines_at_the_end():
-    yield
-    for engine in _open.values():
-        engine.close()
-    _open.clear()
 
 
 def test_evaluation_through_vllm_scores_what_hf_scores(vllm_tiny_dir, tmp_path):
