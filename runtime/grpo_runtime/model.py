@@ -246,6 +246,7 @@ def _dequantize_gguf(gguf: Path, out: Path, name: str) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the folder holds dequantized weights
+    config.architectures = config.architectures or [type(model).__name__]  # GGUF configs name none; vLLM reads it
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)

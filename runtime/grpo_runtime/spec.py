@@ -173,7 +173,10 @@ class RewardSpec(Section):
 
 class GenerationSpec(Section):
     engine: Literal["auto", "vllm", "hf"] = Field(
-        "auto", description="auto: vLLM when importable and CUDA is present, else transformers generate."
+        "auto",
+        description="auto: vLLM where it imports, on CUDA always, on CPU when the learner is float32 and the model "
+        "fits vLLM's CPU kernels (architecture, head size, weights it can be pushed); else transformers generate, "
+        "with a log line saying why.",
     )
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group size G).")
     max_prompt_length: int = Field(512, ge=1, description="Prompts are left-truncated to this many tokens.")

