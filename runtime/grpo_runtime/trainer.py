@@ -23,6 +23,7 @@ from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages
 from grpo_runtime.data import PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
+from grpo_runtime.host_memory import release_freed_heap
 from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
 from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
@@ -303,7 +304,9 @@ class Trainer:
                 bias=bias,
                 **step,
             )
+            release_freed_heap(self.policy.device)  # the forward's temporaries, before the backward adds its own
             loss.backward()
+            release_freed_heap(self.policy.device)
             for key, value in {"loss": loss, **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
         return sums
