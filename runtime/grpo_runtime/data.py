@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpo_runtime.messages import first_line
 from grpo_runtime.spec import HUB_DATASET_SCHEME, DatasetSpec
 
 
@@ -88,17 +89,13 @@ def hub_rows(spec: DatasetSpec, field: str = "spec.dataset.source") -> list[dict
         if refused is not None:
             raise DatasetError(str(refused)) from None
         if isinstance(exc, datasets.exceptions.DatasetNotFoundError):
-            raise DatasetError(f"{where}: no such dataset on the hub ({_first_line(exc)})") from None
+            raise DatasetError(f"{where}: no such dataset on the hub ({first_line(exc)})") from None
         if isinstance(exc, ValueError | KeyError | FileNotFoundError | OSError):
             # unknown split or config, a config that must be named, files that cannot be read
-            raise DatasetError(f"{where}, split {spec.split!r}: {_first_line(exc)}") from None
+            raise DatasetError(f"{where}, split {spec.split!r}: {first_line(exc)}") from None
         raise
     return loaded.to_list()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _read_source(source: str, endpoint: str | None, region: str | None, field: str) -> bytes:

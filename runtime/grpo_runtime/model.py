@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from grpo_runtime.messages import first_line
 from grpo_runtime.offload import apply_gradient_checkpointing
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def _dequantize_gguf(gguf: Path, out: Path, name: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as exc:
-        raise ModelError(f"spec.model.name: {name!r} is not a readable GGUF model ({_first_line(exc)})") from None
+        raise ModelError(f"spec.model.name: {name!r} is not a readable GGUF model ({first_line(exc)})") from None
     # save_pretrained refuses a GGUF-loaded model; its weights are plain fp32 tensors by now.
     # Tied weights (lm_head = embed_tokens) are stored once, under the first name.
     tensors, seen = {}, set()
@@ -251,10 +252,6 @@ def _dequantize_gguf(gguf: Path, out: Path, name: str) -> None:
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --- the policy ---------------------------------------------------------------------------
@@ -309,7 +306,7 @@ def load_policy(
         if refused is not None:
             raise refused from None
         if isinstance(exc, OSError | ValueError | KeyError):
-            raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({_first_line(exc)})") from None
+            raise ModelError(f"spec.model.name: cannot load {model_spec.name!r} ({first_line(exc)})") from None
         raise
 
     if tokenizer.pad_token is None:
@@ -336,7 +333,7 @@ def load_policy(
         try:
             model = get_peft_model(base, config)
         except ValueError as exc:  # e.g. target modules not found
-            raise ModelError(f"spec.lora.targetModules: {_first_line(exc)}") from None
+            raise ModelError(f"spec.lora.targetModules: {first_line(exc)}") from None
     apply_gradient_checkpointing(model, gradient_checkpointing)
     model.train()
     return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source)

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from grpo_runtime.messages import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -111,7 +113,7 @@ def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None)
             try:
                 return _vllm_engine(generation_spec, policy, training_spec, model_spec)
             except Exception as exc:  # noqa: BLE001  on CPU vLLM is a speed-up only: hf samples the same policy
-                log.warning("generation engine: hf (engine: auto): vLLM could not start on CPU (%s)", _first_line(exc))
+                log.warning("generation engine: hf (engine: auto): vLLM could not start on CPU (%s)", first_line(exc))
                 choice = "hf"
     if choice == "vllm":
         return _vllm_engine(generation_spec, policy, training_spec, model_spec)
@@ -129,7 +131,7 @@ def auto_engine(policy, model_spec=None) -> tuple[str, str | None]:
     try:
         from grpo_runtime.engines import vllm as vllm_engine
     except Exception as exc:  # ImportError, or a broken install failing at import: as good as none
-        return "hf", f"vllm is not usable here ({_first_line(exc)})"
+        return "hf", f"vllm is not usable here ({first_line(exc)})"
     if policy.device.type == "cuda":
         return "vllm", None
     from grpo_runtime.spec import ModelSpec
@@ -143,11 +145,7 @@ def _vllm_engine(generation_spec, policy, training_spec, model_spec) -> Engine:
         from grpo_runtime.engines.vllm import VLLMEngine
     except Exception as exc:  # ImportError, or a broken install failing at import: the user's to fix
         raise EngineError(
-            f"spec.generation.engine: vllm is not usable here ({_first_line(exc)}); install the gpu extra or use engine: hf"
+            f"spec.generation.engine: vllm is not usable here ({first_line(exc)}); install the gpu extra or use engine: hf"
         ) from None
     return VLLMEngine(generation_spec, policy, training_spec=training_spec, model_spec=model_spec)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -80,6 +80,7 @@ from grpo_runtime.engines import (
     eos_token_ids,
     sampling_config,
 )
+from grpo_runtime.messages import first_line
 
 # The engine core must live in this process: weights are pushed from the learner's tensors.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -139,7 +140,7 @@ def vllm_sampling_kwargs(extra: dict[str, Any]) -> dict[str, Any]:
         try:
             SamplingParams(max_tokens=None, **{key: value})  # alone (no default max_tokens to clash with)
         except Exception as exc:  # noqa: BLE001  (ValueError, TypeError, VLLMValidationError, msgspec's own)
-            raise EngineError(f"{where}: {_first_line(exc)}") from None
+            raise EngineError(f"{where}: {first_line(exc)}") from None
     return dict(extra)
 
 
@@ -294,7 +295,7 @@ class VLLMEngine:
         try:  # refuse bad samplingParams, alone or with the rest of the section, before loading anything
             self._sampling_params(sampling_config(generation_spec, seed=0), 0)
         except (ValueError, VLLMValidationError) as exc:
-            raise EngineError(f"spec.generation.samplingParams: {_first_line(exc)}") from None
+            raise EngineError(f"spec.generation.samplingParams: {first_line(exc)}") from None
         self.cuda = policy.device.type == "cuda"
         if self.cuda and policy.device.index not in (None, 0):
             raise EngineError(
@@ -682,7 +683,7 @@ def refuse_prequantized(source: str, model_spec) -> None:
             trust_remote_code=model_spec.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise EngineError(f"spec.model.name: vllm cannot read the config of {model_spec.name!r} ({_first_line(exc)})") from None
+        raise EngineError(f"spec.model.name: vllm cannot read the config of {model_spec.name!r} ({first_line(exc)})") from None
     quantization = getattr(config, "quantization_config", None)
     if quantization:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", "?")
@@ -806,7 +807,7 @@ class _out_of_memory_names_the_knobs:
             free, total = torch.cuda.mem_get_info()
             held = f" ({(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use, learner included)"
         raise EngineResourceError(
-            f"CUDA out of memory {self.what}{held}: {_first_line(exc)}. The learner and the engine do not fit "
+            f"CUDA out of memory {self.what}{held}: {first_line(exc)}. The learner and the engine do not fit "
             f"together; lower {KNOBS}, or set spec.training.gradientCheckpointing: offload"
         ) from exc
 
@@ -818,7 +819,3 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def _whole(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
