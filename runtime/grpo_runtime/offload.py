@@ -38,6 +38,10 @@ class HostOffload:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def pack(self, tensor: torch.Tensor):
+        if tensor.numel() == 0:
+            # torch <= 2.11's checkpoint saves an empty dummy beside each layer's input: moving it
+            # would cost a stream sync and an event per layer for no bytes.
+            return tensor.device, tensor, None
         self.packed += 1
         if tensor.device.type != "cuda":
             return tensor.device, tensor.detach().clone(), None
