@@ -19,6 +19,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from grpo_runtime.messages import typed_first_line
 from grpo_runtime.spec import API_VERSION
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _short(exc: Exception) -> str:
     reason = getattr(exc, "reason", None)
     if status is not None:
         return f"HTTP {status} {reason or ''}".strip()
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return typed_first_line(exc)
 
 
 def sink_from_env(env: dict[str, str] | None = None) -> KubernetesProgressSink | None:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
+from grpo_runtime.messages import typed_first_line
+
 T = TypeVar("T")
 
 MiB = 1024 * 1024
@@ -558,7 +560,7 @@ class FsspecStorage:
         except ImportError as exc:
             raise StorageError(f"{self.uri}: the {protocol} client is not installed ({exc})") from None
         except Exception as exc:  # e.g. no Azure account configured
-            raise StorageError(f"{self.uri}: cannot set up the {scheme}:// client: {_cause_text(exc)}") from exc
+            raise StorageError(f"{self.uri}: cannot set up the {scheme}:// client: {typed_first_line(exc)}") from exc
         self._root = f"{bucket}/{self.prefix}"
 
     def _path(self, key: str) -> str:
@@ -576,7 +578,7 @@ class FsspecStorage:
                 f"{self.uri}: cannot {action}: access denied to {self.bucket!r} (check the credentials)"
             ) from exc
         except Exception as exc:
-            raise StorageError(f"{self.uri}: cannot {action}: {_cause_text(exc)}") from exc
+            raise StorageError(f"{self.uri}: cannot {action}: {typed_first_line(exc)}") from exc
 
     def check(self) -> None:
         probe = self._root + ".grpo-write-check"
@@ -648,7 +650,3 @@ class FsspecStorage:
     def __repr__(self) -> str:
         return f"FsspecStorage({self.uri!r}, endpoint={self.endpoint!r})"
 
-
-def _cause_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from grpo_runtime.messages import typed_first_line
 from grpo_runtime.metrics_log import read_metrics
 from grpo_runtime.spec import GRPOJob, MLflowSpec
 from grpo_runtime.storage import LocalStorage, Storage
@@ -270,7 +271,7 @@ class Guarded:
             try:
                 fn()
             except Exception as exc:  # noqa: BLE001  (any failure: report, keep training)
-                message = scrub(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                message = scrub(typed_first_line(exc))
                 if self.permanent(exc) and what != "start":
                     log.warning("%s refused %s (dropped; training goes on): %s", self.tracker.name, what, message)
                     self.pending.pop(0)
