@@ -561,6 +561,11 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
 def part_vllm(part: Part, shapes: Shapes, device, deadline: float, smoke: bool) -> None:
     from gpu_vllm_part import run as run_vllm_part
 
+    if device.type == "cpu":
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():  # e.g. the runtime image's CUDA build, rehearsed on a CPU machine
+            raise NotRun(f"the installed vLLM is built for {current_platform.device_name or 'GPUs'}, and --smoke runs on CPU")
     result = run_vllm_part(smoke=smoke)
     if "error" in result:
         raise RuntimeError(result["error"])
