@@ -291,6 +291,13 @@ class TrainingSpec(Section):
         "tokens; taking it over the whole step would cost a second forward pass of the model per micro-batch. "
         "The KL term is kept on every token.",
     )
+    mask_truncated_completions: bool = Field(
+        False,
+        description="Leave out of the loss the completions that hit maxCompletionLength without ending (DAPO's "
+        "overlong filtering, TRL's mask_truncated_completions): an unfinished answer is not penalised for what it "
+        "had no room to say. Their rewards still count in their group's advantages, as in TRL, and they still "
+        "count as completions where a loss type divides by completions (grpo, dr_grpo).",
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the std of the group, of the whole batch, or not at all."
     )

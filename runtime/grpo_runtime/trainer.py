@@ -98,9 +98,12 @@ def build_batch(
     pad_id: int,
     device: torch.device,
     pad_to: tuple[int, int] | None = None,
+    mask_truncated: bool = False,
 ) -> Batch:
     """`pad_to` (prompt, completion) widens the batch to the job's maximum lengths: padding is
-    masked out, so the maths is unchanged while the memory is the worst case."""
+    masked out, so the maths is unchanged while the memory is the worst case. `mask_truncated`:
+    a truncated completion's tokens are masked out of attention and loss (TRL's
+    mask_truncated_completions: the row stays, so it still counts as a completion)."""
     prompts = [prompt_ids[c.prompt_index] for c in completions]
     width_p = max(len(p) for p in prompts)
     width_c = max(1, max(len(c.completion_ids) for c in completions))
@@ -114,7 +117,8 @@ def build_batch(
         ids = completion.completion_ids
         input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt)
         input_ids[row, width_p : width_p + len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width_p - len(prompt) : width_p + len(ids)] = 1
+        kept = 0 if mask_truncated and completion.truncated else len(ids)
+        attention[row, width_p - len(prompt) : width_p + kept] = 1
         if completion.logprobs is not None:
             sampling[row, : len(ids)] = torch.tensor(completion.logprobs, dtype=torch.float32)
     return Batch(
@@ -319,7 +323,8 @@ class Trainer:
         scores, advantages = self.score(rows, completions)
         pad_to = (self.generation.max_prompt_length, self.generation.max_completion_length) if self._at_max_lengths else None
         self._at_max_lengths = False
-        batch = build_batch(prompt_ids, completions, self.policy.tokenizer.pad_token_id, self.policy.device, pad_to)
+        batch = build_batch(prompt_ids, completions, self.policy.tokenizer.pad_token_id, self.policy.device, pad_to,
+                            mask_truncated=self.training.mask_truncated_completions)
         losses = self.optimise(batch, advantages)
         self.engine.sync(self.policy)
         self.step += 1

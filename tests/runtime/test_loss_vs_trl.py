@@ -11,7 +11,9 @@ the metrics. Where we differ from TRL on purpose, the test says so:
   logged value does not depend on the split. Compared here against TRL's per-micro-batch values
   weighted the same way; with equal micro-batches the two agree.
 - the sampling-correction weights are computed in TRL's generation code (inline, not a function):
-  ``trl_sampling_ratio`` below is that code, copied, and its output goes into TRL's loss.
+  ``trl_sampling_ratio`` below is that code, copied, and its output goes into TRL's loss. So is
+  ``trl_mask_truncated`` (mask_truncated_completions); ours is ``build_batch(mask_truncated=True)``,
+  and the two masks are compared before both losses get them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from grpo_runtime.engines import Completion
 from grpo_runtime.loss import LossConfig, grpo_loss
 from grpo_runtime.model import decoder_hidden_states, lm_head
+from grpo_runtime.trainer import build_batch
 
 trl = pytest.importorskip("trl")  # a dev dependency: always there in CI
 from accelerate import Accelerator  # noqa: E402
@@ -33,6 +37,7 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 B, P, C, V = 4, 5, 7, 61
 LENGTHS = [7, 3, 5, 1]  # ragged completions (right-padded), one of a single token
+EOS, PAD = V - 1, V - 2  # rows 0 and 2 end with EOS; rows 1 and 3 were cut off (truncated)
 
 
 class TRLTrainer:
@@ -77,6 +82,24 @@ def trl_sampling_ratio(args: GRPOConfig, old, sampling, mask):
     return ratio.masked_fill((ratio < low) | (ratio > high), value=0.0)
 
 
+def trl_mask_truncated(completion_ids_list, completion_mask, eos_and_pad):
+    """TRL 1.16 GRPOTrainer._generate_and_score_completions, the mask_truncated_completions lines."""
+    is_truncated = torch.tensor([ids[-1] in eos_and_pad for ids in completion_ids_list]).logical_not()
+    return completion_mask * (~is_truncated).unsqueeze(1).int()
+
+
+def masked_truncated(x):
+    """The inputs with truncated completions masked, by TRL's code and by ours (which must agree)."""
+    ids = [x.completion_ids[row, : LENGTHS[row]].tolist() for row in range(B)]
+    trl_mask = trl_mask_truncated(ids, x.completion_mask, [EOS, PAD])
+    completions = [Completion(prompt_index=row, completion_ids=ids[row], text="", truncated=ids[row][-1] != EOS)
+                   for row in range(B)]
+    ours = build_batch(x.prompt_ids.tolist(), completions, PAD, torch.device("cpu"), mask_truncated=True)
+    assert ours.completion_mask.equal(trl_mask.long())
+    assert trl_mask.sum(-1).tolist() == [LENGTHS[0], 0, LENGTHS[2], 0]
+    return SimpleNamespace(**{**vars(x), "completion_mask": trl_mask.long()})
+
+
 @pytest.fixture(scope="module")
 def setup():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -88,7 +111,9 @@ def setup():
     model = LlamaForCausalLM(config).float()
     g = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(0, V, (B, P), generator=g)
-    completion_ids = torch.randint(0, V, (B, C), generator=g)
+    completion_ids = torch.randint(0, PAD, (B, C), generator=g)
+    for row in (0, 2):
+        completion_ids[row, LENGTHS[row] - 1] = EOS
     completion_mask = (torch.arange(C)[None] < torch.tensor(LENGTHS)[:, None]).long()
     advantages = torch.tensor([1.1, -0.8, 0.5, -1.3])
     inputs = SimpleNamespace(prompt_ids=prompt_ids, prompt_mask=torch.ones(B, P, dtype=torch.long),
@@ -134,8 +159,8 @@ def grads_of(model):
     return out
 
 
-def run_trl(setup, args, micro_batches, old, ref, sampling):
-    model, x, _, _ = setup
+def run_trl(setup, x, args, micro_batches, old, ref, sampling):
+    model = setup[0]
     model.zero_grad(set_to_none=True)
     add_fused_lm_head(model, temperature=args.temperature, outputs=("log_probs", "entropy"))
     trainer = TRLTrainer(args, model, micro_batches, use_vllm=sampling is not None)
@@ -150,7 +175,7 @@ def run_trl(setup, args, micro_batches, old, ref, sampling):
         if args.beta:
             inputs["ref_per_token_logps"] = ref[rows]
         if sampling is not None:
-            learner = old[rows] if old is not None else logprobs_now(setup, args.temperature)[rows]
+            learner = old[rows] if old is not None else logprobs_now(setup, x, args.temperature)[rows]
             inputs["importance_sampling_ratio"] = trl_sampling_ratio(args, learner, sampling[rows],
                                                                      x.completion_mask[rows])
         loss = trainer._compute_loss(model, inputs)
@@ -163,14 +188,14 @@ def run_trl(setup, args, micro_batches, old, ref, sampling):
 
 
 @torch.no_grad()
-def logprobs_now(setup, temperature):
-    model, x, _, _ = setup
+def logprobs_now(setup, x, temperature):
+    model = setup[0]
     logits = model(torch.cat([x.prompt_ids, x.completion_ids], 1)).logits[:, P - 1 : -1]
     return logprobs_at(logits, x.completion_ids, temperature)
 
 
-def run_ours(setup, config, micro_batches, old, ref, sampling):
-    model, x, _, _ = setup
+def run_ours(setup, x, config, micro_batches, old, ref, sampling):
+    model = setup[0]
     model.zero_grad(set_to_none=True)
     model.train()
     total, metrics = 0.0, defaultdict(float)
@@ -195,7 +220,8 @@ def run_ours(setup, config, micro_batches, old, ref, sampling):
 def trl_step_metric(values, per_micro, per_sequence=False):
     """TRL's per-micro-batch means, weighted by the micro-batches' tokens (completions when per_sequence)."""
     weights = [seqs if per_sequence else toks for toks, seqs in per_micro]
-    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+    # a micro-batch of masked completions only has no tokens (TRL logs 0/0 = nan for it): weight 0
+    return sum(v * w for v, w in zip(values, weights, strict=True) if w) / sum(weights)
 
 
 GSPO_CLIP = {"epsilon": 0.02, "epsilon_high": 0.03}  # a completion's mean log-ratio moves less than a token's
@@ -231,6 +257,12 @@ CASES = {
                                      "vllm_importance_sampling_clip_max": 1.5}, False, True),
     "cispo-tis-entropy": ({"loss_type": "cispo", "epsilon_high": 1.1, "top_entropy_quantile": 0.5,
                            "vllm_importance_sampling_mode": "token_truncate"}, True, True),
+    "mask-truncated-grpo": ({"loss_type": "grpo", "mask_truncated_completions": True}, True, False),
+    "mask-truncated-bnpo": ({"loss_type": "bnpo", "mask_truncated_completions": True}, True, False),
+    "mask-truncated-dr_grpo-tis": ({"loss_type": "dr_grpo", "mask_truncated_completions": True,
+                                   "vllm_importance_sampling_mode": "sequence_truncate"}, True, True),
+    "mask-truncated-gspo-dapo": ({"loss_type": "dapo", "importance_sampling_level": "sequence", **GSPO_CLIP,
+                                 "mask_truncated_completions": True}, False, False),
     "everything": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.1, **GSPO_CLIP,
                     "top_entropy_quantile": 0.5, "vllm_importance_sampling_mode": "sequence_truncate",
                     "temperature": 0.7}, True, True),
@@ -250,8 +282,9 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     old, ref, sampling = make_logps(setup, args.temperature, seed=len(case))
     old = old if off_policy else None
     sampling = sampling if correction else None
-    trl_loss, trl_grads, trl_metrics, per_micro = run_trl(setup, args, micro_batches, old, ref, sampling)
-    loss, grads, metrics = run_ours(setup, our_config(args), micro_batches, old, ref, sampling)
+    x = masked_truncated(setup[1]) if args.mask_truncated_completions else setup[1]
+    trl_loss, trl_grads, trl_metrics, per_micro = run_trl(setup, x, args, micro_batches, old, ref, sampling)
+    loss, grads, metrics = run_ours(setup, x, our_config(args), micro_batches, old, ref, sampling)
 
     assert loss == pytest.approx(trl_loss, rel=1e-5, abs=1e-7)
     for name, want in trl_grads.items():
@@ -286,5 +319,5 @@ def test_cases_exercise_every_option():
     assert seen["vllm_importance_sampling_mode"] == {"token_truncate", "token_mask", "sequence_truncate",
                                                      "sequence_mask"}
     assert {"importance_sampling_level", "delta", "top_entropy_quantile", "use_bias_correction_kl",
-            "temperature"} <= seen.keys()
+            "temperature", "mask_truncated_completions"} <= seen.keys()
     assert seen["off_policy"] == seen["correction"] == {True, False}

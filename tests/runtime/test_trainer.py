@@ -250,6 +250,25 @@ def test_num_iterations_reuses_the_batch_with_the_clipped_ratio(tiny_model_dir, 
     assert metrics["clip_ratio"] > 0
 
 
+def test_mask_truncated_completions_leaves_unfinished_answers_out_of_the_loss(tiny_model_dir, tmp_path):
+    """2 tokens are too few for the random model to end an answer: every completion is truncated, so with
+    maskTruncatedCompletions nothing is left to learn from (TRL's build_batch-level masking: tests/runtime/
+    test_loss_vs_trl.py compares the loss with TRL's for every loss type)."""
+    steps = {}
+    for masked in (False, True):
+        out = tmp_path / f"run-{masked}"
+        rewards = [{"name": "len7", "function": "tests.runtime.crash_rewards:die_on_call"}]  # varies with the text
+        doc = tiny_job(tiny_model_dir, out, rewards=rewards, maxSteps=1, maskTruncatedCompletions=masked)
+        doc["spec"]["generation"]["maxCompletionLength"] = 2
+        assert run_in_process(doc) == 0
+        (steps[masked],) = read_metrics(out)
+    for metrics in steps.values():
+        assert metrics["clipped_ratio"] == 1.0  # every completion hit the limit
+        assert metrics["reward_std"] > 0  # the rewards still differ: the advantages are not zero
+    assert steps[False]["grad_norm"] > 0
+    assert steps[True]["grad_norm"] == 0.0 and steps[True]["loss"] == 0.0
+
+
 def test_train_to_s3(tiny_model_dir, tmp_path, s3_bucket):
     import boto3
 
