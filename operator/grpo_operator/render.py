@@ -25,6 +25,7 @@ WORKDIR = "/workspace"
 REWARD_MODULES_DIR = "/opt/grpo/rewards"  # not under SPEC_DIR: that is a read-only configMap mount
 RUNTIME_UID = 1000  # the runtime image's user; the pod never runs as root
 GPU = "nvidia.com/gpu"
+DEVICE_ENV = "GRPO_DEVICE"  # grpo_runtime.device.DEVICE_ENV (the operator image has no torch to import it from)
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # spec.tracking.mlflow.credentialsSecret: basic auth or a token, whichever keys the Secret has
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -154,6 +155,7 @@ def _env(job: GRPOJob, attempt: int, cache: str | None) -> list[dict[str, Any]]:
         {"name": "GRPOJOB_NAMESPACE", "value": job.metadata.namespace},
         {"name": "GRPO_ATTEMPT", "value": str(attempt)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": DEVICE_ENV, "value": "cuda"},  # the pod asks for a GPU: training on its CPU instead is a failure
     ]
     if job.spec.reward_modules.config_map:
         env.append({"name": "PYTHONPATH", "value": REWARD_MODULES_DIR})

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from grpo_runtime.device import job_device
 from grpo_runtime.messages import first_line
 from grpo_runtime.offload import apply_gradient_checkpointing
 
@@ -272,7 +273,7 @@ def load_policy(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else job_device()
     if model_spec.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -338,9 +339,6 @@ def load_policy(
     model.train()
     return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source)
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def base_model(model):

@@ -113,6 +113,7 @@ def status_progress(job: GRPOJob):
 def _prepare(job: GRPOJob, uri: str):
     """Everything that can be wrong with the user's input is found here, before training."""
     from grpo_runtime.data import PromptSampler, load_rows
+    from grpo_runtime.device import job_device
     from grpo_runtime.engines import make_engine
     from grpo_runtime.evaluation import Evaluator, split_rows
     from grpo_runtime.model import load_policy
@@ -120,6 +121,7 @@ def _prepare(job: GRPOJob, uri: str):
     from grpo_runtime.storage import open_storage
 
     spec = job.spec
+    device = job_device()  # first: a pod without its GPU fails at once, before any download
     storage = open_storage(uri, endpoint=spec.output.endpoint, region=spec.output.region)
     storage.check()
     rewards = load_rewards(spec.rewards)
@@ -129,6 +131,7 @@ def _prepare(job: GRPOJob, uri: str):
     policy = load_policy(
         spec.model,
         spec.lora,
+        device=device,
         seed=spec.training.seed,
         gradient_checkpointing=spec.training.gradient_checkpointing,
         endpoint=spec.output.endpoint,
@@ -161,6 +164,8 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": job.spec.training.model_copy(update={"max_steps": max_steps})})})
     uri = output_uri(job, output)
     bad_input = _bad_input_errors()
+    from grpo_runtime.device import DeviceError
+
     try:
         from grpo_runtime.tracking import open_tracking
         from grpo_runtime.trainer import Trainer
@@ -194,6 +199,9 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     except bad_input as exc:
         print(f"grpo train: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DeviceError as exc:  # the node's, retried; its message says what to check, a traceback would not
+        print(f"grpo train: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("grpo train: interrupted; resume from the last checkpoint with the same command", file=sys.stderr)
         return EXIT_FAILURE

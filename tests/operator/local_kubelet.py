@@ -19,6 +19,8 @@ Where a laptop is not a node, it translates:
   `commands` may map other executables (or override a pod's argv entirely via `argv`); what
   they map to is a host path and is never rewritten, wherever the checkout or the
   interpreter lives.
+- the GPU: this host stands in for a GPU node, so a pod's GRPO_DEVICE=cuda (every training pod
+  asks for nvidia.com/gpu and requires it) runs as GRPO_DEVICE=cpu.
 A missing Secret or key leaves the pod Pending with CreateContainerConfigError, a
 missing ConfigMap with ContainerCreating, as a kubelet would, until they appear.
 
@@ -285,6 +287,8 @@ class LocalKubelet:
                 env[var["name"]] = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace}.get(
                     path, ""
                 )
+        if env.get("GRPO_DEVICE") == "cuda":
+            env["GRPO_DEVICE"] = "cpu"  # the stand-in GPU node's "GPU" is this CPU
         return env
 
     def _argv(self, container: dict[str, Any], mounts: dict[str, Path]) -> list[str]:

@@ -58,6 +58,7 @@ SCRIPT = """
 import os, pathlib, sys
 print("config:", pathlib.Path(sys.argv[1]).read_text())
 print("secret:", os.environ["TOKEN"], "plain:", os.environ["PLAIN"], "ns:", os.environ["NS"])
+print("device:", os.environ["GRPO_DEVICE"])
 pathlib.Path("out.txt").write_text("written in the workingDir")
 """
 
@@ -71,6 +72,7 @@ async def test_runs_the_pod_command_with_its_env_volumes_and_reports_success(api
         workingDir="/work",
         env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "tok", "key": "TOKEN"}}},
              {"name": "PLAIN", "value": "p"},
+             {"name": "GRPO_DEVICE", "value": "cuda"},
              {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
         volumeMounts=[{"name": "cfg", "mountPath": "/etc/cfg"}, {"name": "work", "mountPath": "/work"}],
     )
@@ -79,6 +81,7 @@ async def test_runs_the_pod_command_with_its_env_volumes_and_reports_success(api
     log = kubelet.log("default", "p1")
     assert "config: hello" in log
     assert "secret: t0ken plain: p ns: default" in log
+    assert "device: cpu" in log  # the GPU the pod requires is, on this stand-in node, the CPU
     assert (kubelet.pod_dir("default", "p1") / "volumes" / "work" / "out.txt").exists()
 
 

@@ -71,6 +71,15 @@ def test_pod_names_and_labels_identify_job_and_attempt():
     assert env_of(pod)["GRPOJOB_NAMESPACE"]["value"] == "team-a"
 
 
+def test_the_pod_requires_the_gpu_it_asks_for():
+    from grpo_runtime.device import DEVICE_ENV
+
+    pod = render.pod(job(), 1, image="x")
+    assert pod["spec"]["containers"][0]["resources"]["limits"][render.GPU] == "1"
+    assert render.DEVICE_ENV == DEVICE_ENV
+    assert env_of(pod)[DEVICE_ENV]["value"] == "cuda"  # the runtime fails, not falls back to CPU, without it
+
+
 def test_job_labels_such_as_kueue_queue_name_do_not_reach_the_pod():
     pod = render.pod(job(), 1, image="x")
     assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
