@@ -340,7 +340,6 @@ def load_policy(
     return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, source=source)
 
 
-
 def base_model(model):
     """The transformers model under a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
