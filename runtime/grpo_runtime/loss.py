@@ -51,7 +51,7 @@ import torch
 
 from . import kernels
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 KL_ESTIMATORS = ("k3_ratio", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off")
@@ -61,7 +61,7 @@ SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "se
 class LossConfig:
     """Knobs of the GRPO loss; the trainer fills them from TrainingSpec (documented there)."""
 
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo: the per-token loss and how its sum is normalised
+    loss_type: str = "dapo"  # one of LOSS_TYPES: the per-token loss and how its sum is normalised
     beta: float = 0.0  # KL coefficient; 0 skips the KL (ref_logps may be None)
     epsilon: float = 0.2  # ratio clipped below at 1 - epsilon
     epsilon_high: float | None = None  # ratio clipped above at 1 + this (cispo: at this); None -> epsilon
@@ -75,6 +75,8 @@ class LossConfig:
     sampling_correction_max: float | None = 3.0  # its upper bound C_max (None: none)
     sampling_correction_min: float | None = None  # its lower bound C_min (None: none)
     top_entropy_quantile: float = 1.0  # policy loss only on this top share of tokens by entropy; 1 keeps all
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature for tokens with A > 0 (TRL's default)
+    sapo_temperature_neg: float = 1.05  # and for A <= 0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -378,8 +380,9 @@ def grpo_token_loss(
     """TRL's per-token loss (GRPOTrainer._compute_loss, TRL 1.16) before its normaliser:
 
         r = exp(log_importance_ratio)                    token, or the completion's mean (GSPO)
-        clipped:  -min(min(r, delta) A, clip(r, 1 - eps, 1 + eps_high) A)     grpo bnpo dr_grpo dapo
+        clipped:  -min(min(r, delta) A, clip(r, 1 - eps, 1 + eps_high) A)     grpo bnpo dr_grpo dapo luspo
         cispo:    -min(r, eps_high).detach() A logp
+        sapo:     -sigmoid(tau (r - 1)) 4 / tau A, tau by the sign of A          (a soft gate, no clip)
         x keep (top-entropy tokens) x sampling_weights (sampler correction)
         + beta k3(ref, logp) [x r when kl_estimator is k3_ratio]
 
@@ -391,6 +394,9 @@ def grpo_token_loss(
     ratio = torch.exp(log_importance_ratio(logp, old_logp, config, seq))
     if config.loss_type == "cispo":
         loss = -ratio.clamp(max=eps_high).detach() * advantage * logp
+    elif config.loss_type == "sapo":
+        tau = torch.where(advantage > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
+        loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
     else:
         clipped = ratio.clamp(1 - config.epsilon, 1 + eps_high)
         capped = ratio if config.delta is None else ratio.clamp(max=config.delta)
@@ -436,6 +442,8 @@ NORMALISERS: dict[str, Callable[[torch.Tensor, LossConfig, Step], torch.Tensor |
     "dr_grpo": lambda m, c, s: s.sequences * (c.max_completion_length or m.shape[1]),  # completions x max length
     "dapo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
     "cispo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
+    "sapo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # as grpo
+    "luspo": lambda m, c, s: s.sequences,  # each completion's token sum (its length weighs it), mean over completions
 }
 
 
@@ -537,6 +545,8 @@ def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: Los
     if config.loss_type == "cispo":
         high = (ratio > eps_high) & (adv > 0)
         low = torch.zeros_like(high)
+    elif config.loss_type == "sapo":  # a soft gate clips nothing (TRL logs no clip ratios for it)
+        low = high = torch.zeros_like(ratio, dtype=torch.bool)
     else:
         capped = ratio if config.delta is None else ratio.clamp(max=config.delta)  # as TRL counts: after delta
         low = (capped < 1 - config.epsilon) & (adv < 0)

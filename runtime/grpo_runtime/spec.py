@@ -255,12 +255,22 @@ class TrainingSpec(Section):
         "of its tokens' log-ratios, clipped and applied to all its tokens (GSPO uses small clips, e.g. epsilon "
         "3e-4, epsilonHigh 4e-4); pairs with lossType grpo as in the paper.",
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = Field(
         "dapo",
         description="grpo (token mean per completion, then mean over completions), bnpo (over the micro-batch's "
         "tokens, then mean over micro-batches: depends on gradientAccumulationSteps), dr_grpo (by completions x "
         "maxCompletionLength), dapo (over the whole step's tokens), cispo (MiniMax-M1: -min(ratio, epsilonHigh) "
-        "A logp with the capped ratio detached, so clipped tokens keep a gradient; over the step's tokens).",
+        "A logp with the capped ratio detached, so clipped tokens keep a gradient; over the step's tokens), sapo "
+        "(Soft Adaptive Policy Optimization: a sigmoid gate sigmoid(tau (ratio - 1)) 4 / tau instead of the clip, "
+        "tau from sapoTemperaturePos/Neg; normalised as grpo), luspo (Length-Unbiased Sequence Policy "
+        "Optimization: the clipped loss summed over each completion's tokens, mean over completions; pair it with "
+        "importanceSamplingLevel: sequence, as the paper does).",
+    )
+    sapo_temperature_pos: float = Field(
+        1.0, gt=0.0, description="lossType sapo: the gate's temperature for tokens with a positive advantage."
+    )
+    sapo_temperature_neg: float = Field(
+        1.05, gt=0.0, description="lossType sapo: the gate's temperature for tokens with a zero or negative advantage."
     )
     sampling_correction: Literal[
         "auto", "off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"

@@ -52,6 +52,10 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
     if cfg.loss_type == "cispo":
         ptl = -torch.clamp(coef1, max=eps_high).detach() * a * logp
         capped = coef1
+    elif cfg.loss_type == "sapo":
+        tau = torch.where(a > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        ptl = -torch.sigmoid(tau * (coef1 - 1)) * 4 / tau * a
+        capped = coef1
     else:
         coef2 = torch.clamp(coef1, 1 - cfg.epsilon, 1 + eps_high)
         capped = coef1 if cfg.delta is None else torch.clamp(coef1, max=cfg.delta)
@@ -76,8 +80,10 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
     tokens = mask.sum() if num_items is None else torch.tensor(float(num_items))
 
     def normalise(ptl):
-        if cfg.loss_type == "grpo":
+        if cfg.loss_type in ("grpo", "sapo"):
             return ((ptl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows
+        if cfg.loss_type == "luspo":
+            return (ptl * mask).sum() / rows
         if cfg.loss_type == "bnpo":
             return (ptl * mask).sum() / mask.sum().clamp(min=1) / micro_batches
         if cfg.loss_type == "dr_grpo":
@@ -87,6 +93,8 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
     n = tokens.clamp(min=1)
     if cfg.loss_type == "cispo":
         high, low = (coef1 > eps_high) & (a > 0), torch.zeros_like(coef1 > 0)
+    elif cfg.loss_type == "sapo":
+        high = low = torch.zeros_like(coef1 > 0)
     else:
         low, high = (capped < 1 - cfg.epsilon) & (a < 0), (capped > 1 + eps_high) & (a > 0)
 
@@ -206,6 +214,11 @@ VARIANTS = {  # name: (LossConfig fields, sampling correction on)
                            "sampling_correction_min": 0.5, "sampling_correction_max": 1.5}, True),
     "sequence-mask": ({"loss_type": "dapo", "sampling_correction": "sequence_mask",
                        "sampling_correction_max": 1.5}, True),
+    "sapo": ({"loss_type": "sapo", "sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.4}, False),
+    "sapo-gspo-truncate": ({"loss_type": "sapo", "importance_sampling_level": "sequence", "epsilon": 0.05,
+                            "sampling_correction_max": 1.2}, True),
+    "luspo-gspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence", "epsilon": 0.05}, False),
+    "luspo-token-delta": ({"loss_type": "luspo", "delta": 1.3}, False),
     "all": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.1, "epsilon": 0.05,
              "top_entropy_quantile": 0.5, "sampling_correction": "sequence_truncate", "temperature": 0.7}, True),
 }
@@ -236,9 +249,10 @@ SPLITS = [(slice(0, 3),), (slice(0, 2), slice(2, 3)), (slice(0, 1), slice(1, 3))
     [({"loss_type": lt}, False) for lt in ("grpo", "dr_grpo", "dapo", "cispo")]
     + [({"loss_type": "dapo", "delta": 1.3}, False)]
     + [VARIANTS[name] for name in ("gspo", "cispo-gspo", "token-truncate", "sequence-mask", "k3")]
+    + [VARIANTS[name] for name in ("sapo", "luspo-gspo", "luspo-token-delta")]
     + [({"loss_type": "bnpo"}, False), VARIANTS["entropy-mask"]],
     ids=["grpo", "dr_grpo", "dapo", "cispo", "delta", "gspo", "cispo-gspo", "token-truncate", "sequence-mask", "k3",
-         "bnpo", "entropy-mask"],
+         "sapo", "luspo-gspo", "luspo-token", "bnpo", "entropy-mask"],
 )
 def test_a_step_has_the_same_loss_and_gradients_however_it_is_split(fields, correction):
     """Micro-batches given the step's totals sum to the unsplit step: even, uneven, one row each.

@@ -150,6 +150,7 @@ def our_config(trl_args: GRPOConfig) -> LossConfig:
         sampling_correction_max=trl_args.vllm_importance_sampling_clip_max,
         sampling_correction_min=trl_args.vllm_importance_sampling_clip_min,
         top_entropy_quantile=trl_args.top_entropy_quantile,
+        sapo_temperature_pos=trl_args.sapo_temperature_pos, sapo_temperature_neg=trl_args.sapo_temperature_neg,
     )
 
 
@@ -257,6 +258,11 @@ CASES = {
                                      "vllm_importance_sampling_clip_max": 1.5}, False, True),
     "cispo-tis-entropy": ({"loss_type": "cispo", "epsilon_high": 1.1, "top_entropy_quantile": 0.5,
                            "vllm_importance_sampling_mode": "token_truncate"}, True, True),
+    "sapo": ({"loss_type": "sapo"}, True, False),
+    "sapo-temperatures-tis": ({"loss_type": "sapo", "sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.6,
+                               "vllm_importance_sampling_mode": "token_truncate"}, True, True),
+    "luspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence", **GSPO_CLIP}, True, False),
+    "luspo-token-delta-entropy": ({"loss_type": "luspo", "delta": 1.3, "top_entropy_quantile": 0.5}, True, False),
     "mask-truncated-grpo": ({"loss_type": "grpo", "mask_truncated_completions": True}, True, False),
     "mask-truncated-bnpo": ({"loss_type": "bnpo", "mask_truncated_completions": True}, True, False),
     "mask-truncated-dr_grpo-tis": ({"loss_type": "dr_grpo", "mask_truncated_completions": True,
@@ -296,6 +302,8 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     pairs = [("kl", "kl", False), ("entropy", "entropy", False)]
     if args.loss_type == "cispo":
         pairs.append(("clip_ratio_high", "cispo_clip_ratio", sequence_level))
+    elif args.loss_type == "sapo":  # no clip: TRL logs no clip ratio, ours are 0
+        assert metrics["clip_ratio"] == metrics["clip_ratio_low"] == metrics["clip_ratio_high"] == 0
     else:
         pairs += [("clip_ratio_low", "clip_ratio/low_mean", sequence_level),
                   ("clip_ratio_high", "clip_ratio/high_mean", sequence_level),
@@ -303,7 +311,7 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     for ours_key, trl_key, per_sequence in pairs:
         want = trl_step_metric(trl_metrics[trl_key], per_micro, per_sequence)
         assert metrics[ours_key] == pytest.approx(want, rel=1e-5, abs=1e-6), ours_key
-    if off_policy and args.loss_type != "cispo":
+    if off_policy and args.loss_type not in ("cispo", "sapo"):
         assert metrics["clip_ratio"] > 0  # the clips are exercised
 
 
@@ -315,9 +323,9 @@ def test_cases_exercise_every_option():
             seen[key].add(value)
         seen["off_policy"].add(off_policy)
         seen["correction"].add(correction)
-    assert seen["loss_type"] == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo"}
+    assert seen["loss_type"] == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"}
     assert seen["vllm_importance_sampling_mode"] == {"token_truncate", "token_mask", "sequence_truncate",
                                                      "sequence_mask"}
     assert {"importance_sampling_level", "delta", "top_entropy_quantile", "use_bias_correction_kl",
-            "temperature", "mask_truncated_completions"} <= seen.keys()
+            "temperature", "mask_truncated_completions", "sapo_temperature_pos", "sapo_temperature_neg"} <= seen.keys()
     assert seen["off_policy"] == seen["correction"] == {True, False}
