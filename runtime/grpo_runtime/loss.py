@@ -75,6 +75,7 @@ class LossConfig:
     sampling_correction_max: float | None = 3.0  # its upper bound C_max (None: none)
     sampling_correction_min: float | None = None  # its lower bound C_min (None: none)
     top_entropy_quantile: float = 1.0  # policy loss only on this top share of tokens by entropy; 1 keeps all
+    off_policy_mask_threshold: float | None = None  # drop A < 0 completions whose mean KL to the sampler exceeds it
     sapo_temperature_pos: float = 1.0  # sapo's gate temperature for tokens with A > 0 (TRL's default)
     sapo_temperature_neg: float = 1.05  # and for A <= 0
 
@@ -93,6 +94,8 @@ class LossConfig:
             raise ValueError("temperature must be > 0")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError("top_entropy_quantile must be in [0, 1]")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ValueError("off_policy_mask_threshold must be >= 0")
 
 
 # --------------------------------------------------------------------------- the chunking
@@ -374,8 +377,20 @@ def sampling_weights(learner_logp, sampling_logp, config: LossConfig, seq: Seque
     return ratio.masked_fill(outside, 0.0)
 
 
+@torch.no_grad()
+def off_policy_mask(logp, old_logp, behaviour_logp, advantage, threshold: float, seq: Sequences) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's get_off_policy_mask): 0 on the tokens of a completion
+    with a negative advantage whose mean KL(sampler || current), sum of (log pi_sampler - log pi) over its
+    tokens / its length, is above `threshold`; 1 elsewhere. The sampler's log-probs are the engine's when
+    given, else the old ones (on-policy: the current, so nothing is dropped). Unscored tokens (NaN) add 0."""
+    behaviour = behaviour_logp if behaviour_logp is not None else (logp if old_logp is None else old_logp)
+    kl = seq.mean(torch.nan_to_num(behaviour - logp, nan=0.0))
+    return ((advantage >= 0) | (kl <= threshold)).float()
+
+
 def grpo_token_loss(
-    logp, old_logp, ref_logp, advantage, config: LossConfig, *, sampling_logp=None, keep=None, seq=None
+    logp, old_logp, ref_logp, advantage, config: LossConfig, *, sampling_logp=None, keep=None, seq=None,
+    behaviour_logp=None,
 ) -> torch.Tensor:
     """TRL's per-token loss (GRPOTrainer._compute_loss, TRL 1.16) before its normaliser:
 
@@ -383,10 +398,11 @@ def grpo_token_loss(
         clipped:  -min(min(r, delta) A, clip(r, 1 - eps, 1 + eps_high) A)     grpo bnpo dr_grpo dapo luspo
         cispo:    -min(r, eps_high).detach() A logp
         sapo:     -sigmoid(tau (r - 1)) 4 / tau A, tau by the sign of A          (a soft gate, no clip)
-        x keep (top-entropy tokens) x sampling_weights (sampler correction)
+        x off_policy_mask (offPolicyMaskThreshold) x keep (top-entropy tokens) x sampling_weights (sampler correction)
         + beta k3(ref, logp) [x r when kl_estimator is k3_ratio]
 
-    old_logp None: on-policy. sampling_logp: the engine's log-probs of the sampled tokens. seq: the
+    old_logp None: on-policy. sampling_logp: the engine's log-probs of the sampled tokens when the sampling
+    correction is on; behaviour_logp: the same whether it is on or not (the off-policy mask's). seq: the
     tokens' completions, needed when a term couples a completion's tokens (then logp holds every
     selected token of the micro-batch, see ``couples_tokens``).
     """
@@ -401,6 +417,10 @@ def grpo_token_loss(
         clipped = ratio.clamp(1 - config.epsilon, 1 + eps_high)
         capped = ratio if config.delta is None else ratio.clamp(max=config.delta)
         loss = -torch.minimum(capped * advantage, clipped * advantage)
+    if config.off_policy_mask_threshold is not None:
+        if seq is None:
+            raise ValueError("the off-policy mask needs the completions' tokens together")
+        loss = loss * off_policy_mask(logp, old_logp, behaviour_logp, advantage, config.off_policy_mask_threshold, seq)
     if keep is not None:
         loss = loss * keep
     if sampling_logp is not None:
@@ -413,11 +433,12 @@ def grpo_token_loss(
 
 
 def couples_tokens(config: LossConfig, sampling_correction: bool) -> bool:
-    """Whether a token's loss depends on other tokens' current log-probs: GSPO's sequence ratio, a
-    sequence-level sampling correction, the top-entropy quantile. Those go to FusedLinearTokenLoss whole
+    """Whether a token's loss depends on other tokens' current log-probs: GSPO's sequence ratio, the
+    off-policy mask, a sequence-level sampling correction, the top-entropy quantile. Those go to FusedLinearTokenLoss whole
     (see the module docstring: free with a frozen lm_head, a first pass of log-probs with a trainable one)."""
     return (
         config.importance_sampling_level == "sequence"
+        or config.off_policy_mask_threshold is not None
         or config.top_entropy_quantile < 1.0
         or (sampling_correction and config.sampling_correction.startswith("sequence"))
     )
@@ -497,6 +518,7 @@ def grpo_loss(
     def select(x):  # [B, T] -> the selected tokens [M], float32
         return None if x is None else x.reshape(-1).index_select(0, rows).float().detach()
 
+    behaviour = select(sampling_logps)  # the off-policy mask's, whether the sampling correction is on or not
     if config.sampling_correction == "off":
         sampling_logps = None
     old, ref, w, sampling = select(old_logps), select(ref_logps), select(weights), select(sampling_logps)
@@ -509,7 +531,8 @@ def grpo_loss(
 
         def whole_loss(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
             keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
-            per_token = grpo_token_loss(logp, old, ref, adv, config, sampling_logp=sampling, keep=keep, seq=sequences)
+            per_token = grpo_token_loss(logp, old, ref, adv, config, sampling_logp=sampling, keep=keep, seq=sequences,
+                                        behaviour_logp=behaviour)
             return (per_token * w).sum()
 
         loss, logp, entropy = FusedLinearTokenLoss.apply(

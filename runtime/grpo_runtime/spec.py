@@ -301,6 +301,14 @@ class TrainingSpec(Section):
         "tokens; taking it over the whole step would cost a second forward pass of the model per micro-batch. "
         "The KL term is kept on every token.",
     )
+    off_policy_mask_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        description="DeepSeek-V3.2's off-policy sequence masking (TRL's off_policy_mask_threshold): a completion "
+        "with a negative advantage is left out of the policy loss when the mean over its tokens of log pi_sampler "
+        "- log pi (the sampler: the engine's log-probs, or pi_old without them) is above this, e.g. 0.5; off "
+        "when unset. The KL term keeps every token.",
+    )
     mask_truncated_completions: bool = Field(
         False,
         description="Leave out of the loss the completions that hit maxCompletionLength without ending (DAPO's "

@@ -158,6 +158,7 @@ def loss_config(spec, engine: str) -> LossConfig:
         sampling_correction_max=training.sampling_correction_max,
         sampling_correction_min=training.sampling_correction_min,
         top_entropy_quantile=training.top_entropy_quantile,
+        off_policy_mask_threshold=training.off_policy_mask_threshold,
         sapo_temperature_pos=training.sapo_temperature_pos,
         sapo_temperature_neg=training.sapo_temperature_neg,
     )

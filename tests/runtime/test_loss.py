@@ -60,6 +60,10 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
         coef2 = torch.clamp(coef1, 1 - cfg.epsilon, 1 + eps_high)
         capped = coef1 if cfg.delta is None else torch.clamp(coef1, max=cfg.delta)
         ptl = -torch.min(capped * a, coef2 * a)
+    if cfg.off_policy_mask_threshold is not None:
+        behaviour = sampling if sampling is not None else old
+        seq_kl = (torch.nan_to_num(behaviour - logp.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+        ptl = ptl * ((a >= 0) | (seq_kl <= cfg.off_policy_mask_threshold))
     if cfg.top_entropy_quantile < 1:
         ptl = ptl * (entropy >= torch.quantile(entropy[mask.bool()], 1 - cfg.top_entropy_quantile))
     weight_is = None
@@ -219,6 +223,9 @@ VARIANTS = {  # name: (LossConfig fields, sampling correction on)
                             "sampling_correction_max": 1.2}, True),
     "luspo-gspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence", "epsilon": 0.05}, False),
     "luspo-token-delta": ({"loss_type": "luspo", "delta": 1.3}, False),
+    "opsm": ({"loss_type": "dapo", "off_policy_mask_threshold": 0.05}, False),
+    "opsm-token-truncate": ({"loss_type": "grpo", "off_policy_mask_threshold": 0.0, "sampling_correction_max": 1.5},
+                            True),
     "all": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.1, "epsilon": 0.05,
              "top_entropy_quantile": 0.5, "sampling_correction": "sequence_truncate", "temperature": 0.7}, True),
 }

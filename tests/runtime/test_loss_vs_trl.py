@@ -151,6 +151,7 @@ def our_config(trl_args: GRPOConfig) -> LossConfig:
         sampling_correction_min=trl_args.vllm_importance_sampling_clip_min,
         top_entropy_quantile=trl_args.top_entropy_quantile,
         sapo_temperature_pos=trl_args.sapo_temperature_pos, sapo_temperature_neg=trl_args.sapo_temperature_neg,
+        off_policy_mask_threshold=trl_args.off_policy_mask_threshold,
     )
 
 
@@ -179,6 +180,7 @@ def run_trl(setup, x, args, micro_batches, old, ref, sampling):
             learner = old[rows] if old is not None else logprobs_now(setup, x, args.temperature)[rows]
             inputs["importance_sampling_ratio"] = trl_sampling_ratio(args, learner, sampling[rows],
                                                                      x.completion_mask[rows])
+            inputs["sampling_per_token_logps"] = sampling[rows]  # TRL's output with vLLM: the off-policy mask's
         loss = trainer._compute_loss(model, inputs)
         loss.backward()
         total += loss.item()
@@ -263,6 +265,13 @@ CASES = {
                                "vllm_importance_sampling_mode": "token_truncate"}, True, True),
     "luspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence", **GSPO_CLIP}, True, False),
     "luspo-token-delta-entropy": ({"loss_type": "luspo", "delta": 1.3, "top_entropy_quantile": 0.5}, True, False),
+    # the off-policy mask: names (their lengths seed the log-probs) and thresholds drop one completion each
+    "opsm-dr_grpo": ({"loss_type": "dr_grpo", "off_policy_mask_threshold": 0.2}, True, False),
+    "opsm-tis-grpo": ({"loss_type": "grpo", "off_policy_mask_threshold": 0.01,
+                       "vllm_importance_sampling_mode": "token_truncate"}, True, True),
+    "opsm-on-policy-gspo-tmask": ({"loss_type": "grpo", "importance_sampling_level": "sequence", **GSPO_CLIP,
+                                   "off_policy_mask_threshold": 0.1, "vllm_importance_sampling_mode": "token_mask",
+                                   "vllm_importance_sampling_clip_max": 1.5}, False, True),
     "mask-truncated-grpo": ({"loss_type": "grpo", "mask_truncated_completions": True}, True, False),
     "mask-truncated-bnpo": ({"loss_type": "bnpo", "mask_truncated_completions": True}, True, False),
     "mask-truncated-dr_grpo-tis": ({"loss_type": "dr_grpo", "mask_truncated_completions": True,
@@ -289,6 +298,11 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     old = old if off_policy else None
     sampling = sampling if correction else None
     x = masked_truncated(setup[1]) if args.mask_truncated_completions else setup[1]
+    if args.off_policy_mask_threshold is not None:  # the cases drop at least one completion (TRL's own mask)
+        behaviour = sampling if sampling is not None else old
+        drop = GRPOTrainer.get_off_policy_mask(x.advantages[:, None], logprobs_now(setup, x, args.temperature),
+                                               behaviour, x.completion_mask, args.off_policy_mask_threshold)
+        assert 0 < drop.sum() < B
     trl_loss, trl_grads, trl_metrics, per_micro = run_trl(setup, x, args, micro_batches, old, ref, sampling)
     loss, grads, metrics = run_ours(setup, x, our_config(args), micro_batches, old, ref, sampling)
 
@@ -327,5 +341,6 @@ def test_cases_exercise_every_option():
     assert seen["vllm_importance_sampling_mode"] == {"token_truncate", "token_mask", "sequence_truncate",
                                                      "sequence_mask"}
     assert {"importance_sampling_level", "delta", "top_entropy_quantile", "use_bias_correction_kl",
-            "temperature", "mask_truncated_completions", "sapo_temperature_pos", "sapo_temperature_neg"} <= seen.keys()
+            "temperature", "mask_truncated_completions", "sapo_temperature_pos", "sapo_temperature_neg",
+            "off_policy_mask_threshold"} <= seen.keys()
     assert seen["off_policy"] == seen["correction"] == {True, False}
