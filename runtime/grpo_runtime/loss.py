@@ -44,6 +44,7 @@ costs nothing (completions of one group differ widely in length).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ import torch
 
 from . import kernels
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 KL_ESTIMATORS = ("k3_ratio", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 SAMPLING_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "off")
@@ -78,6 +79,10 @@ class LossConfig:
     off_policy_mask_threshold: float | None = None  # drop A < 0 completions whose mean KL to the sampler exceeds it
     sapo_temperature_pos: float = 1.0  # sapo's gate temperature for tokens with A > 0 (TRL's default)
     sapo_temperature_neg: float = 1.05  # and for A <= 0
+    vespo_k_pos: float = 2.0  # vespo's gamma weight w^k e^(lambda (1 - w)) for A >= 0 (TRL's defaults)
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0  # and for A < 0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -378,6 +383,24 @@ def sampling_weights(learner_logp, sampling_logp, config: LossConfig, seq: Seque
 
 
 @torch.no_grad()
+def vespo_weights(logp, old_logp, advantage, config: LossConfig, seq: Sequences, sampling_weight=None) -> torch.Tensor:
+    """VESPO's phi(w) = exp(lambda + k log w - lambda w) (TRL's get_gamma_weights, phi(1) = 1), on each token of
+    a completion: w = prod of its tokens' ratios pi / pi_old (log-ratios clamped to +-20) times its sampler
+    correction (log clamped to [log 1e-8, 20]); k, lambda by the sign of A (>= 0: _pos)."""
+    floor = math.log(1e-8)
+    log_w = seq.sum((logp - (logp if old_logp is None else old_logp)).clamp(-20.0, 20.0))
+    if sampling_weight is not None:
+        log_is = torch.log(sampling_weight).clamp(floor, 20.0)
+        # a sequence-level correction is one weight per completion (on each of its tokens): count it once
+        log_w = log_w + (seq.mean(log_is) if config.sampling_correction.startswith("sequence") else seq.sum(log_is))
+    w_log = log_w.clamp(floor, 20.0)
+    nonneg = advantage >= 0
+    k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
+    lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * w_log - lam * torch.exp(w_log)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
 def off_policy_mask(logp, old_logp, behaviour_logp, advantage, threshold: float, seq: Sequences) -> torch.Tensor:
     """DeepSeek-V3.2's off-policy sequence mask (TRL's get_off_policy_mask): 0 on the tokens of a completion
     with a negative advantage whose mean KL(sampler || current), sum of (log pi_sampler - log pi) over its
@@ -398,6 +421,8 @@ def grpo_token_loss(
         clipped:  -min(min(r, delta) A, clip(r, 1 - eps, 1 + eps_high) A)     grpo bnpo dr_grpo dapo luspo
         cispo:    -min(r, eps_high).detach() A logp
         sapo:     -sigmoid(tau (r - 1)) 4 / tau A, tau by the sign of A          (a soft gate, no clip)
+        vespo:    -phi(w).detach() A logp, phi the gamma weight of the completion's whole ratio w (the
+                  sampler correction inside w, not a factor of its own)
         x off_policy_mask (offPolicyMaskThreshold) x keep (top-entropy tokens) x sampling_weights (sampler correction)
         + beta k3(ref, logp) [x r when kl_estimator is k3_ratio]
 
@@ -408,8 +433,15 @@ def grpo_token_loss(
     """
     eps_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
     ratio = torch.exp(log_importance_ratio(logp, old_logp, config, seq))
+    learner = logp.detach() if old_logp is None else old_logp  # the learner's log-probs at sampling time
+    correction = None if sampling_logp is None else sampling_weights(learner, sampling_logp, config, seq)
     if config.loss_type == "cispo":
         loss = -ratio.clamp(max=eps_high).detach() * advantage * logp
+    elif config.loss_type == "vespo":
+        if seq is None:
+            raise ValueError("lossType vespo needs the completions' tokens together")
+        loss = -vespo_weights(logp.detach(), old_logp, advantage, config, seq, correction) * advantage * logp
+        correction = None  # inside phi
     elif config.loss_type == "sapo":
         tau = torch.where(advantage > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
         loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
@@ -423,9 +455,8 @@ def grpo_token_loss(
         loss = loss * off_policy_mask(logp, old_logp, behaviour_logp, advantage, config.off_policy_mask_threshold, seq)
     if keep is not None:
         loss = loss * keep
-    if sampling_logp is not None:
-        learner = logp.detach() if old_logp is None else old_logp
-        loss = loss * sampling_weights(learner, sampling_logp, config, seq)
+    if correction is not None:
+        loss = loss * correction
     if config.beta:
         kl = k3_kl(ref_logp, logp)
         loss = loss + config.beta * (kl * ratio if config.kl_estimator == "k3_ratio" else kl)
@@ -438,6 +469,7 @@ def couples_tokens(config: LossConfig, sampling_correction: bool) -> bool:
     (see the module docstring: free with a frozen lm_head, a first pass of log-probs with a trainable one)."""
     return (
         config.importance_sampling_level == "sequence"
+        or config.loss_type == "vespo"
         or config.off_policy_mask_threshold is not None
         or config.top_entropy_quantile < 1.0
         or (sampling_correction and config.sampling_correction.startswith("sequence"))
@@ -465,6 +497,7 @@ NORMALISERS: dict[str, Callable[[torch.Tensor, LossConfig, Step], torch.Tensor |
     "cispo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
     "sapo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # as grpo
     "luspo": lambda m, c, s: s.sequences,  # each completion's token sum (its length weighs it), mean over completions
+    "vespo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
 }
 
 
@@ -568,7 +601,7 @@ def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: Los
     if config.loss_type == "cispo":
         high = (ratio > eps_high) & (adv > 0)
         low = torch.zeros_like(high)
-    elif config.loss_type == "sapo":  # a soft gate clips nothing (TRL logs no clip ratios for it)
+    elif config.loss_type in ("sapo", "vespo"):  # soft weights clip nothing (TRL logs no clip ratios for them)
         low = high = torch.zeros_like(ratio, dtype=torch.bool)
     else:
         capped = ratio if config.delta is None else ratio.clamp(max=config.delta)  # as TRL counts: after delta

@@ -255,7 +255,7 @@ class TrainingSpec(Section):
         "of its tokens' log-ratios, clipped and applied to all its tokens (GSPO uses small clips, e.g. epsilon "
         "3e-4, epsilonHigh 4e-4); pairs with lossType grpo as in the paper.",
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = Field(
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = Field(
         "dapo",
         description="grpo (token mean per completion, then mean over completions), bnpo (over the micro-batch's "
         "tokens, then mean over micro-batches: depends on gradientAccumulationSteps), dr_grpo (by completions x "
@@ -264,8 +264,15 @@ class TrainingSpec(Section):
         "(Soft Adaptive Policy Optimization: a sigmoid gate sigmoid(tau (ratio - 1)) 4 / tau instead of the clip, "
         "tau from sapoTemperaturePos/Neg; normalised as grpo), luspo (Length-Unbiased Sequence Policy "
         "Optimization: the clipped loss summed over each completion's tokens, mean over completions; pair it with "
-        "importanceSamplingLevel: sequence, as the paper does).",
+        "importanceSamplingLevel: sequence, as the paper does), vespo (Variational Sequence-Level Soft Policy "
+        "Optimization: -phi(w) A logp with phi(w) = w^k e^(lambda (1 - w)) of the completion's whole ratio w, the "
+        "sampling correction included in w, detached; k, lambda from vespoKPos/LambdaPos (A >= 0) and "
+        "vespoKNeg/LambdaNeg; over the step's tokens).",
     )
+    vespo_k_pos: float = Field(2.0, description="lossType vespo: the power k of phi(w) for advantages >= 0.")
+    vespo_lambda_pos: float = Field(3.0, description="lossType vespo: the decay lambda of phi(w) for advantages >= 0.")
+    vespo_k_neg: float = Field(3.0, description="lossType vespo: the power k of phi(w) for negative advantages.")
+    vespo_lambda_neg: float = Field(2.0, description="lossType vespo: the decay lambda of phi(w) for negative advantages.")
     sapo_temperature_pos: float = Field(
         1.0, gt=0.0, description="lossType sapo: the gate's temperature for tokens with a positive advantage."
     )

@@ -161,6 +161,10 @@ def loss_config(spec, engine: str) -> LossConfig:
         off_policy_mask_threshold=training.off_policy_mask_threshold,
         sapo_temperature_pos=training.sapo_temperature_pos,
         sapo_temperature_neg=training.sapo_temperature_neg,
+        vespo_k_pos=training.vespo_k_pos,
+        vespo_lambda_pos=training.vespo_lambda_pos,
+        vespo_k_neg=training.vespo_k_neg,
+        vespo_lambda_neg=training.vespo_lambda_neg,
     )
 
 

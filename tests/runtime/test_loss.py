@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -49,8 +50,31 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
     kl = torch.exp(ref - logp) - (ref - logp) - 1 if cfg.beta else torch.zeros_like(logp)
     if cfg.kl_estimator == "k3_ratio":
         kl = kl * coef1
+    weight_is = None
+    if sampling is not None:
+        diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+        if cfg.sampling_correction.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        weight_is = torch.exp(diff)
+        low = cfg.sampling_correction_min if cfg.sampling_correction_min is not None else -float("inf")
+        high = cfg.sampling_correction_max if cfg.sampling_correction_max is not None else float("inf")
+        if cfg.sampling_correction.endswith("truncate"):
+            weight_is = weight_is.clamp(min=cfg.sampling_correction_min, max=cfg.sampling_correction_max)
+        else:
+            weight_is = weight_is.masked_fill((weight_is < low) | (weight_is > high), 0.0)
     if cfg.loss_type == "cispo":
         ptl = -torch.clamp(coef1, max=eps_high).detach() * a * logp
+        capped = coef1
+    elif cfg.loss_type == "vespo":  # TRL's get_gamma_weights
+        floor = math.log(1e-8)
+        log_w = ((logp.detach() - old).clamp(-20, 20) * mask).sum(-1, keepdim=True)
+        if weight_is is not None:
+            log_w = log_w + torch.log(weight_is).clamp(floor, 20).sum(-1, keepdim=True)
+        log_w = log_w.clamp(floor, 20)
+        k = torch.where(a >= 0, cfg.vespo_k_pos, cfg.vespo_k_neg)
+        lam = torch.where(a >= 0, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg)
+        phi = torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        ptl = -phi * a * logp
         capped = coef1
     elif cfg.loss_type == "sapo":
         tau = torch.where(a > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
@@ -66,18 +90,7 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
         ptl = ptl * ((a >= 0) | (seq_kl <= cfg.off_policy_mask_threshold))
     if cfg.top_entropy_quantile < 1:
         ptl = ptl * (entropy >= torch.quantile(entropy[mask.bool()], 1 - cfg.top_entropy_quantile))
-    weight_is = None
-    if sampling is not None:
-        diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
-        if cfg.sampling_correction.startswith("sequence"):
-            diff = diff.sum(-1, keepdim=True)
-        weight_is = torch.exp(diff)
-        low = cfg.sampling_correction_min if cfg.sampling_correction_min is not None else -float("inf")
-        high = cfg.sampling_correction_max if cfg.sampling_correction_max is not None else float("inf")
-        if cfg.sampling_correction.endswith("truncate"):
-            weight_is = weight_is.clamp(min=cfg.sampling_correction_min, max=cfg.sampling_correction_max)
-        else:
-            weight_is = weight_is.masked_fill((weight_is < low) | (weight_is > high), 0.0)
+    if weight_is is not None and cfg.loss_type != "vespo":  # vespo has it inside phi
         ptl = ptl * weight_is
     ptl = ptl + cfg.beta * kl
     rows = mask.shape[0] if num_sequences is None else num_sequences
@@ -97,7 +110,7 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
     n = tokens.clamp(min=1)
     if cfg.loss_type == "cispo":
         high, low = (coef1 > eps_high) & (a > 0), torch.zeros_like(coef1 > 0)
-    elif cfg.loss_type == "sapo":
+    elif cfg.loss_type in ("sapo", "vespo"):
         high = low = torch.zeros_like(coef1 > 0)
     else:
         low, high = (capped < 1 - cfg.epsilon) & (a < 0), (capped > 1 + eps_high) & (a > 0)
@@ -226,6 +239,10 @@ VARIANTS = {  # name: (LossConfig fields, sampling correction on)
     "opsm": ({"loss_type": "dapo", "off_policy_mask_threshold": 0.05}, False),
     "opsm-token-truncate": ({"loss_type": "grpo", "off_policy_mask_threshold": 0.0, "sampling_correction_max": 1.5},
                             True),
+    "vespo": ({"loss_type": "vespo"}, False),
+    "vespo-token-truncate": ({"loss_type": "vespo", "vespo_k_neg": 2.5, "sampling_correction_max": 1.3}, True),
+    "vespo-sequence-truncate": ({"loss_type": "vespo", "sampling_correction": "sequence_truncate",
+                                 "sampling_correction_max": 1.5, "sampling_correction_min": 0.5}, True),
     "all": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.1, "epsilon": 0.05,
              "top_entropy_quantile": 0.5, "sampling_correction": "sequence_truncate", "temperature": 0.7}, True),
 }
@@ -256,10 +273,10 @@ SPLITS = [(slice(0, 3),), (slice(0, 2), slice(2, 3)), (slice(0, 1), slice(1, 3))
     [({"loss_type": lt}, False) for lt in ("grpo", "dr_grpo", "dapo", "cispo")]
     + [({"loss_type": "dapo", "delta": 1.3}, False)]
     + [VARIANTS[name] for name in ("gspo", "cispo-gspo", "token-truncate", "sequence-mask", "k3")]
-    + [VARIANTS[name] for name in ("sapo", "luspo-gspo", "luspo-token-delta")]
+    + [VARIANTS[name] for name in ("sapo", "luspo-gspo", "luspo-token-delta", "vespo-token-truncate")]
     + [({"loss_type": "bnpo"}, False), VARIANTS["entropy-mask"]],
     ids=["grpo", "dr_grpo", "dapo", "cispo", "delta", "gspo", "cispo-gspo", "token-truncate", "sequence-mask", "k3",
-         "sapo", "luspo-gspo", "luspo-token", "bnpo", "entropy-mask"],
+         "sapo", "luspo-gspo", "luspo-token", "vespo-token-truncate", "bnpo", "entropy-mask"],
 )
 def test_a_step_has_the_same_loss_and_gradients_however_it_is_split(fields, correction):
     """Micro-batches given the step's totals sum to the unsplit step: even, uneven, one row each.

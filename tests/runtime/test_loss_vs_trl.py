@@ -47,6 +47,7 @@ class TRLTrainer:
     _get_per_token_logps_and_entropies = GRPOTrainer._get_per_token_logps_and_entropies
     get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask
     get_off_policy_mask = staticmethod(GRPOTrainer.get_off_policy_mask)
+    get_gamma_weights = staticmethod(GRPOTrainer.get_gamma_weights)
 
     def __init__(self, args: GRPOConfig, model, micro_batches: int, use_vllm: bool):
         self.args, self.model = args, model
@@ -152,6 +153,8 @@ def our_config(trl_args: GRPOConfig) -> LossConfig:
         top_entropy_quantile=trl_args.top_entropy_quantile,
         sapo_temperature_pos=trl_args.sapo_temperature_pos, sapo_temperature_neg=trl_args.sapo_temperature_neg,
         off_policy_mask_threshold=trl_args.off_policy_mask_threshold,
+        vespo_k_pos=trl_args.vespo_k_pos, vespo_lambda_pos=trl_args.vespo_lambda_pos,
+        vespo_k_neg=trl_args.vespo_k_neg, vespo_lambda_neg=trl_args.vespo_lambda_neg,
     )
 
 
@@ -265,6 +268,14 @@ CASES = {
                                "vllm_importance_sampling_mode": "token_truncate"}, True, True),
     "luspo": ({"loss_type": "luspo", "importance_sampling_level": "sequence", **GSPO_CLIP}, True, False),
     "luspo-token-delta-entropy": ({"loss_type": "luspo", "delta": 1.3, "top_entropy_quantile": 0.5}, True, False),
+    "vespo": ({"loss_type": "vespo"}, True, False),
+    "vespo-on-policy": ({"loss_type": "vespo"}, False, False),
+    "vespo-tis-params": ({"loss_type": "vespo", "vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.0,
+                          "vespo_lambda_neg": 1.5, "vllm_importance_sampling_mode": "token_truncate",
+                          "vllm_importance_sampling_clip_max": 1.2}, True, True),
+    "vespo-sequence-mask-entropy": ({"loss_type": "vespo", "vllm_importance_sampling_mode": "sequence_mask",
+                                     "vllm_importance_sampling_clip_max": 1.5, "top_entropy_quantile": 0.5},
+                                    True, True),
     # the off-policy mask: names (their lengths seed the log-probs) and thresholds drop one completion each
     "opsm-dr_grpo": ({"loss_type": "dr_grpo", "off_policy_mask_threshold": 0.2}, True, False),
     "opsm-tis-grpo": ({"loss_type": "grpo", "off_policy_mask_threshold": 0.01,
@@ -316,7 +327,7 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     pairs = [("kl", "kl", False), ("entropy", "entropy", False)]
     if args.loss_type == "cispo":
         pairs.append(("clip_ratio_high", "cispo_clip_ratio", sequence_level))
-    elif args.loss_type == "sapo":  # no clip: TRL logs no clip ratio, ours are 0
+    elif args.loss_type in ("sapo", "vespo"):  # no clip: TRL logs no clip ratio, ours are 0
         assert metrics["clip_ratio"] == metrics["clip_ratio_low"] == metrics["clip_ratio_high"] == 0
     else:
         pairs += [("clip_ratio_low", "clip_ratio/low_mean", sequence_level),
@@ -325,7 +336,7 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     for ours_key, trl_key, per_sequence in pairs:
         want = trl_step_metric(trl_metrics[trl_key], per_micro, per_sequence)
         assert metrics[ours_key] == pytest.approx(want, rel=1e-5, abs=1e-6), ours_key
-    if off_policy and args.loss_type not in ("cispo", "sapo"):
+    if off_policy and args.loss_type not in ("cispo", "sapo", "vespo"):
         assert metrics["clip_ratio"] > 0  # the clips are exercised
 
 
@@ -337,10 +348,11 @@ def test_cases_exercise_every_option():
             seen[key].add(value)
         seen["off_policy"].add(off_policy)
         seen["correction"].add(correction)
-    assert seen["loss_type"] == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"}
+    assert seen["loss_type"] == {"grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"}
     assert seen["vllm_importance_sampling_mode"] == {"token_truncate", "token_mask", "sequence_truncate",
                                                      "sequence_mask"}
     assert {"importance_sampling_level", "delta", "top_entropy_quantile", "use_bias_correction_kl",
             "temperature", "mask_truncated_completions", "sapo_temperature_pos", "sapo_temperature_neg",
-            "off_policy_mask_threshold"} <= seen.keys()
+            "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+            "vespo_lambda_neg"} <= seen.keys()
     assert seen["off_policy"] == seen["correction"] == {True, False}

@@ -174,8 +174,9 @@ def test_micro_batches_are_as_many_as_asked_and_never_empty():
     "training",
     [{"lossType": "grpo"}, {"lossType": "dr_grpo"}, {"lossType": "dapo"}, {"lossType": "cispo", "epsilonHigh": 2.0},
      {"lossType": "grpo", "importanceSamplingLevel": "sequence", "delta": 1.5, "samplingCorrection": "sequence_mask"},
-     {"lossType": "sapo", "sapoTemperaturePos": 0.5}, {"lossType": "luspo", "importanceSamplingLevel": "sequence"}],
-    ids=["grpo", "dr_grpo", "dapo", "cispo", "gspo-delta-sampling", "sapo", "luspo"],
+     {"lossType": "sapo", "sapoTemperaturePos": 0.5}, {"lossType": "luspo", "importanceSamplingLevel": "sequence"},
+     {"lossType": "vespo", "vespoKNeg": 2.0, "offPolicyMaskThreshold": 0.1}],
+    ids=["grpo", "dr_grpo", "dapo", "cispo", "gspo-delta-sampling", "sapo", "luspo", "vespo-opsm"],
 )
 def test_a_step_has_the_same_loss_and_gradients_for_any_gradient_accumulation(tiny_model_dir, training):
     """gradientAccumulationSteps is memory, not maths: 1, a divisor of the batch, or not (6 completions in
