@@ -91,7 +91,7 @@ RUN_HERE = {
     REWARD_SIGNATURE: "as written (defines the function)",
     HELM_DASHBOARD: "with --dry-run=client",
     MLFLOW_SECRET: "with --dry-run=client -o yaml",
-    "bash bench/fetch_gpu_wheels.sh": "in tests/bench/test_gpu_suite.py, into a temporary folder (downloads ~46 MB "
+    "bash bench/fetch_gpu_wheels.sh": "in tests/bench/test_gpu_suite.py, into a temporary folder (downloads ~47 MB "
     "from PyPI)",
 }
 NOT_RUN_HERE = {
