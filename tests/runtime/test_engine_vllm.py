@@ -254,6 +254,42 @@ def test_greedy_follows_the_learner_before_and_after_a_step(policy, engine):
         engine.sync(policy)
 
 
+def test_a_push_logs_nothing_routine_but_a_real_gap_still_warns(engine, policy, monkeypatch):
+    """vLLM logs every push (INFO lines, and a 'Failed to load weights' WARNING for the rotary cache): once per
+    step that buried `grpo train`'s progress bar. Those are quiet; a layer that really misses weights is not."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in (vllm_engine._RELOAD_LOGGER, *vllm_engine._PUSH_INFO_LOGGERS)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with monkeypatch.context() as loud:  # what vLLM says on its own (the test is void if it says nothing)
+            loud.setattr(vllm_engine, "_routine_push_logs_quiet", lambda tied: contextlib.nullcontext())
+            engine.sync(policy)
+        said = [r.getMessage() for r in records]
+        assert "RotaryEmbedding: Failed to load weights" in said and any(r.levelno == logging.INFO for r in records)
+        records.clear()
+        engine.sync(policy)
+        assert [r.getMessage() for r in records] == []
+        assert [logger.level for logger in loggers] == levels  # put back after the push
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+    def gap(layer: str) -> logging.LogRecord:
+        return logging.LogRecord(vllm_engine._RELOAD_LOGGER, logging.WARNING, "layerwise.py", 266,
+                                 "%s: Failed to load weights", (layer,), None)
+
+    untied, tied = vllm_engine._ExpectedReloadGaps(False), vllm_engine._ExpectedReloadGaps(True)
+    assert not untied.filter(gap("Llama3RotaryEmbedding")) and not tied.filter(gap("ParallelLMHead"))
+    assert untied.filter(gap("ParallelLMHead"))  # an untied lm_head is pushed: missing it is news
+    assert untied.filter(gap("QKVParallelLinear")) and tied.filter(gap("MergedColumnParallelLinear"))
+
+
 def test_sleep_and_wake_around_a_rollout_keep_working(engine, policy):
     """The trainer's order: wake, generate, sleep, (learner step), sync, wake, generate."""
     prompts = [prompt(policy.tokenizer, "sleepy")]

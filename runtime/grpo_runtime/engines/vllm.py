@@ -57,6 +57,7 @@ wake. The sleep/wake order is tested on CPU with a double that discards weights 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -476,15 +477,16 @@ class VLLMEngine:
 
     def _push(self, *, reset_prefix_cache: bool = True) -> None:
         started = time.perf_counter()
-        with torch.no_grad():
+        tied = bool(getattr(self.policy.model.config.get_text_config(), "tie_word_embeddings", False))
+        with torch.no_grad(), _routine_push_logs_quiet(tied):
             if self.mode == MERGED:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(self.policy.model)})
             else:
                 if self.sleep_level == 2:  # the base was discarded: refill it from the learner's own tensors
                     self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": base_weights(self.policy.model)})
                 self._push_adapter()
-        if reset_prefix_cache:
-            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+            if reset_prefix_cache:
+                self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.pending = False
         self.last_sync_seconds = time.perf_counter() - started
         log.debug("pushed the policy (%s) to vllm in %.3fs", self.mode, self.last_sync_seconds)
@@ -498,6 +500,41 @@ class VLLMEngine:
                 f"{' ...' if len(unserved) > 4 else ''} of spec.model.name (its adapter would be ignored there); "
                 "target the attention and MLP projections, or use spec.generation.engine: hf"
             )
+
+
+# vLLM logs every push of weights: INFO lines (reloading, its time, the prefix cache reset) and a WARNING
+# "<Layer>: Failed to load weights" for each module no pushed tensor reached (it keeps that module's old
+# tensors). Once per step, that buries the progress bar. Two such gaps are expected on every push: a
+# rotary embedding (a computed cos/sin cache, never a checkpoint weight) and a tied lm_head (it is the
+# embedding, which is pushed). Any other layer that misses its weights still warns.
+_PUSH_INFO_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace", "vllm.v1.core.block_pool")
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ExpectedReloadGaps(logging.Filter):
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.expected = ("RotaryEmbedding", "ParallelLMHead") if tied else ("RotaryEmbedding",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        gap = record.msg == "%s: Failed to load weights" and bool(record.args)
+        return not (gap and str(record.args[0]).endswith(self.expected))
+
+
+@contextlib.contextmanager
+def _routine_push_logs_quiet(tied: bool):
+    info_loggers = [logging.getLogger(name) for name in _PUSH_INFO_LOGGERS]
+    levels = [logger.level for logger in info_loggers]
+    gaps, reload_logger = _ExpectedReloadGaps(tied), logging.getLogger(_RELOAD_LOGGER)
+    for logger in info_loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    reload_logger.addFilter(gaps)
+    try:
+        yield
+    finally:
+        reload_logger.removeFilter(gaps)
+        for logger, level in zip(info_loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _install_adapter(worker, adapter_id: int, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> list[str]:
