@@ -263,9 +263,14 @@ def test_a_push_logs_nothing_routine_but_a_real_gap_still_warns(engine, policy, 
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append
     loggers = [logging.getLogger(name) for name in (vllm_engine._RELOAD_LOGGER, *vllm_engine._PUSH_INFO_LOGGERS)]
-    levels = [logger.level for logger in loggers]
+    before = [(logger.level, logger.disabled) for logger in loggers]
     for logger in loggers:
+        # whatever earlier tests left (a library's dictConfig disables the loggers that exist): hear what a
+        # user sees at vLLM's default level, INFO
+        logger.setLevel(logging.INFO)
+        logger.disabled = False
         logger.addHandler(handler)
+    levels = [logger.level for logger in loggers]
     try:
         with monkeypatch.context() as loud:  # what vLLM says on its own (the test is void if it says nothing)
             loud.setattr(vllm_engine, "_routine_push_logs_quiet", lambda tied: contextlib.nullcontext())
@@ -277,8 +282,10 @@ def test_a_push_logs_nothing_routine_but_a_real_gap_still_warns(engine, policy, 
         assert [r.getMessage() for r in records] == []
         assert [logger.level for logger in loggers] == levels  # put back after the push
     finally:
-        for logger in loggers:
+        for logger, (level, disabled) in zip(loggers, before, strict=True):
             logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.disabled = disabled
 
     def gap(layer: str) -> logging.LogRecord:
         return logging.LogRecord(vllm_engine._RELOAD_LOGGER, logging.WARNING, "layerwise.py", 266,
