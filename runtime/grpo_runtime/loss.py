@@ -393,11 +393,11 @@ def vespo_weights(logp, old_logp, advantage, config: LossConfig, seq: Sequences,
         log_is = torch.log(sampling_weight).clamp(floor, 20.0)
         # a sequence-level correction is one weight per completion (on each of its tokens): count it once
         log_w = log_w + (seq.mean(log_is) if config.sampling_correction.startswith("sequence") else seq.sum(log_is))
-    w_log = log_w.clamp(floor, 20.0)
+    log_w = log_w.clamp(floor, 20.0)
     nonneg = advantage >= 0
     k = torch.where(nonneg, config.vespo_k_pos, config.vespo_k_neg)
     lam = torch.where(nonneg, config.vespo_lambda_pos, config.vespo_lambda_neg).clamp(min=1e-4)
-    return torch.exp(lam + k * w_log - lam * torch.exp(w_log)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @torch.no_grad()
@@ -489,15 +489,23 @@ class Step:
 # broadcastable to mask. Each is the whole step's normaliser, so the micro-batches' losses sum to the step's
 # loss for any split; bnpo alone is defined per micro-batch (TRL's: the mean over the micro-batch's tokens,
 # averaged over the micro-batches), so it changes with the split.
+def _mean_of_completion_means(m: torch.Tensor, c: LossConfig, s: Step) -> torch.Tensor:
+    return m.sum(-1, keepdim=True).clamp(min=1) * s.sequences
+
+
+def _step_tokens(m: torch.Tensor, c: LossConfig, s: Step) -> torch.Tensor:
+    return s.tokens.clamp(min=1)
+
+
 NORMALISERS: dict[str, Callable[[torch.Tensor, LossConfig, Step], torch.Tensor | float]] = {
-    "grpo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # mean of completions' token means
+    "grpo": _mean_of_completion_means,
+    "sapo": _mean_of_completion_means,
     "bnpo": lambda m, c, s: m.sum().clamp(min=1) * s.micro_batches,  # tokens of this micro-batch, x micro-batches
     "dr_grpo": lambda m, c, s: s.sequences * (c.max_completion_length or m.shape[1]),  # completions x max length
-    "dapo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
-    "cispo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
-    "sapo": lambda m, c, s: m.sum(-1, keepdim=True).clamp(min=1) * s.sequences,  # as grpo
     "luspo": lambda m, c, s: s.sequences,  # each completion's token sum (its length weighs it), mean over completions
-    "vespo": lambda m, c, s: s.tokens.clamp(min=1),  # tokens of the step
+    "dapo": _step_tokens,
+    "cispo": _step_tokens,
+    "vespo": _step_tokens,
 }
 
 
@@ -552,9 +560,8 @@ def grpo_loss(
         return None if x is None else x.reshape(-1).index_select(0, rows).float().detach()
 
     behaviour = select(sampling_logps)  # the off-policy mask's, whether the sampling correction is on or not
-    if config.sampling_correction == "off":
-        sampling_logps = None
-    old, ref, w, sampling = select(old_logps), select(ref_logps), select(weights), select(sampling_logps)
+    sampling = None if config.sampling_correction == "off" else behaviour
+    old, ref, w = select(old_logps), select(ref_logps), select(weights)
     adv = advantages.detach().float().reshape(batch, -1).expand(batch, seq).reshape(-1).index_select(0, rows)
     hidden, targets = hidden.reshape(batch * seq, -1), target_ids.reshape(-1)
     if not torch.is_grad_enabled():  # evaluation: the Function would still see requires_grad and do the work
