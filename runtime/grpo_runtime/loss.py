@@ -153,10 +153,26 @@ def _logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, entropy: boo
 _ENTROPY_ROWS = 64  # rows per exp block on the torch path when the entropy is wanted
 
 
-def _dlogits_(e: torch.Tensor, targets: torch.Tensor, row_sum: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
-    """In place: e = exp(z / T - rowmax) [n, V] becomes dL/dlogits = dlogp (onehot - softmax) / T."""
+def _dlogits_(e: torch.Tensor, targets: torch.Tensor, row_sum: torch.Tensor, dlogp: torch.Tensor, inv_temp: float,
+              dentropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None):
+    """In place: e = exp(z / T - rowmax) [n, V] becomes dL/dlogits = dlogp (onehot - softmax) / T, and with
+    dentropy (dL/dH of each row, H its entropy) plus the entropy's gradient - dentropy p (log p + H) / T.
+
+    With log p = log e - log s that term is e (H - log s) / s + e log e / s (times - dentropy / T): the
+    e log e goes into a small buffer a block of rows at a time, as in _logp_."""
     g = dlogp * inv_temp
-    e.mul_((-g / row_sum)[:, None])
+    if dentropy is None:
+        e.mul_((-g / row_sum)[:, None])
+    else:
+        gh = dentropy * inv_temp
+        of_e = (-g - gh * (entropy - row_sum.log())) / row_sum
+        of_elog = -gh / row_sum
+        scratch = e.new_empty(min(_ENTROPY_ROWS, e.shape[0]), e.shape[1])
+        for start in range(0, e.shape[0], _ENTROPY_ROWS):
+            rows = slice(start, start + _ENTROPY_ROWS)
+            block = e[rows]
+            elog = torch.xlogy(block, block, out=scratch[: block.shape[0]])  # 0 where e underflowed to 0
+            block.mul_(of_e[rows, None]).add_(elog.mul_(of_elog[rows, None]))
     e.scatter_add_(1, targets[:, None], g[:, None])
     return e
 
@@ -175,9 +191,9 @@ def _chunk_ops(weight: torch.Tensor):
     return _logp_, _dlogits_, torch.float32
 
 
-TokenLoss = Callable[[torch.Tensor, slice], torch.Tensor]
-"""token_loss(logp of some selected tokens [n], their slice of the selection) -> the loss of those
-tokens, already weighted by their share of the normaliser (the total loss is the sum over chunks)."""
+TokenLoss = Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
+"""token_loss(logp of some selected tokens [n], their entropies [n] or None, their slice of the selection) -> the
+loss of those tokens, already weighted by their share of the normaliser (the total loss is the sum over chunks)."""
 
 WholeLoss = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """whole_loss(logp of every selected token [M], their entropies [M] or None) -> the loss, for losses
@@ -191,6 +207,8 @@ class FusedLinearTokenLoss(torch.autograd.Function):
     and the selected tokens' log-probs [M] (float32, not differentiable: for metrics), and with
     ``with_entropy`` also their entropies [M] (of softmax(logits / T), from the same pass).
     ``whole``: token_loss is a WholeLoss, given every token at once (see the module docstring).
+    ``entropy_grad``: the loss also depends on the entropies (an entropy bonus), so they are given to it
+    differentiable and their gradient joins the log-probs' in each chunk (needs ``with_entropy``).
     Memory: one [chunk_size, V] buffer (float32; the weight's dtype on the Triton path), reused by
     every chunk, plus the gradients (the size of hidden, and of weight when it needs one).
     """
@@ -199,7 +217,9 @@ class FusedLinearTokenLoss(torch.autograd.Function):
     @torch.autocast("cuda", enabled=False)  # dtypes are chosen here: bf16 matmuls, float32 statistics
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, hidden, weight, bias, targets, rows, token_loss, temperature: float, chunk_size: int,
-                with_entropy: bool = False, whole: bool = False):
+                with_entropy: bool = False, whole: bool = False, entropy_grad: bool = False):
+        if entropy_grad and not with_entropy:
+            raise ValueError("entropy_grad needs with_entropy")
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grads = (
@@ -209,35 +229,42 @@ class FusedLinearTokenLoss(torch.autograd.Function):
         )
         walk = _Walk(hidden, weight, bias, targets, rows, 1.0 / temperature, chunk_size, with_entropy)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+        def differentiate(loss_of, logp, entropy):
+            """(the loss, dL/dlogp, dL/dentropy or None) of loss_of(logp, entropy)."""
+            with torch.enable_grad():
+                leaves = [logp.detach().requires_grad_()]
+                if entropy_grad:
+                    leaves.append(entropy.detach().requires_grad_())
+                value = loss_of(*leaves, *([] if entropy_grad else [entropy]))
+                dlogp, *dentropy = torch.autograd.grad(value, leaves, allow_unused=True)
+            dlogp = torch.zeros_like(logp) if dlogp is None else dlogp
+            return value.detach(), dlogp, (dentropy[0] if dentropy else None)
+
         if not whole:
 
-            def dlogp_of(logp, sl):
+            def grads_of(logp, entropy, sl):
                 nonlocal loss
-                with torch.enable_grad():
-                    leaf = logp.detach().requires_grad_()
-                    chunk_loss = token_loss(leaf, sl)
-                    (dlogp,) = torch.autograd.grad(chunk_loss, leaf)
-                loss += chunk_loss.detach()
-                return dlogp
+                chunk_loss, dlogp, dentropy = differentiate(lambda lp, ent: token_loss(lp, ent, sl), logp, entropy)
+                loss += chunk_loss
+                return dlogp, dentropy
 
-            logps, entropies = walk(grads, dlogp_of)
+            logps, entropies = walk(grads, grads_of)
         else:
             # A frozen lm_head needs only grad_h, and row i of it is dlogp_i x ((onehot - softmax) W / T)_i:
             # one pass stores the brackets (dlogp = 1), the rows are scaled once dlogp is known. A trainable
-            # head (grad_W sums over rows) takes a first pass for the log-probs, then the usual one.
-            deferred = need_h and not (need_w or need_b)
+            # head (grad_W sums over rows), or an entropy term (a second bracket per row), takes a first pass
+            # for the log-probs, then the usual one.
+            deferred = need_h and not (need_w or need_b or entropy_grad)
             ones = torch.ones(min(chunk_size, rows.numel()), dtype=torch.float32, device=hidden.device)
-            logps, entropies = walk(grads if deferred else (None, None, None), lambda logp, sl: ones[: logp.numel()])
-            with torch.enable_grad():
-                leaf = logps.clone().requires_grad_()
-                whole_loss = token_loss(leaf, entropies)
-                (dlogp,) = torch.autograd.grad(whole_loss, leaf, allow_unused=True)
-            loss += whole_loss.detach()
-            dlogp = torch.zeros_like(logps) if dlogp is None else dlogp
+            logps, entropies = walk(grads if deferred else (None, None, None),
+                                    lambda logp, entropy, sl: (ones[: logp.numel()], None))
+            whole_loss, dlogp, dentropy = differentiate(token_loss, logps, entropies)
+            loss += whole_loss
             if deferred:
                 grads[0].index_copy_(0, rows, grads[0].index_select(0, rows) * dlogp[:, None].to(hidden.dtype))
             elif need_h or need_w or need_b:
-                walk(grads, lambda logp, sl: dlogp[sl])
+                walk(grads, lambda logp, entropy, sl: (dlogp[sl], None if dentropy is None else dentropy[sl]))
         grad_h, grad_w, grad_b = grads
         # Not save_for_backward: these are neither inputs nor outputs, and backward scales them in place.
         ctx.grads = (
@@ -260,8 +287,9 @@ class FusedLinearTokenLoss(torch.autograd.Function):
 
 @dataclass
 class _Walk:
-    """One pass over the chunks of the selected rows: logits, log-probs (and entropies), and with a
-    dlogp for the chunk, the gradients added into grads (grad_h, grad_W, grad_b: each None if unwanted)."""
+    """One pass over the chunks of the selected rows: logits, log-probs (and entropies), and with the
+    chunk's (dlogp, dentropy or None) from grads_of, the gradients added into grads (grad_h, grad_W,
+    grad_b: each None if unwanted)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -272,7 +300,7 @@ class _Walk:
     chunk_size: int
     with_entropy: bool
 
-    def __call__(self, grads, dlogp_of: Callable[[torch.Tensor, slice], torch.Tensor]):
+    def __call__(self, grads, grads_of: Callable[[torch.Tensor, torch.Tensor | None, slice], tuple]):
         hidden, weight, bias, rows, inv_temp = self.hidden, self.weight, self.bias, self.rows, self.inv_temp
         grad_h, grad_w, grad_b = grads
         logps = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
@@ -288,10 +316,10 @@ class _Walk:
             logps[sl] = logp
             if self.with_entropy:
                 entropies[sl] = entropy
-            dlogp = dlogp_of(logp, sl)
+            dlogp, dentropy = grads_of(logp, entropy, sl)
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            dz = dlogits_(z, t, stats, dlogp, inv_temp)
+            dz = dlogits_(z, t, stats, dlogp, inv_temp, dentropy, entropy)
             dzc = dz.to(weight.dtype)  # no copy for float32
             if grad_h is not None:
                 grad_h.index_copy_(0, idx, (dzc @ weight).to(hidden.dtype))
@@ -524,6 +552,7 @@ def grpo_loss(
     sampling_logps=None,
     num_sequences_in_batch=None,
     num_micro_batches=1,
+    entropy_coef=0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a micro-batch and its metrics, never holding [B, T, V] logits.
 
@@ -544,6 +573,11 @@ def grpo_loss(
     (tokens where the clip is active: ratio below 1 - eps with A < 0 / above 1 + eps_high with A > 0,
     per completion at sequence level, as TRL counts them; cispo: its cap with A > 0 is _high),
     clip_ratio (either), and with a sampling correction sampling_weight (its mean over tokens).
+
+    entropy_coef: the entropy bonus, TRL's entropy_coef (the coefficient of this step: EntropyBonus
+    says which): minus entropy_coef x ``bonus_entropy``. Then also policy_loss, the loss without it.
+    With topEntropyQuantile < 1 also entropy_kept and kept_tokens: the entropy sum and the count of the
+    tokens the policy loss and the bonus act on, each divided by the step's tokens.
     """
     if config.beta and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps")
@@ -567,30 +601,48 @@ def grpo_loss(
     if not torch.is_grad_enabled():  # evaluation: the Function would still see requires_grad and do the work
         hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
 
+    bonus = entropy_coef != 0.0
     if couples_tokens(config, sampling is not None):
 
         def whole_loss(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
             keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
             per_token = grpo_token_loss(logp, old, ref, adv, config, sampling_logp=sampling, keep=keep, seq=sequences,
                                         behaviour_logp=behaviour)
-            return (per_token * w).sum()
+            loss = (per_token * w).sum()
+            return loss - entropy_coef * bonus_entropy(entropy, keep, step) if bonus else loss
 
         loss, logp, entropy = FusedLinearTokenLoss.apply(
-            hidden, weight, bias, targets, rows, whole_loss, config.temperature, config.chunk_size, True, True
+            hidden, weight, bias, targets, rows, whole_loss, config.temperature, config.chunk_size, True, True, bonus
         )
     else:
 
-        def token_loss(logp: torch.Tensor, sl: slice) -> torch.Tensor:
+        def token_loss(logp: torch.Tensor, entropy: torch.Tensor, sl: slice) -> torch.Tensor:
             def pick(x):
                 return None if x is None else x[sl]
 
             per_token = grpo_token_loss(logp, pick(old), pick(ref), adv[sl], config, sampling_logp=pick(sampling))
-            return (per_token * w[sl]).sum()
+            loss = (per_token * w[sl]).sum()
+            return loss - entropy_coef * bonus_entropy(entropy, None, step) if bonus else loss
 
         loss, logp, entropy = FusedLinearTokenLoss.apply(
-            hidden, weight, bias, targets, rows, token_loss, config.temperature, config.chunk_size, True
+            hidden, weight, bias, targets, rows, token_loss, config.temperature, config.chunk_size, True, False, bonus
         )
-    return loss, _metrics(logp, entropy, old, ref, adv, sampling, sequences, config, step)
+    metrics = _metrics(logp, entropy, old, ref, adv, sampling, sequences, config, step)
+    if bonus:
+        metrics["policy_loss"] = loss.detach() + entropy_coef * metrics.pop("bonus_entropy")
+    else:
+        metrics.pop("bonus_entropy")
+    return loss, metrics
+
+
+def bonus_entropy(entropy: torch.Tensor, keep: torch.Tensor | None, step: Step) -> torch.Tensor:
+    """The entropy the bonus rewards (TRL's entropy_coef term, before its coefficient), as this micro-batch's
+    share: the mean entropy of the step's tokens; with the top-entropy quantile, the mean over the tokens it
+    keeps, of this micro-batch, divided by the micro-batches (TRL's: per micro-batch, as the quantile is).
+    Given some of the tokens, their share of it (the chunks' values sum to it)."""
+    if keep is None:
+        return entropy.sum() / step.tokens.clamp(min=1)
+    return (entropy * keep).sum() / keep.sum().clamp(min=1) / step.micro_batches
 
 
 def high_entropy(entropy: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -621,9 +673,11 @@ def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: Los
         return flags.sum() / step.tokens.clamp(min=1)
 
     tokens = step.tokens.clamp(min=1)
+    keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
     metrics = {
         "kl": logp.new_zeros(()),
         "entropy": entropy.sum() / tokens,
+        "bonus_entropy": bonus_entropy(entropy, keep, step),
         "clip_ratio": share(low | high),
         "clip_ratio_low": share(low),
         "clip_ratio_high": share(high),
@@ -634,4 +688,52 @@ def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: Los
     if sampling is not None:
         learner = logp if old is None else old
         metrics["sampling_weight"] = sampling_weights(learner, sampling, config, seq).sum() / tokens
+    if keep is not None:  # the tokens the bonus acts on, for the adaptive controller (see EntropyBonus.step_entropy)
+        metrics["entropy_kept"] = (entropy * keep).sum() / tokens
+        metrics["kept_tokens"] = keep.sum() / tokens
     return metrics
+
+
+@dataclass
+class EntropyBonus:
+    """TRL's entropy bonus: the loss minus coef x the mean token entropy (``bonus_entropy``), to keep the
+    policy exploring. With ``adaptive``, Skywork-OR1's controller (TRL's use_adaptive_entropy): after each
+    optimizer step, coef moves by ``delta`` towards more bonus when that step's mean entropy (over the
+    tokens the bonus acts on) was at or below ``target``, and towards less otherwise, within [low, high];
+    the bonus is applied only while the last step's entropy was at or below the target (not on the first
+    step, which has no last one)."""
+
+    coef: float = 0.0
+    adaptive: bool = False
+    target: float = 0.2
+    delta: float = 0.005
+    low: float = 0.0
+    high: float = 1.0
+    last_entropy: float = math.inf
+
+    def applied(self) -> float:
+        """The coefficient of the coming optimizer step."""
+        if self.adaptive and self.last_entropy > self.target:
+            return 0.0
+        return self.coef
+
+    def update(self, entropy: float) -> None:
+        """After an optimizer step whose bonus tokens had this mean entropy."""
+        if not self.adaptive:
+            return
+        if entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.high)
+        else:
+            self.coef = max(self.coef - self.delta, self.low)
+        self.last_entropy = entropy
+
+    @staticmethod
+    def step_entropy(metrics: dict[str, float]) -> float:
+        """The mean entropy of the tokens the bonus acted on, from a step's summed grpo_loss metrics."""
+        return metrics.get("entropy_kept", metrics["entropy"]) / max(metrics.get("kept_tokens", 1.0), 1e-12)
+
+    def state(self) -> dict[str, float]:
+        return {"coef": self.coef, "last_entropy": self.last_entropy}
+
+    def load(self, state: dict[str, float]) -> None:
+        self.coef, self.last_entropy = state["coef"], state["last_entropy"]

@@ -324,7 +324,16 @@ class TrainingSpec(Section):
         "count as completions where a loss type divides by completions (grpo, dr_grpo).",
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide advantages by the std of the group, of the whole batch, or not at all."
+        "group",
+        description="Divide advantages by the std of the group, of the whole batch, or not at all (Dr. GRPO). "
+        "Only with multiObjectiveAggregation sum_then_normalize.",
+    )
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize",
+        description="How several rewards make one advantage (TRL's multi_objective_aggregation). "
+        "sum_then_normalize: their weighted sum, normalised within its group as scaleRewards says. "
+        "normalize_then_sum (GDPO): each reward normalised within its group first (so a reward with a wide range "
+        "cannot drown the others), then the weighted sum normalised over the batch; scaleRewards does not apply.",
     )
     num_iterations: int = Field(
         1, ge=1, description="Optimisation passes over each generated batch (mu); >1 uses the clipped ratio."
@@ -354,6 +363,11 @@ class TrainingSpec(Section):
         bounds = (self.sampling_correction_min, self.sampling_correction_max)
         if None not in bounds and bounds[0] >= bounds[1]:
             raise ValueError("samplingCorrectionMin must be below samplingCorrectionMax")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
+            raise ValueError(
+                f"scaleRewards: {self.scale_rewards} does not apply with multiObjectiveAggregation normalize_then_sum, "
+                "which normalises each reward within its group and the sum over the batch; leave scaleRewards out"
+            )
         return self
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import get_scheduler
 
 from grpo_runtime import checkpoints
-from grpo_runtime.advantages import frac_zero_std_groups, group_advantages
+from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_std
 from grpo_runtime.data import PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.host_memory import release_freed_heap
@@ -264,7 +264,13 @@ class Trainer:
 
     def score(self, rows: list[dict[str, Any]], completions: list[Completion]):
         scores = score(self.rewards, *reward_inputs(self.job.spec.dataset, rows, completions))
-        advantages = group_advantages(scores.total, self.generation.num_generations, self.training.scale_rewards)
+        advantages = group_advantages(
+            scores.matrix,
+            scores.weight_vector,
+            self.generation.num_generations,
+            self.training.scale_rewards,
+            self.training.multi_objective_aggregation,
+        )
         return scores, advantages
 
     def optimise(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
@@ -340,8 +346,8 @@ class Trainer:
         metrics: dict[str, Any] = {
             "step": self.step,
             "loss": losses["loss"],
-            "reward": scores.total.mean().item(),
-            "reward_std": scores.total.std().item(),
+            "reward": scores.total.nanmean().item(),
+            "reward_std": nan_std(scores.total).item(),
             **reward_metrics(scores),
             "kl": losses["kl"],
             "entropy": losses["entropy"],

@@ -32,10 +32,12 @@ if TRITON_CHILD:
 
 
 def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bias=None, num_items=None,
-               sampling=None, num_sequences=None, micro_batches=1):
+               sampling=None, num_sequences=None, micro_batches=1, entropy_coef=0.0):
     """(loss, metrics, magnitude), TRL's formulas on full logits: magnitude is the loss of |per-token loss|,
     the size of the terms the loss sums (terms of both signs: the rounding error scales with them, not with
-    the sum). With num_items / num_sequences / micro_batches: this micro-batch's share of the step's."""
+    the sum). With num_items / num_sequences / micro_batches: this micro-batch's share of the step's.
+    entropy_coef: TRL's entropy bonus, the mean entropy of the step's tokens (of the kept ones of this
+    micro-batch with the top-entropy quantile, as TRL)."""
     logits = (hidden @ weight.T + (0 if bias is None else bias)).float() / cfg.temperature
     logps = torch.log_softmax(logits, -1)
     logp = logps.gather(-1, targets[..., None]).squeeze(-1)
@@ -88,8 +90,10 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
         behaviour = sampling if sampling is not None else old
         seq_kl = (torch.nan_to_num(behaviour - logp.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
         ptl = ptl * ((a >= 0) | (seq_kl <= cfg.off_policy_mask_threshold))
+    keep = torch.ones_like(entropy)
     if cfg.top_entropy_quantile < 1:
-        ptl = ptl * (entropy >= torch.quantile(entropy[mask.bool()], 1 - cfg.top_entropy_quantile))
+        keep = (entropy >= torch.quantile(entropy[mask.bool()], 1 - cfg.top_entropy_quantile)).float()
+        ptl = ptl * keep
     if weight_is is not None and cfg.loss_type != "vespo":  # vespo has it inside phi
         ptl = ptl * weight_is
     ptl = ptl + cfg.beta * kl
@@ -120,6 +124,11 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
             return ((flags.expand_as(mask) * mask).sum(-1) > 0).sum() / rows
         return (flags * mask).sum() / n
 
+    kept = mask * keep
+    if cfg.top_entropy_quantile < 1:
+        bonus = (entropy * kept).sum() / kept.sum().clamp(min=1) / micro_batches
+    else:
+        bonus = (entropy * mask).sum() / n
     metrics = {
         "kl": (kl * mask).sum() / n,
         "entropy": (entropy * mask).sum() / n,
@@ -129,7 +138,13 @@ def naive_grpo(hidden, weight, targets, mask, adv, old, ref, cfg: LossConfig, bi
     }
     if weight_is is not None:
         metrics["sampling_weight"] = (weight_is.expand_as(mask) * mask).sum() / n
-    return normalise(ptl), {k: v.detach() for k, v in metrics.items()}, normalise(ptl.detach().abs())
+    if cfg.top_entropy_quantile < 1:
+        metrics |= {"entropy_kept": (entropy * kept).sum() / n, "kept_tokens": kept.sum() / n}
+    if entropy_coef:
+        metrics["policy_loss"] = normalise(ptl)
+    loss = normalise(ptl) - entropy_coef * bonus
+    magnitude = normalise(ptl.detach().abs()) + abs(entropy_coef) * bonus.detach()
+    return loss, {k: v.detach() for k, v in metrics.items()}, magnitude
 
 
 def make_inputs(seed=0, dtype=torch.float32, off_policy=True):
@@ -175,6 +190,7 @@ def run(fn, x, cfg, *, with_bias=False, weight_grad=True, scale=1.0, correction=
             h, w, x["targets"], x["mask"], x["adv"], old_logps=x["old"], ref_logps=x["ref"], config=cfg, bias=b,
             num_items_in_batch=kw.get("num_items"), sampling_logps=sampling,
             num_sequences_in_batch=kw.get("num_sequences"), num_micro_batches=kw.get("micro_batches", 1),
+            entropy_coef=kw.get("entropy_coef", 0.0),
         )
     (scale * loss).backward()
     bias_grad = None if b is None else b.grad
@@ -274,9 +290,12 @@ SPLITS = [(slice(0, 3),), (slice(0, 2), slice(2, 3)), (slice(0, 1), slice(1, 3))
     + [({"loss_type": "dapo", "delta": 1.3}, False)]
     + [VARIANTS[name] for name in ("gspo", "cispo-gspo", "token-truncate", "sequence-mask", "k3")]
     + [VARIANTS[name] for name in ("sapo", "luspo-gspo", "luspo-token-delta", "vespo-token-truncate")]
+    + [({"loss_type": "dapo", "entropy_coef": 0.1}, False), ({"loss_type": "grpo", "importance_sampling_level":
+                                                              "sequence", "epsilon": 0.05, "entropy_coef": 0.1}, False)]
     + [({"loss_type": "bnpo"}, False), VARIANTS["entropy-mask"]],
     ids=["grpo", "dr_grpo", "dapo", "cispo", "delta", "gspo", "cispo-gspo", "token-truncate", "sequence-mask", "k3",
-         "sapo", "luspo-gspo", "luspo-token", "vespo-token-truncate", "bnpo", "entropy-mask"],
+         "sapo", "luspo-gspo", "luspo-token", "vespo-token-truncate", "entropy-bonus", "entropy-bonus-gspo", "bnpo",
+         "entropy-mask"],
 )
 def test_a_step_has_the_same_loss_and_gradients_however_it_is_split(fields, correction):
     """Micro-batches given the step's totals sum to the unsplit step: even, uneven, one row each.
@@ -286,15 +305,15 @@ def test_a_step_has_the_same_loss_and_gradients_however_it_is_split(fields, corr
     x["mask"][1, 5:] = 0
     x["mask"][2, :6] = 1  # three different lengths
     cfg = LossConfig(beta=0.04, chunk_size=4, max_completion_length=10, epsilon_high=fields.get("epsilon_high"),
-                     **{k: v for k, v in fields.items() if k != "epsilon_high"})
-    step = {"num_items": x["mask"].sum(), "num_sequences": B}
+                     **{k: v for k, v in fields.items() if k not in ("epsilon_high", "entropy_coef")})
+    step = {"num_items": x["mask"].sum(), "num_sequences": B, "entropy_coef": fields.get("entropy_coef", 0.0)}
     results = []
     for split in SPLITS:
         parts = [run(grpo_loss, {k: v if k in ("weight", "bias") or v is None else v[rows] for k, v in x.items()},
                      cfg, correction=correction, micro_batches=len(split), **step) for rows in split]
         results.append((sum(p.loss for p in parts), torch.cat([p.hidden for p in parts]), sum(p.weight for p in parts),
                         {k: sum(p.metrics[k] for p in parts) for k in parts[0].metrics}))
-    naive = run(naive_grpo, x, cfg, correction=correction)
+    naive = run(naive_grpo, x, cfg, correction=correction, entropy_coef=step["entropy_coef"])
     whole = results[0]
     assert_rel(whole[0], naive.loss, scale=naive.magnitude)
     assert_rel(whole[2], naive.weight)
@@ -307,6 +326,38 @@ def test_a_step_has_the_same_loss_and_gradients_however_it_is_split(fields, corr
         assert_rel(weight, whole[2])
         for key in metrics:
             assert_rel(metrics[key], whole[3][key])
+
+
+BONUS_VARIANTS = {
+    # name: LossConfig fields, sampling correction, entropy_coef
+    "dapo": ({"loss_type": "dapo"}, False, 0.1),
+    "grpo-temperature": ({"loss_type": "grpo", "temperature": 0.7}, False, 0.2),
+    "penalty-truncate": ({"loss_type": "dr_grpo", "sampling_correction_max": 1.2}, True, -0.05),
+    "gspo": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "epsilon": 0.05}, False, 0.1),
+    "entropy-mask": ({"loss_type": "dapo", "top_entropy_quantile": 0.4}, False, 0.1),
+}
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+@pytest.mark.parametrize("chunk_size", [3, 1024])
+@pytest.mark.parametrize("variant", list(BONUS_VARIANTS))
+def test_entropy_bonus_equals_full_logits(variant, chunk_size, weight_grad):
+    """TRL's entropy_coef: the entropy's own gradient in each chunk (torch path; the Triton kernel in the
+    TRITON_INTERPRET child), token by token and with the tokens coupled (whole), lm_head trainable or frozen."""
+    fields, correction, coef = BONUS_VARIANTS[variant]
+    x = make_inputs(seed=zlib.crc32(variant.encode()))
+    cfg = LossConfig(beta=0.04, chunk_size=chunk_size, **fields)
+    ours = run(grpo_loss, x, cfg, correction=correction, weight_grad=weight_grad, entropy_coef=coef)
+    naive = run(naive_grpo, x, cfg, correction=correction, weight_grad=weight_grad, entropy_coef=coef)
+    without = run(naive_grpo, x, cfg, correction=correction, weight_grad=weight_grad)
+    assert_rel(ours.loss, naive.loss, scale=naive.magnitude)
+    assert_rel(ours.hidden, naive.hidden)
+    if weight_grad:
+        assert_rel(ours.weight, naive.weight)
+    assert (naive.hidden - without.hidden).abs().max() > 1e-2 * naive.hidden.abs().max()  # the bonus moves them
+    assert ours.metrics.keys() == naive.metrics.keys() and "policy_loss" in ours.metrics
+    for key in ours.metrics:
+        assert_rel(ours.metrics[key], naive.metrics[key], scale=naive.magnitude if key == "policy_loss" else None)
 
 
 def test_metrics_equal_full_logits_and_clips_are_exercised():

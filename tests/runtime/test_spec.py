@@ -91,6 +91,10 @@ def test_manifest_round_trips():
         (with_spec(output={"uri": "s3:///prefix"}), "spec.output.uri: s3 URI needs a bucket"),
         (with_spec(runPolicy={"backoffLimit": -1}), "spec.runPolicy.backoffLimit: must be >= 0, got -1"),
         (with_spec(training={"lossType": "cispo"}), "spec.training: lossType cispo caps the ratio itself at epsilonHigh"),
+        (
+            with_spec(training={"multiObjectiveAggregation": "normalize_then_sum", "scaleRewards": "batch"}),
+            "spec.training.scaleRewards: batch does not apply with multiObjectiveAggregation normalize_then_sum",
+        ),
         (with_spec(training={"klEstimator": "k2"}), "spec.training.klEstimator: must be one of 'k3_ratio' or 'k3'"),
         (with_spec(training={"importanceSamplingLevel": "group"}), "spec.training.importanceSamplingLevel: must be"),
         (with_spec(training={"delta": 0.9}), "spec.training.delta: must be > 1.0, got 0.9"),

@@ -233,6 +233,31 @@ def test_sampling_correction_auto_is_token_truncate_for_vllm_and_off_for_hf(tiny
     assert loss_config(chosen, "hf").sampling_correction == "sequence_mask"
 
 
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_score_aggregates_the_rewards_as_the_job_says(tiny_model_dir, aggregation):
+    """The job's multiObjectiveAggregation reaches the advantages (grpo_runtime.advantages is checked against
+    TRL's code in test_advantages.py), and a completion no reward scores gets none."""
+    from types import SimpleNamespace
+
+    from grpo_runtime.advantages import group_advantages
+    from grpo_runtime.engines import Completion
+    from grpo_runtime.rewards import load_rewards
+    from grpo_runtime.trainer import Trainer
+
+    job = parse_job(tiny_job(tiny_model_dir, "unused", multiObjectiveAggregation=aggregation))
+    trainer = SimpleNamespace(rewards=load_rewards(job.spec.rewards), job=job, generation=job.spec.generation,
+                              training=job.spec.training)  # what score reads
+    rows = [{"prompt": "2 + 2?", "answer": "4"}]
+    texts = ["4", "#### 4 and then some more words", "5", "five"]
+    completions = [Completion(0, list(range(1, 2 + 3 * i)), text, False) for i, text in enumerate(texts)]
+    scores, advantages = Trainer.score(trainer, rows, completions)
+    assert scores.per_reward["correct"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    want = group_advantages(scores.matrix, torch.tensor([1.0, 0.5]), 4, aggregation=aggregation)
+    assert torch.equal(advantages, want)
+    other = "normalize_then_sum" if aggregation == "sum_then_normalize" else "sum_then_normalize"
+    assert not torch.allclose(advantages, group_advantages(scores.matrix, torch.tensor([1.0, 0.5]), 4, aggregation=other))
+
+
 def test_kl_is_zero_until_the_adapter_moves(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     doc = tiny_job(tiny_model_dir, out, maxSteps=2, beta=0.1, lossType="grpo", gradientAccumulationSteps=2)

@@ -9,8 +9,9 @@ softmax gradient are two passes over the chunk instead of the torch path's six:
   same pass, the entropy of softmax(z / T) as log s - sum(e x') / s, with x' = z / T - max and
   e = exp(x') (both sums rescaled as the running max moves). Returns (logp, lse, entropy or
   None), float32.
-- ``dlogits_(z, targets, lse, dlogp, inv_temp)``: overwrites z with
-  dL/dlogits = dlogp (onehot(target) - softmax(z / T)) / T, in z's dtype.
+- ``dlogits_(z, targets, lse, dlogp, inv_temp, dentropy=None, entropy=None)``: overwrites z with
+  dL/dlogits = dlogp (onehot(target) - softmax(z / T)) / T, in z's dtype; with dentropy (dL/dH of
+  each row, H its entropy) plus the entropy's gradient - dentropy p (log p + H) / T, in the same pass.
 
 On CPU they run under TRITON_INTERPRET=1 (that is how the tests check them).
 """
@@ -54,7 +55,8 @@ def _logp_kernel(z_ptr, z_stride, t_ptr, logp_ptr, lse_ptr, ent_ptr, V, inv_temp
 
 
 @triton.jit
-def _dlogits_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, V, inv_temp, BLOCK: tl.constexpr):
+def _dlogits_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, gh_ptr, h_ptr, V, inv_temp, BLOCK: tl.constexpr,
+                    ENTROPY_GRAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     lse = tl.load(lse_ptr + row)
@@ -64,7 +66,11 @@ def _dlogits_kernel(z_ptr, z_stride, t_ptr, lse_ptr, g_ptr, V, inv_temp, BLOCK: 
         cols = start + tl.arange(0, BLOCK)
         inside = cols < V
         x = tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32) * inv_temp
-        d = g * (tl.where(cols == target, 1.0, 0.0) - tl.exp(x - lse))
+        log_p = x - lse
+        p = tl.exp(log_p)
+        d = g * (tl.where(cols == target, 1.0, 0.0) - p)
+        if ENTROPY_GRAD:
+            d -= tl.load(gh_ptr + row) * inv_temp * p * (log_p + tl.load(h_ptr + row))
         tl.store(z_row + cols, d.to(z_ptr.dtype.element_ty), mask=inside)
 
 
@@ -81,10 +87,14 @@ def logp_(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, entropy: bool
     return logp, lse, ent
 
 
-def dlogits_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dlogp: torch.Tensor, inv_temp: float):
+def dlogits_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dlogp: torch.Tensor, inv_temp: float,
+             dentropy: torch.Tensor | None = None, entropy: torch.Tensor | None = None):
     n, vocab = z.shape
     assert z.stride(1) == 1 and lse.shape == dlogp.shape == (n,)
     if n:
         block = min(BLOCK, triton.next_power_of_2(vocab))
-        _dlogits_kernel[(n,)](z, z.stride(0), targets, lse, dlogp.float().contiguous(), vocab, inv_temp, BLOCK=block)
+        g = dlogp.float().contiguous()
+        gh, h = (g, g) if dentropy is None else (dentropy.float().contiguous(), entropy.float().contiguous())
+        _dlogits_kernel[(n,)](z, z.stride(0), targets, lse, g, gh, h, vocab, inv_temp, BLOCK=block,
+                              ENTROPY_GRAD=dentropy is not None)
     return z

@@ -2,7 +2,8 @@
 
 A reward is any callable with TRL's signature fn(prompts, completions, **columns) ->
 list[float | None]; None means "not applicable to this completion" and is left out of the
-weighted sum and of that reward's mean/std, as TRL does.
+weighted sum and of that reward's mean/std, as TRL does; a completion every reward returned None
+for is unscorable (its total is NaN, and grpo_runtime.advantages gives it no advantage).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from grpo_runtime.advantages import weighted_total
 from grpo_runtime.rewards.builtin import BUILTINS
 from grpo_runtime.spec import RewardSpec
 
@@ -64,8 +66,22 @@ def load_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
 
 @dataclass
 class RewardScores:
-    total: torch.Tensor  # [N] weighted sum, None-scores skipped
     per_reward: dict[str, torch.Tensor]  # name -> [N], NaN where the reward returned None
+    weights: dict[str, float]  # name -> its weight in the sum
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """[N, K] the scores, one column per reward (NaN: None)."""
+        return torch.stack(list(self.per_reward.values()), dim=1)
+
+    @property
+    def weight_vector(self) -> torch.Tensor:
+        return torch.tensor([self.weights[name] for name in self.per_reward], dtype=torch.float32)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """[N] the weighted sum, None scores skipped; NaN for a completion every reward returned None for."""
+        return weighted_total(self.matrix, self.weight_vector)
 
 
 def _call(reward: Reward, prompts: list[Any], completions: list[str], columns: dict[str, list[Any]]) -> torch.Tensor:
@@ -97,8 +113,7 @@ def score(
 ) -> RewardScores:
     """Call every reward on the same completions and combine them with their weights."""
     per_reward = {reward.name: _call(reward, prompts, completions, columns) for reward in rewards}
-    stacked = torch.stack([per_reward[r.name] * r.weight for r in rewards], dim=1)
-    return RewardScores(total=stacked.nansum(dim=1), per_reward=per_reward)
+    return RewardScores(per_reward=per_reward, weights={reward.name: reward.weight for reward in rewards})
 
 
 def reward_metrics(scores: RewardScores) -> dict[str, float]:
