@@ -10,7 +10,9 @@ Two parts, kept apart (Liger's fused_linear_ppo + grpo_loss shape):
 - ``grpo_token_loss`` + ``NORMALISERS``: the GRPO maths of one token (TRL's, every variant:
   clipped or CISPO, token or sequence ratio, delta, KL estimator, sampler correction, top-entropy
   tokens) and how a loss type normalises the sum over the whole optimizer step. A new loss type
-  is a normaliser entry (or a branch of the per-token function).
+  is a normaliser entry (or a branch of the per-token function). The entropy bonus
+  (``bonus_entropy``, its coefficient from ``EntropyBonus``) is a term over the tokens' entropies:
+  the chunks then also take dL/dentropy, and the entropy's gradient joins the log-prob's.
 
 Gradient in forward, not recompute in backward. The loss is a sum over tokens of
 ``weight_i * f(logp_i)``: every normaliser (tokens per sequence, per micro-batch, per step,

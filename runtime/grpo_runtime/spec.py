@@ -308,6 +308,30 @@ class TrainingSpec(Section):
         "tokens; taking it over the whole step would cost a second forward pass of the model per micro-batch. "
         "The KL term is kept on every token.",
     )
+    entropy_coef: float = Field(
+        0.0,
+        description="Entropy bonus (TRL's entropy_coef): the loss minus this times the mean token entropy of the "
+        "step (of the tokens topEntropyQuantile keeps, then per micro-batch as TRL), so a positive value rewards "
+        "exploring and slows entropy collapse; the same meaning for every lossType. With useAdaptiveEntropy, the "
+        "starting value. 0 (default): off, and the loss does no entropy-gradient work. The logged policy_loss is "
+        "the loss without it.",
+    )
+    use_adaptive_entropy: bool = Field(
+        False,
+        description="Skywork-OR1's adaptive entropy control (TRL's use_adaptive_entropy): after each optimizer step "
+        "entropyCoef moves up by entropyCoefDelta when the step's mean entropy was at or below entropyTarget, down "
+        "otherwise, within [entropyCoefMin, entropyCoefMax]; the bonus applies only while the last step's entropy "
+        "was at or below the target (so not on the first step). The coefficient is logged as entropy_coef and "
+        "kept in checkpoints.",
+    )
+    entropy_target: float = Field(
+        0.2, ge=0.0, description="useAdaptiveEntropy: the mean token entropy (nats) to hold the policy at or above."
+    )
+    entropy_coef_delta: float = Field(
+        0.005, ge=0.0, description="useAdaptiveEntropy: how far entropyCoef moves per optimizer step."
+    )
+    entropy_coef_min: float = Field(0.0, description="useAdaptiveEntropy: the lowest entropyCoef.")
+    entropy_coef_max: float = Field(1.0, description="useAdaptiveEntropy: the highest entropyCoef.")
     off_policy_mask_threshold: float | None = Field(
         None,
         ge=0.0,
@@ -363,6 +387,8 @@ class TrainingSpec(Section):
         bounds = (self.sampling_correction_min, self.sampling_correction_max)
         if None not in bounds and bounds[0] >= bounds[1]:
             raise ValueError("samplingCorrectionMin must be below samplingCorrectionMax")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ValueError("entropyCoefMin must not be above entropyCoefMax")
         if self.multi_objective_aggregation == "normalize_then_sum" and self.scale_rewards != "group":
             raise ValueError(
                 f"scaleRewards: {self.scale_rewards} does not apply with multiObjectiveAggregation normalize_then_sum, "

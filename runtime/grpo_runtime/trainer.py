@@ -24,7 +24,7 @@ from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_
 from grpo_runtime.data import PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.host_memory import release_freed_heap
-from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
+from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss, token_logprobs
 from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
 from grpo_runtime.rewards import Reward, reward_metrics, score
@@ -234,6 +234,14 @@ class Trainer:
         self.training = spec.training
         self.generation = spec.generation
         self.loss_config = loss_config(spec, self.engine.name)
+        self.entropy_bonus = EntropyBonus(
+            coef=spec.training.entropy_coef,
+            adaptive=spec.training.use_adaptive_entropy,
+            target=spec.training.entropy_target,
+            delta=spec.training.entropy_coef_delta,
+            low=spec.training.entropy_coef_min,
+            high=spec.training.entropy_coef_max,
+        )
         self.params = [p for p in self.policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay
@@ -285,7 +293,9 @@ class Trainer:
         sums: dict[str, float] = {}
         self.policy.model.train()
         for _ in range(self.training.num_iterations):
-            for key, value in self.accumulate(batch, advantages, parts, old, ref).items():
+            metrics = self.accumulate(batch, advantages, parts, old, ref, self.entropy_bonus.applied())
+            metrics.setdefault("policy_loss", metrics["loss"])  # without a bonus this optimizer step
+            for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nn.utils.clip_grad_norm_(
                 self.params, self.training.max_grad_norm
@@ -293,12 +303,13 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.entropy_bonus.update(EntropyBonus.step_entropy(metrics))
         return {key: value / self.training.num_iterations for key, value in sums.items()}
 
-    def accumulate(self, batch: Batch, advantages, parts, old=None, ref=None) -> dict[str, float]:
+    def accumulate(self, batch: Batch, advantages, parts, old=None, ref=None, entropy_coef=0.0) -> dict[str, float]:
         """The step's gradients, added into the parameters' .grad one micro-batch at a time; returns the step's
         loss and metrics. Each micro-batch's loss is its share of the step's (the loss's normalisers are given
-        the step's totals), so the sum is the same for any split."""
+        the step's totals), so the sum is the same for any split. entropy_coef: this optimizer step's bonus."""
         weight, bias = lm_head(self.policy.model)
         step = {
             "num_items_in_batch": batch.completion_mask.sum(),
@@ -319,6 +330,7 @@ class Trainer:
                 sampling_logps=micro.sampling_logps,
                 config=self.loss_config,
                 bias=bias,
+                entropy_coef=entropy_coef,
                 **step,
             )
             release_freed_heap(self.policy.device)  # the forward's temporaries, before the backward adds its own
@@ -351,6 +363,7 @@ class Trainer:
             **reward_metrics(scores),
             "kl": losses["kl"],
             "entropy": losses["entropy"],
+            **self._entropy_bonus_metrics(losses),
             "clip_ratio": losses["clip_ratio"],
             "clip_ratio_low": losses["clip_ratio_low"],
             "clip_ratio_high": losses["clip_ratio_high"],
@@ -369,6 +382,13 @@ class Trainer:
         self._write_samples(rows, completions, scores)
         self.metrics_log.append(metrics)
         return metrics
+
+    def _entropy_bonus_metrics(self, losses: dict[str, float]) -> dict[str, float]:
+        """With an entropy bonus, policy_loss (the loss without it) and entropy_coef (after this step's update), as
+        TRL logs them."""
+        if not (self.training.entropy_coef or self.entropy_bonus.adaptive):
+            return {}
+        return {"policy_loss": losses["policy_loss"], "entropy_coef": self.entropy_bonus.coef}
 
     def _write_samples(self, rows, completions: list[Completion], scores) -> None:
         count = min(self.training.log_samples, len(completions))
@@ -396,6 +416,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state(),
+                "entropy_bonus": self.entropy_bonus.state(),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -427,6 +448,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.restore(state["sampler"])
+        if "entropy_bonus" in state:  # checkpoints written before the bonus existed start it afresh
+            self.entropy_bonus.load(state["entropy_bonus"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

@@ -14,6 +14,11 @@ the metrics. Where we differ from TRL on purpose, the test says so:
   ``trl_sampling_ratio`` below is that code, copied, and its output goes into TRL's loss. So is
   ``trl_mask_truncated`` (mask_truncated_completions); ours is ``build_batch(mask_truncated=True)``,
   and the two masks are compared before both losses get them.
+- the entropy bonus (entropy_coef): TRL's is each micro-batch's mean token entropy, averaged over the
+  micro-batches; ours is the mean over the step's tokens, so the step's loss does not depend on the split
+  (as TRL's documentation describes the bonus: "the mean per-token entropy"). The two agree on one
+  micro-batch, so on two and four ours is compared with TRL's on one. With topEntropyQuantile < 1 both
+  are per micro-batch (as the quantile is), and compared split as they are.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import pytest
 import torch
 
 from grpo_runtime.engines import Completion
-from grpo_runtime.loss import LossConfig, grpo_loss
+from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss
 from grpo_runtime.model import decoder_hidden_states, lm_head
 from grpo_runtime.trainer import build_batch
 
@@ -62,7 +67,9 @@ class TRLTrainer:
         self.use_vllm = use_vllm
         self.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
         self.current_gradient_accumulation_steps = micro_batches
-        self._entropy_bonus_enabled = False
+        self.entropy_coef, self.use_adaptive_entropy = args.entropy_coef, args.use_adaptive_entropy
+        self._entropy_bonus_enabled = self.entropy_coef != 0.0 or self.use_adaptive_entropy
+        self._last_world_entropy, self._entropy_window_stats = math.inf, None
         self.aux_loss_enabled = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
@@ -164,15 +171,18 @@ def grads_of(model):
     return out
 
 
-def run_trl(setup, x, args, micro_batches, old, ref, sampling):
+def run_trl(setup, x, args, micro_batches, old, ref, sampling, trainer=None):
+    """One optimizer step of TRL's loss; ``trainer`` carries TRL's adaptive-entropy state from a step before."""
     model = setup[0]
     model.zero_grad(set_to_none=True)
     add_fused_lm_head(model, temperature=args.temperature, outputs=("log_probs", "entropy"))
-    trainer = TRLTrainer(args, model, micro_batches, use_vllm=sampling is not None)
+    trainer = trainer or TRLTrainer(args, model, micro_batches, use_vllm=sampling is not None)
     model.train()
     total = 0.0
     tokens, per_micro = x.completion_mask.sum(), []
-    for rows in torch.arange(B).chunk(micro_batches):
+    parts = torch.arange(B).chunk(micro_batches)
+    for index, rows in enumerate(parts):
+        trainer.accelerator.gradient_state._set_sync_gradients(index == len(parts) - 1)  # the step's last
         inputs = {key: getattr(x, key)[rows] for key in vars(x)}
         inputs["num_items_in_batch"] = tokens
         if old is not None:
@@ -189,8 +199,8 @@ def run_trl(setup, x, args, micro_batches, old, ref, sampling):
         total += loss.item()
         per_micro.append((x.completion_mask[rows].sum().item(), len(rows)))
     del model.forward  # TRL patched the instance; back to the class's forward
-    metrics = trainer._metrics["train"]
-    return total, grads_of(model), metrics, per_micro
+    metrics, trainer._metrics = trainer._metrics["train"], {"train": defaultdict(list), "eval": defaultdict(list)}
+    return total, grads_of(model), metrics, per_micro, trainer
 
 
 @torch.no_grad()
@@ -200,7 +210,7 @@ def logprobs_now(setup, x, temperature):
     return logprobs_at(logits, x.completion_ids, temperature)
 
 
-def run_ours(setup, x, config, micro_batches, old, ref, sampling):
+def run_ours(setup, x, config, micro_batches, old, ref, sampling, entropy_coef=0.0):
     model = setup[0]
     model.zero_grad(set_to_none=True)
     model.train()
@@ -215,6 +225,7 @@ def run_ours(setup, x, config, micro_batches, old, ref, sampling):
             old_logps=None if old is None else old[rows], ref_logps=ref[rows] if config.beta else None,
             sampling_logps=None if sampling is None else sampling[rows], config=config, bias=bias,
             num_items_in_batch=x.completion_mask.sum(), num_sequences_in_batch=B, num_micro_batches=micro_batches,
+            entropy_coef=entropy_coef,
         )
         loss.backward()
         total += loss.item()
@@ -289,6 +300,15 @@ CASES = {
                                    "vllm_importance_sampling_mode": "sequence_truncate"}, True, True),
     "mask-truncated-gspo-dapo": ({"loss_type": "dapo", "importance_sampling_level": "sequence", **GSPO_CLIP,
                                  "mask_truncated_completions": True}, False, False),
+    # the entropy bonus: token by token, with the tokens coupled (GSPO), with the top-entropy tokens (per
+    # micro-batch), as a penalty (a negative coefficient)
+    "entropy-bonus-dapo": ({"loss_type": "dapo", "entropy_coef": 0.1}, True, False),
+    "entropy-bonus-grpo-temperature": ({"loss_type": "grpo", "entropy_coef": 0.2, "temperature": 0.7}, False, False),
+    "entropy-bonus-gspo-tis": ({"loss_type": "grpo", "importance_sampling_level": "sequence", **GSPO_CLIP,
+                                "entropy_coef": 0.1, "vllm_importance_sampling_mode": "token_truncate"}, True, True),
+    "entropy-bonus-top-entropy": ({"loss_type": "dr_grpo", "top_entropy_quantile": 0.5, "entropy_coef": 0.1},
+                                  True, False),
+    "entropy-penalty-cispo": ({"loss_type": "cispo", "epsilon_high": 1.2, "entropy_coef": -0.05}, True, False),
     "everything": ({"loss_type": "grpo", "importance_sampling_level": "sequence", "delta": 1.1, **GSPO_CLIP,
                     "top_entropy_quantile": 0.5, "vllm_importance_sampling_mode": "sequence_truncate",
                     "temperature": 0.7}, True, True),
@@ -299,12 +319,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     overrides, off_policy, correction = CASES[case]
-    args = GRPOConfig(
-        output_dir="unused", use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=B // micro_batches,
-        num_generations=2, gradient_accumulation_steps=micro_batches, max_completion_length=9,
-        **{"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.28, **overrides},
-    )
-    assert args.steps_per_generation == micro_batches  # TRL's dapo/cispo normaliser assumes it
+    args = trl_config(overrides, micro_batches)
     old, ref, sampling = make_logps(setup, args.temperature, seed=len(case))
     old = old if off_policy else None
     sampling = sampling if correction else None
@@ -314,14 +329,23 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
         drop = GRPOTrainer.get_off_policy_mask(x.advantages[:, None], logprobs_now(setup, x, args.temperature),
                                                behaviour, x.completion_mask, args.off_policy_mask_threshold)
         assert 0 < drop.sum() < B
-    trl_loss, trl_grads, trl_metrics, per_micro = run_trl(setup, x, args, micro_batches, old, ref, sampling)
-    loss, grads, metrics = run_ours(setup, x, our_config(args), micro_batches, old, ref, sampling)
+    # TRL's entropy bonus is per micro-batch; ours (without the top-entropy quantile) is the step's: TRL's on one
+    trl_micro = 1 if args.entropy_coef and args.top_entropy_quantile == 1.0 else micro_batches
+    trl_args = args if trl_micro == micro_batches else trl_config(overrides, trl_micro)
+    trl_loss, trl_grads, trl_metrics, per_micro, _ = run_trl(setup, x, trl_args, trl_micro, old, ref, sampling)
+    loss, grads, metrics = run_ours(setup, x, our_config(args), micro_batches, old, ref, sampling, args.entropy_coef)
 
     assert loss == pytest.approx(trl_loss, rel=1e-5, abs=1e-7)
     for name, want in trl_grads.items():
         scale = want.abs().max().clamp(min=1e-8)
         assert (grads[name] - want).abs().max() <= 2e-5 * scale, name
     assert any(g.abs().max() > 0 for g in grads.values())
+    if args.entropy_coef:  # the step's loss without the bonus: TRL logs each micro-batch's own (its share, for
+        # the loss types normalised by the step's tokens), and the step's is their mean (their sum)
+        values = trl_metrics["policy_loss"]
+        want = sum(values) if args.loss_type in ("dapo", "cispo", "vespo") else sum(values) / len(values)
+        assert metrics["policy_loss"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+        assert abs(metrics["policy_loss"] - loss) > 1e-3 * abs(loss)  # the bonus is in the loss
 
     sequence_level = args.importance_sampling_level == "sequence"
     pairs = [("kl", "kl", False), ("entropy", "entropy", False)]
@@ -340,6 +364,45 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
         assert metrics["clip_ratio"] > 0  # the clips are exercised
 
 
+def trl_config(overrides, micro_batches) -> GRPOConfig:
+    args = GRPOConfig(
+        output_dir="unused", use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=B // micro_batches,
+        num_generations=2, gradient_accumulation_steps=micro_batches, max_completion_length=9,
+        **{"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.28, **overrides},
+    )
+    assert args.steps_per_generation == micro_batches  # TRL's dapo/cispo normaliser assumes it
+    return args
+
+
+@pytest.mark.parametrize("micro_batches,quantile,target", [(1, 1.0, 5.0), (2, 0.5, 5.0), (2, 1.0, 0.01)])
+def test_adaptive_entropy_control_is_trls(setup, micro_batches, quantile, target):
+    """TRL's use_adaptive_entropy over two optimizer steps: no bonus on the first (no entropy measured yet),
+    the coefficient moved by the step's mean entropy over the tokens the bonus acts on (up below the target,
+    down above it, within [min, max]), then the second step's loss and gradients with that coefficient."""
+    overrides = {"loss_type": "grpo", "top_entropy_quantile": quantile, "entropy_coef": 0.05,
+                 "use_adaptive_entropy": True, "entropy_target": target, "entropy_coef_delta": 0.03,
+                 "entropy_coef_min": 0.03}
+    args = trl_config(overrides, micro_batches)
+    old, ref, _ = make_logps(setup, args.temperature, seed=3)
+    x = setup[1]
+    ours = EntropyBonus(coef=args.entropy_coef, adaptive=True, target=args.entropy_target,
+                        delta=args.entropy_coef_delta, low=args.entropy_coef_min, high=args.entropy_coef_max)
+    trainer = None
+    for step in range(2):
+        applied = ours.applied()
+        trl_loss, trl_grads, _, _, trainer = run_trl(setup, x, args, micro_batches, old, ref, None, trainer)
+        loss, grads, metrics = run_ours(setup, x, our_config(args), micro_batches, old, ref, None, applied)
+        ours.update(EntropyBonus.step_entropy(metrics))
+        assert loss == pytest.approx(trl_loss, rel=1e-5, abs=1e-7), step
+        for name, want in trl_grads.items():
+            assert (grads[name] - want).abs().max() <= 2e-5 * want.abs().max().clamp(min=1e-8), (step, name)
+        assert ours.last_entropy == pytest.approx(trainer._last_world_entropy, rel=1e-5)
+        assert ours.coef == pytest.approx(trainer.entropy_coef, rel=1e-9)
+    below = target > ours.last_entropy
+    assert applied == (0.08 if below else 0.0)  # the second step: the coefficient after the first, or none
+    assert ours.coef == pytest.approx(0.11 if below else 0.03)  # 0.05 + 2 x 0.03, or down to the minimum
+
+
 def test_cases_exercise_every_option():
     """The table above covers every loss type and every option of the loss."""
     seen = defaultdict(set)
@@ -354,5 +417,5 @@ def test_cases_exercise_every_option():
     assert {"importance_sampling_level", "delta", "top_entropy_quantile", "use_bias_correction_kl",
             "temperature", "mask_truncated_completions", "sapo_temperature_pos", "sapo_temperature_neg",
             "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-            "vespo_lambda_neg"} <= seen.keys()
+            "vespo_lambda_neg", "entropy_coef"} <= seen.keys()
     assert seen["off_policy"] == seen["correction"] == {True, False}

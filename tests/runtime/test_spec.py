@@ -95,6 +95,10 @@ def test_manifest_round_trips():
             with_spec(training={"multiObjectiveAggregation": "normalize_then_sum", "scaleRewards": "batch"}),
             "spec.training.scaleRewards: batch does not apply with multiObjectiveAggregation normalize_then_sum",
         ),
+        (
+            with_spec(training={"useAdaptiveEntropy": True, "entropyCoefMin": 0.5, "entropyCoefMax": 0.1}),
+            "spec.training: entropyCoefMin must not be above entropyCoefMax",
+        ),
         (with_spec(training={"klEstimator": "k2"}), "spec.training.klEstimator: must be one of 'k3_ratio' or 'k3'"),
         (with_spec(training={"importanceSamplingLevel": "group"}), "spec.training.importanceSamplingLevel: must be"),
         (with_spec(training={"delta": 0.9}), "spec.training.delta: must be > 1.0, got 0.9"),

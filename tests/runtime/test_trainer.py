@@ -111,13 +111,16 @@ def test_train_writes_metrics_samples_checkpoints_and_final_adapter(tiny_model_d
 
 
 def test_killed_run_resumes_and_reproduces_the_uninterrupted_metrics(tiny_model_dir, tmp_path):
+    """The adaptive entropy bonus's coefficient is state too: with a target the entropy never reaches it grows
+    by its delta every step (and is applied from step 2 on), so a resume that lost it would differ at step 3."""
     rewards = [{"name": "len7", "function": "tests.runtime.crash_rewards:die_on_call"}]
+    bonus = {"entropyCoef": 0.01, "useAdaptiveEntropy": True, "entropyTarget": 100.0, "entropyCoefDelta": 0.01}
     straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
-    straight = write_job(tmp_path, tiny_job(tiny_model_dir, straight_out, rewards=rewards, maxSteps=4))
+    straight = write_job(tmp_path, tiny_job(tiny_model_dir, straight_out, rewards=rewards, maxSteps=4, **bonus))
     assert grpo_train(straight).returncode == 0
 
     (tmp_path / "b").mkdir()
-    job_b = write_job(tmp_path / "b", tiny_job(tiny_model_dir, resumed_out, rewards=rewards, maxSteps=4))
+    job_b = write_job(tmp_path / "b", tiny_job(tiny_model_dir, resumed_out, rewards=rewards, maxSteps=4, **bonus))
     killed = grpo_train(job_b, env={"GRPO_TEST_DIE_ON_CALL": "4"})  # dies inside step 4, after step-2's checkpoint
     assert killed.returncode == 137
     assert (resumed_out / "checkpoints" / "LATEST").read_text().strip() == "step-2"
@@ -129,8 +132,12 @@ def test_killed_run_resumes_and_reproduces_the_uninterrupted_metrics(tiny_model_
     expected, got = read_metrics(straight_out), read_metrics(resumed_out)
     assert [m["step"] for m in got] == [1, 2, 3, 4]  # step 3 re-run, not duplicated
     for a, b in zip(expected, got):
-        for key in ("reward", "reward_std", "loss", "kl", "grad_norm", "completion_length/mean", "rewards/len7/mean"):
+        for key in ("reward", "reward_std", "loss", "kl", "grad_norm", "completion_length/mean", "rewards/len7/mean",
+                    "policy_loss", "entropy_coef"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert [m["entropy_coef"] for m in expected] == pytest.approx([0.02, 0.03, 0.04, 0.05])
+    assert expected[0]["policy_loss"] == expected[0]["loss"]  # no entropy measured before step 1: no bonus
+    assert all(m["loss"] < m["policy_loss"] for m in expected[1:])  # then minus coef x entropy
 
 
 def test_padding_to_max_lengths_changes_nothing_but_memory(tiny_model_dir):
@@ -175,8 +182,11 @@ def test_micro_batches_are_as_many_as_asked_and_never_empty():
     [{"lossType": "grpo"}, {"lossType": "dr_grpo"}, {"lossType": "dapo"}, {"lossType": "cispo", "epsilonHigh": 2.0},
      {"lossType": "grpo", "importanceSamplingLevel": "sequence", "delta": 1.5, "samplingCorrection": "sequence_mask"},
      {"lossType": "sapo", "sapoTemperaturePos": 0.5}, {"lossType": "luspo", "importanceSamplingLevel": "sequence"},
-     {"lossType": "vespo", "vespoKNeg": 2.0, "offPolicyMaskThreshold": 0.1}],
-    ids=["grpo", "dr_grpo", "dapo", "cispo", "gspo-delta-sampling", "sapo", "luspo", "vespo-opsm"],
+     {"lossType": "vespo", "vespoKNeg": 2.0, "offPolicyMaskThreshold": 0.1},
+     {"lossType": "dapo", "entropyCoef": 0.1}, {"lossType": "grpo", "importanceSamplingLevel": "sequence",
+                                                "entropyCoef": 0.1}],
+    ids=["grpo", "dr_grpo", "dapo", "cispo", "gspo-delta-sampling", "sapo", "luspo", "vespo-opsm", "entropy-bonus",
+         "gspo-entropy-bonus"],
 )
 def test_a_step_has_the_same_loss_and_gradients_for_any_gradient_accumulation(tiny_model_dir, training):
     """gradientAccumulationSteps is memory, not maths: 1, a divisor of the batch, or not (6 completions in
@@ -206,7 +216,8 @@ def test_a_step_has_the_same_loss_and_gradients_for_any_gradient_accumulation(ti
     params = [p for p in policy.model.parameters() if p.requires_grad]
     results = []
     for steps in (1, 2, 4, 5, 6):
-        metrics = Trainer.accumulate(trainer, batch, advantages, split_micro_batches(len(completions), steps), old, ref)
+        metrics = Trainer.accumulate(trainer, batch, advantages, split_micro_batches(len(completions), steps), old, ref,
+                                     job.spec.training.entropy_coef)
         results.append((metrics, [p.grad.clone() for p in params]))
         policy.model.zero_grad(set_to_none=True)
     (want_metrics, want_grads), *others = results
