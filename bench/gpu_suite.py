@@ -531,17 +531,27 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
     z = (torch.randn(n, V, generator=g, device=device) * 3).to(torch.bfloat16)
     targets = torch.randint(0, V, (n,), generator=g, device=device)
     dlogp = torch.randn(n, generator=g, device=device)
+    dentropy = torch.randn(n, generator=g, device=device) * 0.1  # an entropy bonus's dL/dH
+
+    def ops(name):  # (logp_, dlogits_, the chunk's buffer) of a path
+        if name == "torch":
+            return loss_module._logp_, loss_module._dlogits_, z.float()
+        return logsoftmax.logp_, logsoftmax.dlogits_, z.clone()
+
     for temperature in (1.0, 0.7):
         inv = 1 / temperature
         runs = {}
         for name in ("torch", "triton", "torch", "triton"):  # warm-up, then timed
-            buf = z.float() if name == "torch" else z.clone()
-            logp_, dlogits_ = (loss_module._logp_, loss_module._dlogits_) if name == "torch" else (
-                logsoftmax.logp_, logsoftmax.dlogits_)
+            logp_, dlogits_, buf = ops(name)
             with measure(device) as m:  # with the entropy, as every training step computes it
                 logp, stats, entropy = logp_(buf, targets, inv, True)
                 dz = dlogits_(buf, targets, stats, dlogp, inv)
             runs[name] = (logp.float(), dz.float(), entropy.float(), m)
+        bonus = {}
+        for name in ("torch", "triton"):  # the entropy's own gradient too (training.entropyCoef)
+            logp_, dlogits_, buf = ops(name)
+            logp, stats, entropy = logp_(buf, targets, inv, True)
+            bonus[name] = dlogits_(buf, targets, stats, dlogp, inv, dentropy, entropy).float()
         exact = torch.log_softmax(z.float() * inv, -1)
         want = exact.gather(1, targets[:, None]).squeeze(1)
         want_entropy = -(exact.exp() * exact).sum(-1)
@@ -553,6 +563,8 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
         part.check(f"T={temperature} logp triton vs fp32 log_softmax, max abs", (lp_k - want).abs().max().item(), 1e-3)
         part.check(f"T={temperature} entropy triton vs fp32, max abs", (ent_k - want_entropy).abs().max().item(), 1e-3)
         part.check(f"T={temperature} dlogits triton vs torch (rel)", rel_err(dz_k, dz_t), BF16_REL)
+        part.check(f"T={temperature} dlogits with an entropy bonus, triton vs torch (rel)",
+                   rel_err(bonus["triton"], bonus["torch"]), BF16_REL)
 
 
 # --------------------------------------------------------------------------- e. the co-hosted vLLM engine

@@ -58,6 +58,8 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     # c: offload really moved the layer inputs (the CPU-forced hooks), one per layer
     offload_row = next(r for r in parts["c"]["rows"] if r["mode"] == "offload")
     assert offload_row["offloaded_tensors"] == 2
+    # d: the kernels' entropy-bonus gradient was compared too, at both temperatures
+    assert sum("with an entropy bonus" in c["name"] for c in parts["d"]["checks"]) == 2
     # e: a small bf16 step reached the vLLM engine; the OOM-at-wake check is CUDA-only and says so
     assert {c["name"] for c in parts["e"]["checks"]} == {
         "small bf16 update: abs(engine/learner objective change - 1)", "small bf16 update: abs(slope - 1)"}
