@@ -1,5 +1,6 @@
 """Rewards: TRL's signature, built-ins, weighting, and clear errors naming the reward."""
 
+import asyncio
 import math
 import sys
 import types
@@ -64,6 +65,43 @@ def trl_style_reward(prompts, completions, answer, **kwargs):
     return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
 
 
+async def async_judge(prompts, completions, answer, bonus=0.0, **kwargs):
+    """An async reward, as an LLM judge over HTTP is written: it awaits, and notes the loop it ran on."""
+    await asyncio.sleep(0)
+    sys.modules["my_rewards"].judge_loops.append(asyncio.get_running_loop())
+    return [(1.0 if a in c else 0.0) + bonus for c, a in zip(completions, answer)]
+
+
+_HANDSHAKE: dict[str, asyncio.Event] = {}
+
+
+async def handshake_a(prompts, completions, **kwargs):
+    """Finishes only once handshake_b has started: run one after the other, the two would never end."""
+    _HANDSHAKE.setdefault("b", asyncio.Event())
+    _HANDSHAKE.setdefault("a", asyncio.Event()).set()
+    await asyncio.wait_for(_HANDSHAKE["b"].wait(), timeout=60)  # only reached when they do not run together
+    return [1.0] * len(completions)
+
+
+async def handshake_b(prompts, completions, **kwargs):
+    _HANDSHAKE.setdefault("a", asyncio.Event())
+    _HANDSHAKE.setdefault("b", asyncio.Event()).set()
+    await asyncio.wait_for(_HANDSHAKE["a"].wait(), timeout=60)
+    return [2.0] * len(completions)
+
+
+async def async_raises(prompts, completions, **kwargs):
+    await asyncio.sleep(0)
+    raise ConnectionError("judge unreachable")
+
+
+class AsyncJudge:
+    """A reward object whose __call__ is async."""
+
+    async def __call__(self, prompts, completions, **kwargs):
+        return [0.5] * len(completions)
+
+
 @pytest.fixture
 def user_module(monkeypatch):
     module = types.ModuleType("my_rewards")
@@ -72,6 +110,10 @@ def user_module(monkeypatch):
     module.short = lambda prompts, completions, **kw: [1.0]
     module.nan_for_some = lambda prompts, completions, **kw: [None if "skip" in c else 2.0 for c in completions]
     module.not_callable = 3
+    module.judge, module.judge_loops = async_judge, []
+    module.handshake_a, module.handshake_b = handshake_a, handshake_b
+    module.async_raises = async_raises
+    module.Judge = AsyncJudge()
     monkeypatch.setitem(sys.modules, "my_rewards", module)
     return module
 
@@ -95,6 +137,33 @@ def test_none_scores_are_left_out_of_sum_and_stats(user_module):
     assert scores.total.tolist() == [0.0, 2.0, 2.0]
     metrics = reward_metrics(scores)
     assert metrics["rewards/maybe/mean"] == 2.0 and metrics["rewards/maybe/std"] == 0.0
+
+
+def test_async_rewards_work_as_in_trl(user_module):
+    """Async rewards (TRL runs them on one event loop): with spec args, beside a synchronous one, each weighted;
+    every step's calls share the one loop, so a client a judge keeps stays usable."""
+    loaded = rewards(("judge", "my_rewards:judge", {"args": {"bonus": 0.5}, "weight": 2.0}),
+                     ("trl", "my_rewards:trl_style", {}))
+    for _ in range(2):
+        scores = score(loaded, ["p1", "p2"], ["x 5", "6"], {"answer": ["5", "5"]})
+        assert scores.per_reward["judge"].tolist() == [1.5, 0.5]
+        assert scores.total.tolist() == [4.0, 1.0]
+    loops = user_module.judge_loops
+    assert len(loops) == 2 and loops[0] is loops[1] and loops[0].is_running()
+    assert score(rewards(("obj", "my_rewards:Judge", {})), ["p"], ["c"], {}).per_reward["obj"].tolist() == [0.5]
+
+
+def test_async_rewards_of_a_step_run_together(user_module):
+    _HANDSHAKE.clear()
+    loaded = rewards(("a", "my_rewards:handshake_a", {}), ("b", "my_rewards:handshake_b", {}))
+    scores = score(loaded, ["p"], ["c"], {})
+    assert scores.total.tolist() == [3.0]
+
+
+def test_async_reward_that_raises_is_named(user_module):
+    loaded = rewards(("judge", "my_rewards:async_raises", {}), ("trl", "my_rewards:trl_style", {}))
+    with pytest.raises(RewardError, match=r"reward 'judge' \(my_rewards:async_raises\) raised ConnectionError: judge"):
+        score(loaded, ["p"], ["c"], {"answer": ["5"]})
 
 
 def test_reward_that_raises_is_named(user_module):

@@ -1,16 +1,20 @@
 """Reward functions: loading them from the spec, calling them, combining their scores.
 
 A reward is any callable with TRL's signature fn(prompts, completions, **columns) ->
-list[float | None]; None means "not applicable to this completion" and is left out of the
+list[float | None], synchronous or async (an LLM judge: async ones run concurrently, see
+_AsyncRewards); None means "not applicable to this completion" and is left out of the
 weighted sum and of that reward's mean/std, as TRL does; a completion every reward returned None
 for is unscorable (its total is NaN, and grpo_runtime.advantages gives it no advantage).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
+import inspect
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,18 +88,19 @@ class RewardScores:
         return weighted_total(self.matrix, self.weight_vector)
 
 
-def _call(reward: Reward, prompts: list[Any], completions: list[str], columns: dict[str, list[Any]]) -> torch.Tensor:
-    label = f"reward {reward.name!r} ({reward.ref})"
-    try:
-        values = reward.fn(prompts=prompts, completions=completions, **columns)
-    except Exception as exc:
-        raise RewardError(f"{label} raised {type(exc).__name__}: {exc}") from exc
+def _label(reward: Reward) -> str:
+    return f"reward {reward.name!r} ({reward.ref})"
+
+
+def _checked(reward: Reward, values: Any, count: int) -> torch.Tensor:
+    """A reward's return value as [count] float32 scores (NaN for None), or a RewardError naming it."""
+    label = _label(reward)
     try:
         values = list(values)
     except TypeError:
         raise RewardError(f"{label} returned {type(values).__name__}, expected a list of floats") from None
-    if len(values) != len(completions):
-        raise RewardError(f"{label} returned {len(values)} scores for {len(completions)} completions")
+    if len(values) != count:
+        raise RewardError(f"{label} returned {len(values)} scores for {count} completions")
     scores = []
     for value in values:
         if value is None:
@@ -108,11 +113,63 @@ def _call(reward: Reward, prompts: list[Any], completions: list[str], columns: d
     return torch.tensor(scores, dtype=torch.float32)
 
 
+def _raised(reward: Reward, exc: BaseException) -> RewardError:
+    return RewardError(f"{_label(reward)} raised {type(exc).__name__}: {exc}")
+
+
+class _AsyncRewards:
+    """One event loop, on a daemon thread, for a process's async rewards (as TRL runs them): a step's
+    async rewards run concurrently (an LLM judge over HTTP waits on the network, not the CPU), and
+    what they keep between calls (a client session) stays bound to the same loop from step to step."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def loop(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                cls._loop = asyncio.new_event_loop()
+                threading.Thread(target=cls._loop.run_forever, name="grpo-async-rewards", daemon=True).start()
+            return cls._loop
+
+    @classmethod
+    def run(cls, calls: list) -> list:
+        """The results of the coroutine functions `calls` (no arguments), run together; an exception is
+        returned in its call's place."""
+
+        async def together():
+            return await asyncio.gather(*(call() for call in calls), return_exceptions=True)
+
+        return asyncio.run_coroutine_threadsafe(together(), cls.loop()).result()
+
+
+def is_async(fn: Callable) -> bool:
+    """An async reward: a coroutine function, a partial of one, or an object whose __call__ is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
 def score(
     rewards: Sequence[Reward], prompts: list[Any], completions: list[str], columns: dict[str, list[Any]]
 ) -> RewardScores:
-    """Call every reward on the same completions and combine them with their weights."""
-    per_reward = {reward.name: _call(reward, prompts, completions, columns) for reward in rewards}
+    """Call every reward on the same completions and combine them with their weights: the synchronous
+    ones one after the other, then the async ones together."""
+    kwargs = {"prompts": prompts, "completions": completions, **columns}
+    values: dict[str, Any] = {}
+    for reward in rewards:
+        if not is_async(reward.fn):
+            try:
+                values[reward.name] = reward.fn(**kwargs)
+            except Exception as exc:
+                raise _raised(reward, exc) from exc
+    pending = [reward for reward in rewards if is_async(reward.fn)]
+    if pending:
+        results = _AsyncRewards.run([functools.partial(reward.fn, **kwargs) for reward in pending])
+        for reward, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                raise _raised(reward, result) from result
+            values[reward.name] = result
+    per_reward = {reward.name: _checked(reward, values[reward.name], len(completions)) for reward in rewards}
     return RewardScores(per_reward=per_reward, weights={reward.name: reward.weight for reward in rewards})
 
 
