@@ -176,9 +176,10 @@ class Evaluator:
         every = self.spec.every_steps
         return step == 0 or step == self.job.spec.training.max_steps or bool(every and step % every == 0)
 
-    def evaluate(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def evaluate(self, step: int, trainer_state: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Sample the held-out prompts with the current weights and score them: the eval line of
-        metrics, and every completion with its prompt, reference answer and rewards."""
+        metrics, and every completion with its prompt, reference answer and rewards. trainer_state:
+        what the rewards get (grpo_runtime.rewards.score); what they log goes under eval/."""
         started = time.perf_counter()
         if self._prompt_ids is None:
             self._prompt_ids = encode_prompts(self.policy, self.job, self.rows)
@@ -192,7 +193,7 @@ class Evaluator:
             completions = self.engine.generate(self._prompt_ids, sampling)
             self.engine.sleep()
         prompts, texts, columns = reward_inputs(self.job.spec.dataset, self.rows, completions)
-        scores = score(self.rewards, prompts, texts, columns)
+        scores = score(self.rewards, prompts, texts, columns, trainer_state=trainer_state)
         lengths = [len(c.completion_ids) for c in completions]
         answer = self.job.spec.dataset.answer_field
         samples = [
@@ -201,6 +202,7 @@ class Evaluator:
                 "answer": self.rows[completion.prompt_index].get(answer),
                 "completion": completion.text,
                 "rewards": {name: _number(values[i]) for name, values in scores.per_reward.items()},
+                **({"extra": {column: values[i] for column, values in scores.extra.items()}} if scores.extra else {}),
             }
             for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True))
         ]
@@ -212,6 +214,7 @@ class Evaluator:
             f"{EVAL_PREFIX}completion_length": sum(lengths) / len(lengths),
             f"{EVAL_PREFIX}seconds": time.perf_counter() - started,
         }
+        metrics |= {f"{EVAL_PREFIX}{name}": value for name, value in scores.logged.items() if f"{EVAL_PREFIX}{name}" not in metrics}
         return metrics, samples
 
 
@@ -232,7 +235,7 @@ def _number(value: torch.Tensor) -> float | None:
 
 
 def samples_jsonl(samples: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(sample) + "\n" for sample in samples).encode()
+    return "".join(json.dumps(sample, default=str) + "\n" for sample in samples).encode()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ is a small function in this file or a module with one job (engines, rewards, los
 from __future__ import annotations
 
 import json
+import logging
 import random
 import tempfile
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import get_scheduler
+from transformers import TrainerState, get_scheduler
 
 from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_std
@@ -30,6 +31,8 @@ from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adap
 from grpo_runtime.rewards import Reward, reward_metrics, score
 from grpo_runtime.spec import GRPOJob
 from grpo_runtime.storage import Storage
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -68,6 +71,14 @@ def reward_inputs(dataset, rows: list[dict[str, Any]], completions: list[Complet
     columns["completion_ids"] = [c.completion_ids for c in completions]
     prompts = [row[dataset.prompt_field] for row in expanded]
     return prompts, [c.text for c in completions], columns
+
+
+def reward_state(step: int, max_steps: int, sampler) -> Any:
+    """The transformers.TrainerState TRL gives rewards as trainer_state: global_step (optimizer steps done;
+    ours count a generated batch as one, whatever numIterations), max_steps (training.maxSteps) and epoch
+    (passes over the training prompts, fractional)."""
+    epoch = sampler.epoch + sampler.position / max(len(sampler.rows), 1)
+    return TrainerState(global_step=step, max_steps=max_steps, epoch=epoch)
 
 
 @dataclass
@@ -258,6 +269,7 @@ class Trainer:
         self.eval_history: list[dict[str, Any]] = []  # the eval records of the metrics, oldest first
         self.best = None  # grpo_runtime.evaluation.BestAdapter when checkpoint.keepBest is set
         self._at_max_lengths = True  # the first step of every process probes the worst-case memory
+        self._clashes_told: set[str] = set()  # reward metrics named like built-in ones, warned about once
 
     # -- one step -------------------------------------------------------------------------
 
@@ -271,7 +283,8 @@ class Trainer:
         return prompt_ids, completions
 
     def score(self, rows: list[dict[str, Any]], completions: list[Completion]):
-        scores = score(self.rewards, *reward_inputs(self.job.spec.dataset, rows, completions))
+        state = reward_state(self.step, self.training.max_steps, self.sampler)
+        scores = score(self.rewards, *reward_inputs(self.job.spec.dataset, rows, completions), trainer_state=state)
         advantages = group_advantages(
             scores.matrix,
             scores.weight_vector,
@@ -379,6 +392,11 @@ class Trainer:
             "step_seconds": seconds,
             "peak_memory_mb": _peak_memory_mb(self.policy.device),
         }
+        clash = sorted(scores.logged.keys() & metrics.keys() - self._clashes_told)
+        if clash:
+            log.warning("reward metrics %s clash with built-in metrics of the same names: not logged", clash)
+            self._clashes_told.update(clash)
+        metrics |= {name: value for name, value in scores.logged.items() if name not in metrics}
         self._write_samples(rows, completions, scores)
         self.metrics_log.append(metrics)
         return metrics
@@ -402,8 +420,9 @@ class Trainer:
                 "completion": completions[i].text,
                 "reward": scores.total[i].item(),
                 "rewards": {name: values[i].item() for name, values in scores.per_reward.items()},
+                **({"extra": {column: values[i] for column, values in scores.extra.items()}} if scores.extra else {}),
             }
-            lines.append(json.dumps(record))
+            lines.append(json.dumps(record, default=str))
         self.storage.write_bytes(f"samples/step-{self.step}.jsonl", ("\n".join(lines) + "\n").encode())
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -491,7 +510,7 @@ class Trainer:
             return None
         from grpo_runtime.evaluation import samples_jsonl
 
-        metrics, samples = self.evaluator.evaluate(self.step)
+        metrics, samples = self.evaluator.evaluate(self.step, reward_state(self.step, self.training.max_steps, self.sampler))
         self.storage.write_bytes(f"samples/eval-step-{self.step}.jsonl", samples_jsonl(samples))
         self.metrics_log.append(metrics)
         if self.best is not None:

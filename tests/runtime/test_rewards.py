@@ -166,6 +166,33 @@ def test_async_reward_that_raises_is_named(user_module):
         score(loaded, ["p"], ["c"], {"answer": ["5"]})
 
 
+def test_rewards_get_trls_trainer_state_log_metric_and_log_extra(user_module):
+    """What TRL passes a reward beside the columns: trainer_state (a transformers.TrainerState), log_metric
+    (averaged over the step's calls, async ones included) and log_extra (a value per completion)."""
+    from transformers import TrainerState
+
+    def shaped(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):
+        log_metric("progress", trainer_state.global_step / trainer_state.max_steps)
+        log_extra("chars", [len(c) for c in completions])
+        return [1.0] * len(completions)
+
+    async def judged(prompts, completions, log_metric, **kwargs):
+        log_metric("progress", 1.0)
+        return [0.0] * len(completions)
+
+    def bad_extra(prompts, completions, log_extra, **kwargs):
+        log_extra("chars", [1])
+        return [0.0] * len(completions)
+
+    user_module.shaped, user_module.judged, user_module.bad_extra = shaped, judged, bad_extra
+    loaded = rewards(("shaped", "my_rewards:shaped", {}), ("judged", "my_rewards:judged", {}))
+    scores = score(loaded, ["p", "p"], ["a", "bcd"], {}, trainer_state=TrainerState(global_step=1, max_steps=4))
+    assert scores.logged == {"progress": (0.25 + 1.0) / 2}
+    assert scores.extra == {"chars": [1, 3]}
+    with pytest.raises(RewardError, match=r"reward 'bad' .* log_extra\('chars'\): 1 values for 2 completions"):
+        score(rewards(("bad", "my_rewards:bad_extra", {})), ["p", "p"], ["a", "b"], {}, trainer_state=TrainerState())
+
+
 def test_reward_that_raises_is_named(user_module):
     loaded = rewards(("boom", "my_rewards:raises", {}))
     with pytest.raises(RewardError, match=r"reward 'boom' \(my_rewards:raises\) raised ZeroDivisionError"):

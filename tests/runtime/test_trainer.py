@@ -251,14 +251,15 @@ def test_score_aggregates_the_rewards_as_the_job_says(tiny_model_dir, aggregatio
     from types import SimpleNamespace
 
     from grpo_runtime.advantages import group_advantages
+    from grpo_runtime.data import PromptSampler
     from grpo_runtime.engines import Completion
     from grpo_runtime.rewards import load_rewards
     from grpo_runtime.trainer import Trainer
 
     job = parse_job(tiny_job(tiny_model_dir, "unused", multiObjectiveAggregation=aggregation))
-    trainer = SimpleNamespace(rewards=load_rewards(job.spec.rewards), job=job, generation=job.spec.generation,
-                              training=job.spec.training)  # what score reads
     rows = [{"prompt": "2 + 2?", "answer": "4"}]
+    trainer = SimpleNamespace(rewards=load_rewards(job.spec.rewards), job=job, generation=job.spec.generation,
+                              training=job.spec.training, step=0, sampler=PromptSampler(rows, seed=0))  # what score reads
     texts = ["4", "#### 4 and then some more words", "5", "five"]
     completions = [Completion(0, list(range(1, 2 + 3 * i)), text, False) for i, text in enumerate(texts)]
     scores, advantages = Trainer.score(trainer, rows, completions)
@@ -267,6 +268,25 @@ def test_score_aggregates_the_rewards_as_the_job_says(tiny_model_dir, aggregatio
     assert torch.equal(advantages, want)
     other = "normalize_then_sum" if aggregation == "sum_then_normalize" else "sum_then_normalize"
     assert not torch.allclose(advantages, group_advantages(scores.matrix, torch.tensor([1.0, 0.5]), 4, aggregation=other))
+
+
+def test_a_trl_reward_gets_trainer_state_and_its_logged_metrics_and_columns_are_kept(tiny_model_dir, tmp_path):
+    """TRL's reward kwargs in a real run: trainer_state follows the steps (training and evaluation),
+    log_metric lands in the step's metrics (under eval/ for an evaluation), log_extra in the samples."""
+    out = tmp_path / "run"
+    rewards = [{"name": "shaped", "function": "tests.runtime.trl_context_rewards:progress_shaped"}]
+    doc = tiny_job(tiny_model_dir, out, rewards=rewards, maxSteps=3)
+    doc["spec"]["evaluation"] = {"heldOut": 2}
+    assert run_in_process(doc) == 0
+    records = read_metrics(out)
+    train = [m for m in records if "loss" in m]
+    evals = [m for m in records if "eval/num_prompts" in m]
+    assert [m["shaping/progress"] for m in train] == pytest.approx([0.0, 1 / 3, 2 / 3])  # steps done / maxSteps
+    assert 0 < train[0]["shaping/epoch"] < train[1]["shaping/epoch"] < train[2]["shaping/epoch"]
+    assert [(m["step"], m["eval/shaping/progress"]) for m in evals] == [(0, 0.0), (3, 1.0)]
+    samples = [json.loads(line) for line in (out / "samples" / "step-1.jsonl").read_text().splitlines()]
+    assert all(sample["extra"]["chars"] == len(sample["completion"]) for sample in samples)
+    assert all("extra" in json.loads(line) for line in (out / "samples" / "eval-step-3.jsonl").read_text().splitlines())
 
 
 def test_kl_is_zero_until_the_adapter_moves(tiny_model_dir, tmp_path):

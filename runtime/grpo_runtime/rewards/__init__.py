@@ -16,7 +16,7 @@ import inspect
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,6 +72,8 @@ def load_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
 class RewardScores:
     per_reward: dict[str, torch.Tensor]  # name -> [N], NaN where the reward returned None
     weights: dict[str, float]  # name -> its weight in the sum
+    logged: dict[str, float] = field(default_factory=dict)  # log_metric(name, value): the mean of each name's values
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra(column, values): a value per completion
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -150,11 +152,33 @@ def is_async(fn: Callable) -> bool:
 
 
 def score(
-    rewards: Sequence[Reward], prompts: list[Any], completions: list[str], columns: dict[str, list[Any]]
+    rewards: Sequence[Reward],
+    prompts: list[Any],
+    completions: list[str],
+    columns: dict[str, list[Any]],
+    trainer_state: Any = None,
 ) -> RewardScores:
     """Call every reward on the same completions and combine them with their weights: the synchronous
-    ones one after the other, then the async ones together."""
+    ones one after the other, then the async ones together.
+
+    With trainer_state (a transformers.TrainerState), the rewards also get what TRL gives them beside the
+    columns: trainer_state (for shaping a reward by training progress), log_metric(name, value) (a scalar
+    metric, averaged over the step's calls) and log_extra(column, values) (a value per completion, kept
+    with the samples)."""
     kwargs = {"prompts": prompts, "completions": completions, **columns}
+    logged: dict[str, list[float]] = {}
+    extra: dict[str, list[Any]] = {}
+    if trainer_state is not None:
+
+        def log_metric(name: str, value: float) -> None:
+            logged.setdefault(str(name), []).append(float(value))
+
+        def log_extra(column: str, values: Sequence[Any]) -> None:
+            if len(values) != len(completions):
+                raise ValueError(f"log_extra({column!r}): {len(values)} values for {len(completions)} completions")
+            extra[str(column)] = list(values)
+
+        kwargs |= {"trainer_state": trainer_state, "log_metric": log_metric, "log_extra": log_extra}
     values: dict[str, Any] = {}
     for reward in rewards:
         if not is_async(reward.fn):
@@ -170,7 +194,12 @@ def score(
                 raise _raised(reward, result) from result
             values[reward.name] = result
     per_reward = {reward.name: _checked(reward, values[reward.name], len(completions)) for reward in rewards}
-    return RewardScores(per_reward=per_reward, weights={reward.name: reward.weight for reward in rewards})
+    return RewardScores(
+        per_reward=per_reward,
+        weights={reward.name: reward.weight for reward in rewards},
+        logged={name: sum(v) / len(v) for name, v in logged.items()},
+        extra=extra,
+    )
 
 
 def reward_metrics(scores: RewardScores) -> dict[str, float]:
