@@ -71,7 +71,14 @@ class ModelSpec(Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub (transformers trust_remote_code).")
     use_chat_template: bool = Field(
-        True, description="Wrap each prompt (and the system prompt) in the tokenizer's chat template."
+        True,
+        description="Wrap each prompt (and the system prompt) in the tokenizer's chat template. A prompt that is "
+        "already a list of chat messages (TRL's conversational format) always goes through it.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for the tokenizer's apply_chat_template (TRL's chat_template_kwargs), e.g. "
+        "{enable_thinking: false} for Qwen3's hybrid thinking.",
     )
     token_secret: str | None = Field(
         None,

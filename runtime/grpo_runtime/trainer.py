@@ -22,7 +22,7 @@ from transformers import TrainerState, get_scheduler
 
 from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_std
-from grpo_runtime.data import PromptSampler
+from grpo_runtime.data import DatasetError, PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.host_memory import release_freed_heap
 from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss, token_logprobs
@@ -41,28 +41,50 @@ STATE_FILE = "trainer_state.pt"
 # Turning prompts and completions into tensors
 
 
+def is_conversational(prompt: Any) -> bool:
+    """TRL's conversational format: the prompt is a list of chat messages ({"role": ..., "content": ...})."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
 def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
-    """Prompt token ids: chat template (with the system prompt) when asked, left-truncated."""
+    """Prompt token ids, left-truncated: a text prompt in the chat template (with the system prompt) when
+    asked, else as text; a conversational prompt (chat messages) in the chat template, the system prompt
+    added unless it has one, and a final assistant message continued rather than answered (as TRL)."""
     spec, tokenizer = job.spec, policy.tokenizer
+    templated = spec.model.use_chat_template and bool(tokenizer.chat_template)
     encoded = []
     for row in rows:
-        text = str(row[spec.dataset.prompt_field])
-        if spec.model.use_chat_template and tokenizer.chat_template:
-            messages = [{"role": "user", "content": text}]
-            if spec.dataset.system_prompt:
-                messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
+        prompt = row[spec.dataset.prompt_field]
+        if is_conversational(prompt):
+            if not tokenizer.chat_template:
+                raise DatasetError(
+                    f"spec.dataset.promptField: {spec.dataset.prompt_field!r} holds chat messages (TRL's conversational "
+                    f"format), which need a chat template; the tokenizer of {spec.model.name} has none"
+                )
+            messages = list(prompt)
+        elif templated:
+            messages = [{"role": "user", "content": str(prompt)}]
         else:
             prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
-            ids = tokenizer(prefix + text)["input_ids"]
+            encoded.append(tokenizer(prefix + str(prompt))["input_ids"][-spec.generation.max_prompt_length :])
+            continue
+        if spec.dataset.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
+        prefill = messages[-1]["role"] == "assistant"
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
+            return_dict=False, **spec.model.chat_template_kwargs,
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
         encoded.append(list(ids)[-spec.generation.max_prompt_length :])
     return encoded
 
 
 def reward_inputs(dataset, rows: list[dict[str, Any]], completions: list[Completion]):
-    """What the rewards are called with: (prompts, completion texts, columns), one entry per completion.
+    """What the rewards are called with: (prompts, completions, columns), one entry per completion, as TRL
+    calls them: a completion is its text, or for a conversational prompt the assistant message
+    [{"role": "assistant", "content": text}] (after the prompt's own final assistant message, if any).
     `dataset` is the job's DatasetSpec: its prompt column is the prompt, its answer column is `answer`."""
     expanded = [rows[c.prompt_index] for c in completions]
     columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != dataset.prompt_field}
@@ -70,10 +92,17 @@ def reward_inputs(dataset, rows: list[dict[str, Any]], completions: list[Complet
         columns["answer"] = columns[dataset.answer_field]
     columns["completion_ids"] = [c.completion_ids for c in completions]
     prompts = [row[dataset.prompt_field] for row in expanded]
-    return prompts, [c.text for c in completions], columns
+    texts = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        if not is_conversational(prompt):
+            texts.append(completion.text)
+            continue
+        prefill = prompt[-1]["content"] if prompt[-1]["role"] == "assistant" else ""
+        texts.append([{"role": "assistant", "content": prefill + completion.text}])
+    return prompts, texts, columns
 
 
-def reward_state(step: int, max_steps: int, sampler) -> Any:
+def reward_state(step: int, max_steps: int, sampler) -> TrainerState:
     """The transformers.TrainerState TRL gives rewards as trainer_state: global_step (optimizer steps done;
     ours count a generated batch as one, whatever numIterations), max_steps (training.maxSteps) and epoch
     (passes over the training prompts, fractional)."""

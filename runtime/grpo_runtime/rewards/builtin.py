@@ -1,6 +1,7 @@
 """Built-in reward functions, all with TRL's signature fn(prompts, completions, **columns).
 
-Each returns one float (or None: "not applicable", ignored in the weighted sum) per completion.
+Each returns one float (or None: "not applicable", ignored in the weighted sum) per completion. A
+completion is its text, or (a conversational prompt, as TRL passes it) a list of chat messages.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ _ANSWER_TAG = re.compile(r"<answer>\s*(" + _NUMBER + r")\s*</answer>", re.IGNORE
 _ANY_NUMBER = re.compile(_NUMBER)
 
 DEFAULT_FORMAT = r"^\s*<think>.+?</think>\s*\S.*$"
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: itself, or the contents of its messages (TRL's conversational format)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content", "")) for message in completion)
 
 
 def _to_float(text: str) -> float | None:
@@ -43,7 +51,7 @@ def extract_answer(text: str, *, last_number_fallback: bool = True) -> float | N
 
 def exact_answer(
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     answer: Sequence[Any] | None = None,
     *,
     last_number_fallback: bool = True,
@@ -60,23 +68,23 @@ def exact_answer(
         if expected is None:
             scores.append(None)
             continue
-        got = extract_answer(completion, last_number_fallback=last_number_fallback)
+        got = extract_answer(completion_text(completion), last_number_fallback=last_number_fallback)
         scores.append(1.0 if got is not None and abs(got - float(expected)) <= tolerance else 0.0)
     return scores
 
 
 def format(  # noqa: A001 - the reward's public name is builtin:format
-    prompts: Sequence[Any], completions: Sequence[str], *, pattern: str = DEFAULT_FORMAT, **_: Any
+    prompts: Sequence[Any], completions: Sequence[Any], *, pattern: str = DEFAULT_FORMAT, **_: Any
 ) -> list[float]:
     """1.0 when the completion matches the regex (DOTALL), else 0.0. The default asks for a
     <think>...</think> block followed by an answer."""
     regex = re.compile(pattern, re.DOTALL)
-    return [1.0 if regex.search(completion) else 0.0 for completion in completions]
+    return [1.0 if regex.search(completion_text(completion)) else 0.0 for completion in completions]
 
 
 def length(
     prompts: Sequence[Any],
-    completions: Sequence[str],
+    completions: Sequence[Any],
     *,
     target: int = 256,
     scale: int | None = None,
@@ -86,7 +94,10 @@ def length(
     """A length penalty: 0 up to `target` tokens, then falling linearly to -1 at target + scale.
     Counts tokens when the trainer passes completion_ids, whitespace words otherwise."""
     scale = scale or target
-    sizes = [len(ids) for ids in completion_ids] if completion_ids is not None else [len(c.split()) for c in completions]
+    if completion_ids is not None:
+        sizes = [len(ids) for ids in completion_ids]
+    else:
+        sizes = [len(completion_text(c).split()) for c in completions]
     return [-min(1.0, max(0.0, (size - target) / scale)) for size in sizes]
 
 
