@@ -153,7 +153,25 @@ def _files_under(local_dir: Path) -> list[tuple[Path, str]]:
     return sorted(files, key=lambda item: item[1])
 
 
-class LocalStorage:
+class _DirectoryTransfers:
+    """upload_dir / download_dir of every store, file by file through its own upload_file, list and
+    download_file."""
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
+        prefix = _dir_prefix(_check_key(prefix, prefix=True))
+        for path, rel in _files_under(Path(local_dir)):
+            self.upload_file(path, prefix + rel)
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> None:
+        prefix = _dir_prefix(_check_key(prefix, prefix=True))
+        keys = self.list(prefix)
+        if not keys:
+            raise StorageError(f"{self.uri}: nothing under {prefix!r} to download")
+        for key in keys:
+            self.download_file(key, Path(local_dir) / key[len(prefix) :])
+
+
+class LocalStorage(_DirectoryTransfers):
     """A directory on the local filesystem; writes go to a temp file, then os.replace."""
 
     def __init__(self, root: str | Path):
@@ -248,12 +266,6 @@ class LocalStorage:
 
         self._os_call(f"download {key!r}", lambda: self._atomic_write(Path(local_path), copy))
 
-    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
-        _upload_dir(self, Path(local_dir), prefix)
-
-    def download_dir(self, prefix: str, local_dir: str | Path) -> None:
-        _download_dir(self, prefix, Path(local_dir))
-
     def _os_call(self, action: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -262,21 +274,6 @@ class LocalStorage:
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
-
-
-def _upload_dir(storage: Storage, local_dir: Path, prefix: str) -> None:
-    prefix = _dir_prefix(_check_key(prefix, prefix=True))
-    for path, rel in _files_under(local_dir):
-        storage.upload_file(path, prefix + rel)
-
-
-def _download_dir(storage: Storage, prefix: str, local_dir: Path) -> None:
-    prefix = _dir_prefix(_check_key(prefix, prefix=True))
-    keys = storage.list(prefix)
-    if not keys:
-        raise StorageError(f"{storage.uri}: nothing under {prefix!r} to download")
-    for key in keys:
-        storage.download_file(key, local_dir / key[len(prefix) :])
 
 
 # ---------------------------------------------------------------------------------------- S3
@@ -297,7 +294,7 @@ _TRANSIENT_CODES = {
 }
 
 
-class S3Storage:
+class S3Storage(_DirectoryTransfers):
     """s3://bucket/prefix through boto3: default credential chain, endpoint override, multipart.
 
     Retries: botocore's "standard" mode retries each request (connection errors, 5xx,
@@ -472,12 +469,6 @@ class S3Storage:
             attempts=self.transfer_attempts,
         )
 
-    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
-        _upload_dir(self, Path(local_dir), prefix)
-
-    def download_dir(self, prefix: str, local_dir: str | Path) -> None:
-        _download_dir(self, prefix, Path(local_dir))
-
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r}, endpoint={self.endpoint!r})"
 
@@ -523,7 +514,7 @@ def _is_transient(exc: BaseException) -> bool:
 # ------------------------------------------------------------------------- GCS and Azure (fsspec)
 
 
-class FsspecStorage:
+class FsspecStorage(_DirectoryTransfers):
     """gs://bucket/prefix through gcsfs, az://container/prefix (or abfs://) through adlfs.
 
     The libraries do the transport: retries of transient errors (gcsfs retries 5xx, 429 and
@@ -640,12 +631,6 @@ class FsspecStorage:
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
-
-    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
-        _upload_dir(self, Path(local_dir), prefix)
-
-    def download_dir(self, prefix: str, local_dir: str | Path) -> None:
-        _download_dir(self, prefix, Path(local_dir))
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.uri!r}, endpoint={self.endpoint!r})"
