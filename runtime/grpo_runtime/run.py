@@ -124,7 +124,7 @@ def _prepare(job: GRPOJob, uri: str):
     device = job_device()  # first: a pod without its GPU fails at once, before any download
     storage = open_storage(uri, endpoint=spec.output.endpoint, region=spec.output.region)
     storage.check()
-    rewards = load_rewards(spec.rewards)
+    rewards = load_rewards(spec.rewards, chat_template_kwargs=spec.model.chat_template_kwargs)
     rows = load_rows(spec.dataset, endpoint=spec.output.endpoint, region=spec.output.region)
     rows, held_out = split_rows(job, rows, endpoint=spec.output.endpoint, region=spec.output.region)
     log.info("loading %s", spec.model.name)

@@ -156,19 +156,32 @@ class RewardSpec(Section):
         pattern=r"^[A-Za-z0-9_.-]+$",
         max_length=63,
     )
-    function: str = Field(
+    function: str | None = Field(
+        None,
         description="builtin:NAME "
         f"({', '.join(BUILTIN_REWARDS)}) or module:function with the TRL signature "
-        "fn(prompts, completions, **columns) -> list[float | None]."
+        "fn(prompts, completions, **columns) -> list[float | None] (sync or async). Exclusive with model.",
+    )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="A reward model instead of a function (TRL's reward_funcs given a model id): a hub id or a local "
+        "directory of a sequence-classification model with one output, which scores each prompt + completion (chat "
+        "messages through its own chat template); model.tokenSecret and model.cache apply. It shares the job's "
+        "GPU: its weights count against the memory left beside the policy and vLLM. Exclusive with function.",
     )
     weight: float = Field(1.0, description="Weight in the summed reward.")
     args: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments bound to the function (e.g. a regex for builtin:format)."
+        default_factory=dict,
+        description="Keyword arguments bound to the function (e.g. a regex for builtin:format). With model: "
+        "revision, batchSize (sequences per forward, default 8).",
     )
 
     @field_validator("function")
     @classmethod
-    def _function_ref(cls, value: str) -> str:
+    def _function_ref(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not _FUNCTION_RE.match(value):
             raise ValueError(f"must be builtin:NAME or module:function, got {value!r}")
         if value.startswith("builtin:") and value.removeprefix("builtin:") not in BUILTIN_REWARDS:
@@ -176,6 +189,15 @@ class RewardSpec(Section):
                 f"unknown builtin reward {value.removeprefix('builtin:')!r}; known: {', '.join(BUILTIN_REWARDS)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _function_or_model(self) -> RewardSpec:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("function: set exactly one of function and model")
+        unknown = set(self.args) - {"revision", "batchSize"} if self.model is not None else set()
+        if unknown:
+            raise ValueError(f"args: a reward model takes revision and batchSize, not {', '.join(sorted(unknown))}")
+        return self
 
 
 class GenerationSpec(Section):

@@ -58,9 +58,19 @@ def _resolve(ref: str, index: int) -> RewardCallable:
     return fn
 
 
-def load_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
+def load_rewards(specs: Sequence[RewardSpec], chat_template_kwargs: dict[str, Any] | None = None) -> list[Reward]:
+    """The job's rewards, ready to call; a reward model is loaded here (onto the job's device), so a bad
+    reference fails before training. chat_template_kwargs: the job's, for reward models' templates."""
     rewards = []
     for index, spec in enumerate(specs):
+        if spec.model is not None:
+            from grpo_runtime.rewards.model import RewardModel
+
+            args = spec.args
+            fn = RewardModel(spec.model, where=f"spec.rewards[{index}].model", revision=args.get("revision"),
+                             batch_size=args.get("batchSize", 8), chat_template_kwargs=chat_template_kwargs)
+            rewards.append(Reward(name=spec.name, weight=spec.weight, fn=fn, ref=f"model {spec.model}"))
+            continue
         fn = _resolve(spec.function, index)
         if spec.args:
             fn = functools.partial(fn, **spec.args)
