@@ -13,6 +13,11 @@ from grpo_runtime.messages import first_line
 from grpo_runtime.spec import HUB_DATASET_SCHEME, DatasetSpec
 
 
+def is_conversational(prompt: Any) -> bool:
+    """TRL's conversational format: the prompt is a list of chat messages ({"role": ..., "content": ...})."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
 class DatasetError(Exception):
     """A dataset that cannot be used; the message names spec.dataset.* and the cause."""
 

@@ -202,7 +202,7 @@ class Evaluator:
                 "answer": self.rows[completion.prompt_index].get(answer),
                 "completion": completion.text,
                 "rewards": {name: _number(values[i]) for name, values in scores.per_reward.items()},
-                **({"extra": {column: values[i] for column, values in scores.extra.items()}} if scores.extra else {}),
+                **scores.extra_of(i),
             }
             for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True))
         ]

@@ -22,7 +22,7 @@ from transformers import TrainerState, get_scheduler
 
 from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_std
-from grpo_runtime.data import DatasetError, PromptSampler
+from grpo_runtime.data import DatasetError, PromptSampler, is_conversational
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.host_memory import release_freed_heap
 from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss, token_logprobs
@@ -39,11 +39,6 @@ STATE_FILE = "trainer_state.pt"
 
 # ---------------------------------------------------------------------------------------------
 # Turning prompts and completions into tensors
-
-
-def is_conversational(prompt: Any) -> bool:
-    """TRL's conversational format: the prompt is a list of chat messages ({"role": ..., "content": ...})."""
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
 def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
@@ -449,7 +444,7 @@ class Trainer:
                 "completion": completions[i].text,
                 "reward": scores.total[i].item(),
                 "rewards": {name: values[i].item() for name, values in scores.per_reward.items()},
-                **({"extra": {column: values[i] for column, values in scores.extra.items()}} if scores.extra else {}),
+                **scores.extra_of(i),
             }
             lines.append(json.dumps(record, default=str))
         self.storage.write_bytes(f"samples/step-{self.step}.jsonl", ("\n".join(lines) + "\n").encode())

@@ -94,6 +94,10 @@ class RewardScores:
     def weight_vector(self) -> torch.Tensor:
         return torch.tensor([self.weights[name] for name in self.per_reward], dtype=torch.float32)
 
+    def extra_of(self, i: int) -> dict[str, Any]:
+        """{"extra": {column: its value for completion i}} of what the rewards logged with log_extra, or {}."""
+        return {"extra": {column: values[i] for column, values in self.extra.items()}} if self.extra else {}
+
     @property
     def total(self) -> torch.Tensor:
         """[N] the weighted sum, None scores skipped; NaN for a completion every reward returned None for."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from grpo_runtime.data import is_conversational
 from grpo_runtime.messages import first_line
 from grpo_runtime.rewards import RewardError  # this module is imported by load_rewards, after the package
 
@@ -43,7 +44,7 @@ class RewardModel:
         self.chat_template_kwargs = chat_template_kwargs or {}
 
     def texts(self, prompts: list[Any], completions: list[Any]) -> list[str]:
-        if isinstance(prompts[0], list):  # chat messages (TRL's conversational format)
+        if is_conversational(prompts[0]):
             return [self.tokenizer.apply_chat_template(p + c, tokenize=False, **self.chat_template_kwargs)
                     for p, c in zip(prompts, completions, strict=True)]
         return [p + c for p, c in zip(prompts, completions, strict=True)]
