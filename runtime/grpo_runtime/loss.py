@@ -631,9 +631,8 @@ def grpo_loss(
         )
     metrics = _metrics(logp, entropy, old, ref, adv, sampling, sequences, config, step)
     if bonus:
-        metrics["policy_loss"] = loss.detach() + entropy_coef * metrics.pop("bonus_entropy")
-    else:
-        metrics.pop("bonus_entropy")
+        keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
+        metrics["policy_loss"] = loss.detach() + entropy_coef * bonus_entropy(entropy, keep, step)
     return loss, metrics
 
 
@@ -679,7 +678,6 @@ def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: Los
     metrics = {
         "kl": logp.new_zeros(()),
         "entropy": entropy.sum() / tokens,
-        "bonus_entropy": bonus_entropy(entropy, keep, step),
         "clip_ratio": share(low | high),
         "clip_ratio_low": share(low),
         "clip_ratio_high": share(high),
