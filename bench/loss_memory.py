@@ -19,6 +19,7 @@ machine; the CPU time of the process (all threads) barely does, so both are prin
     python bench/loss_memory.py --T 512         # one length (~1-2 min)
     python bench/loss_memory.py --shape tiny    # smoke run in seconds (the tests run it)
     python bench/loss_memory.py --device cuda   # bf16, B=8 V=128256 D=4096, T in 2048 8192 20480 (--shape seeds)
+    python bench/loss_memory.py --T 1024 --entropy-coef 0.01   # with TRL's entropy bonus (naive and ours)
 """
 
 from __future__ import annotations
@@ -43,21 +44,23 @@ BETA, EPS, IS_CAP = 0.04, 0.2, 3.0
 # --------------------------------------------------------------------------- the three losses
 
 
-def naive_loss(hidden, weight, targets, mask, adv, old, ref, sampling):
+def naive_loss(hidden, weight, targets, mask, adv, old, ref, sampling, entropy_coef=0.0):
     """Full [B, T, V] logits, TRL's formulas (dapo, beta 0.04 on k3 x the ratio, clip 0.2, the sampler
-    correction truncated at 3, the entropy for its metric, 128 rows at a time as TRL's entropy_from_logits)."""
+    correction truncated at 3, the entropy for its metric, 128 rows at a time as TRL's entropy_from_logits;
+    with entropy_coef, TRL's entropy bonus on it, differentiated)."""
     import torch
 
     logps = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
-    with torch.no_grad():  # the entropy metric (computed, then dropped: the loss is what is returned)
-        torch.cat([-(rows.exp() * rows).sum(-1) for rows in logps.view(-1, logps.shape[-1]).split(128)])
+    with torch.set_grad_enabled(bool(entropy_coef) and torch.is_grad_enabled()):
+        entropy = torch.cat([-(rows.exp() * rows).sum(-1) for rows in logps.view(-1, logps.shape[-1]).split(128)])
+    bonus = entropy_coef * (entropy.view_as(mask) * mask).sum() / mask.sum().clamp(min=1)
     logp = logps.gather(-1, targets[..., None]).squeeze(-1)
     ratio = torch.exp(logp - old)
     ptl = -torch.min(ratio * adv[:, None], ratio.clamp(1 - EPS, 1 + EPS) * adv[:, None])
     ptl = ptl * sampling_weight(old, sampling)
     d = ref - logp
     ptl = ptl + BETA * (torch.exp(d) - d - 1) * ratio
-    return (ptl * mask).sum() / mask.sum().clamp(min=1)
+    return (ptl * mask).sum() / mask.sum().clamp(min=1) - bonus
 
 
 def sampling_weight(old, sampling):
@@ -67,12 +70,12 @@ def sampling_weight(old, sampling):
     return torch.exp(old - sampling).clamp(max=IS_CAP)
 
 
-def ours_loss(hidden, weight, targets, mask, adv, old, ref, sampling, chunk_size):
+def ours_loss(hidden, weight, targets, mask, adv, old, ref, sampling, chunk_size, entropy_coef=0.0):
     from grpo_runtime.loss import LossConfig, grpo_loss
 
     cfg = LossConfig(loss_type="dapo", beta=BETA, epsilon=EPS, chunk_size=chunk_size, sampling_correction_max=IS_CAP)
     return grpo_loss(hidden, weight, targets, mask, adv, old_logps=old, ref_logps=ref, sampling_logps=sampling,
-                     config=cfg)[0]
+                     config=cfg, entropy_coef=entropy_coef)[0]
 
 
 def liger_loss(hidden, weight, targets, mask, adv, old, ref, sampling):
@@ -142,8 +145,8 @@ def child(args) -> dict:
     T, device = args.T[0], args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     losses = {
-        "naive": naive_loss,
-        "ours": lambda *a: ours_loss(*a, chunk_size=args.chunk_size),
+        "naive": lambda *a: naive_loss(*a, entropy_coef=args.entropy_coef),
+        "ours": lambda *a: ours_loss(*a, chunk_size=args.chunk_size, entropy_coef=args.entropy_coef),
         "liger": liger_loss,
     }
     fn = losses[args.variant]
@@ -200,7 +203,8 @@ def _available_bytes(device: str) -> int:
 
 def _run_child(args, variant: str, T: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--variant", variant, "--T", str(T),
-           "--shape", args.shape, "--device", args.device, "--chunk-size", str(args.chunk_size), "--mask", args.mask]
+           "--shape", args.shape, "--device", args.device, "--chunk-size", str(args.chunk_size), "--mask", args.mask,
+           "--entropy-coef", str(args.entropy_coef)]
     if args.trainable_lm_head:
         cmd.append("--trainable-lm-head")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -229,6 +233,8 @@ def main(argv=None) -> None:
                    help="full: every token counted (our worst case); ragged: lengths uniform in [T/4, T]")
     p.add_argument("--trainable-lm-head", action="store_true",
                    help="give the lm_head weight a gradient too (default: frozen, as under this project's LoRA)")
+    p.add_argument("--entropy-coef", type=float, default=0.0,
+                   help="TRL's entropy bonus in naive and ours (Liger has none: it is left out)")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -242,6 +248,7 @@ def main(argv=None) -> None:
     load = os.getloadavg()
     print(f"GRPO loss fwd+bwd, {args.device}, B={B} V={V} D={D}, mask={args.mask}, "
           f"lm_head {'trainable' if args.trainable_lm_head else 'frozen'}, ours chunk_size={args.chunk_size}, "
+          f"entropy_coef={args.entropy_coef:g}, "
           f"{os.cpu_count()} cpus, load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     bytes_per = 14 if args.device == "cuda" else 16
     results: dict[tuple[str, int], dict] = {}
@@ -249,7 +256,9 @@ def main(argv=None) -> None:
     for T in args.T:
         for variant in args.variants:
             need = B * T * V * bytes_per  # naive: logits, log-softmax, its grad, a temporary (+ a bf16 copy)
-            if variant == "naive" and need > 0.9 * _available_bytes(args.device):
+            if variant == "liger" and args.entropy_coef:
+                results[variant, T] = {"skip": "n/a (no entropy bonus)"}
+            elif variant == "naive" and need > 0.9 * _available_bytes(args.device):
                 results[variant, T] = {"skip": f"n/a (needs ~{need / 1e9:.0f} GB)"}
             else:
                 results[variant, T] = _run_child(args, variant, T)

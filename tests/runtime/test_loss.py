@@ -575,6 +575,25 @@ def test_triton_path_passes_this_file_under_the_interpreter():
 # --------------------------------------------------------------------------- the benchmark runs
 
 
+def test_benchmark_with_the_entropy_bonus_agrees_and_leaves_liger_out():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--shape", "tiny", "--entropy-coef", "0.1"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "runtime")),
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    loss = {line.split()[1]: float(line.split()[-1]) for line in lines if line.split()[0] == "64" and "n/a" not in line}
+    assert loss.keys() == {"naive", "ours"}
+    assert loss["ours"] == pytest.approx(loss["naive"], rel=1e-6, abs=2e-6), lines
+    assert any("liger" in line and "n/a (no entropy bonus)" in line for line in lines)
+    without = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--shape", "tiny", "--variants", "ours"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT / "runtime")),
+    )
+    plain = next(float(line.split()[-1]) for line in without.stdout.splitlines() if line.split()[:1] == ["64"])
+    assert plain - loss["ours"] > 0.1  # minus 0.1 x an entropy of several nats
+
+
 def test_benchmark_smoke_run_agrees_and_ends_with_the_ratio_line():
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--shape", "tiny"],
