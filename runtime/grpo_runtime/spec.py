@@ -249,7 +249,9 @@ class TrainingSpec(Section):
         "quantile over the micro-batch's tokens).",
     )
     learning_rate: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate of the LoRA weights.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warm-up.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="After the warm-up: keep the learning rate, or decay it linearly or by a cosine to 0."
+    )
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of maxSteps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this.")

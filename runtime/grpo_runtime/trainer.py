@@ -97,6 +97,14 @@ def reward_inputs(dataset, rows: list[dict[str, Any]], completions: list[Complet
     return prompts, texts, columns
 
 
+def lr_schedule(optimizer, training) -> torch.optim.lr_scheduler.LRScheduler:
+    """training.lrScheduler after warmupRatio of the optimizer steps (maxSteps x numIterations). transformers'
+    "constant" ignores the warm-up: ours is its "constant_with_warmup" (the same schedule without one)."""
+    total = training.max_steps * training.num_iterations
+    name = "constant_with_warmup" if training.lr_scheduler == "constant" else training.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=int(training.warmup_ratio * total), num_training_steps=total)
+
+
 def reward_state(step: int, max_steps: int, sampler) -> TrainerState:
     """The transformers.TrainerState TRL gives rewards as trainer_state: global_step (optimizer steps done;
     ours count a generated batch as one, whatever numIterations), max_steps (training.maxSteps) and epoch
@@ -281,13 +289,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=spec.training.learning_rate, weight_decay=spec.training.weight_decay
         )
-        total = spec.training.max_steps * spec.training.num_iterations
-        self.scheduler = get_scheduler(
-            spec.training.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=int(spec.training.warmup_ratio * total),
-            num_training_steps=total,
-        )
+        self.scheduler = lr_schedule(self.optimizer, spec.training)
         self.latest_checkpoint: str | None = None
         self.metrics_log = MetricsLog(self.storage)
         self.eval_history: list[dict[str, Any]] = []  # the eval records of the metrics, oldest first

@@ -289,6 +289,26 @@ def test_a_trl_reward_gets_trainer_state_and_its_logged_metrics_and_columns_are_
     assert all("extra" in json.loads(line) for line in (out / "samples" / "eval-step-3.jsonl").read_text().splitlines())
 
 
+@pytest.mark.parametrize("scheduler,after", [("constant", [1.0, 1.0]), ("linear", [0.75, 0.5]),
+                                             ("cosine", [0.8535534, 0.5])])
+def test_every_schedule_warms_up_first(tiny_model_dir, scheduler, after):
+    """warmupRatio applies to each schedule (transformers' own "constant" would skip it), over maxSteps x
+    numIterations optimizer steps."""
+    from grpo_runtime.trainer import lr_schedule
+
+    training = parse_job(tiny_job(tiny_model_dir, "unused", maxSteps=4, numIterations=2, warmupRatio=0.5,
+                                  lrScheduler=scheduler, learningRate=1.0)).spec.training
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = lr_schedule(optimizer, training)
+    rates = []
+    for _ in range(7):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert rates[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # 4 of the 8 optimizer steps warm up
+    assert rates[5:] == pytest.approx(after)
+
+
 def test_kl_is_zero_until_the_adapter_moves(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     doc = tiny_job(tiny_model_dir, out, maxSteps=2, beta=0.1, lossType="grpo", gradientAccumulationSteps=2)
