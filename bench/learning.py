@@ -5,7 +5,7 @@ fresh process, this checkout's runtime) into a temporary output, then reads its 
 the evaluations of spec.evaluation at step 0 (the baseline, before any update), every N steps and
 at the last step. Prints one row per evaluation, the wall time, and last:
 
-    eval correct: before 0.281 after 0.719
+    eval correct: before 0.281 after 0.844
 
 the share of held-out prompts whose reward `correct` (the exact answer, not the format) reaches
 its threshold (with greedy decoding: pass@1) at step 0 and at the last step. The held-out prompts
