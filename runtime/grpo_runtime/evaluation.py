@@ -214,7 +214,9 @@ class Evaluator:
             f"{EVAL_PREFIX}completion_length": sum(lengths) / len(lengths),
             f"{EVAL_PREFIX}seconds": time.perf_counter() - started,
         }
-        metrics |= {f"{EVAL_PREFIX}{name}": value for name, value in scores.logged.items() if f"{EVAL_PREFIX}{name}" not in metrics}
+        clashes = scores.add_logged(metrics, EVAL_PREFIX)
+        if clashes:
+            log.warning("reward metrics %s clash with built-in eval metrics of the same names: not logged", clashes)
         return metrics, samples
 
 

@@ -607,7 +607,7 @@ def grpo_loss(
     if couples_tokens(config, sampling is not None):
 
         def whole_loss(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
-            keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
+            keep = high_entropy(entropy, config.top_entropy_quantile)
             per_token = grpo_token_loss(logp, old, ref, adv, config, sampling_logp=sampling, keep=keep, seq=sequences,
                                         behaviour_logp=behaviour)
             loss = (per_token * w).sum()
@@ -629,9 +629,9 @@ def grpo_loss(
         loss, logp, entropy = FusedLinearTokenLoss.apply(
             hidden, weight, bias, targets, rows, token_loss, config.temperature, config.chunk_size, True, False, bonus
         )
-    metrics = _metrics(logp, entropy, old, ref, adv, sampling, sequences, config, step)
+    keep = high_entropy(entropy, config.top_entropy_quantile)  # as the loss kept them (no gradient here)
+    metrics = _metrics(logp, entropy, keep, old, ref, adv, sampling, sequences, config, step)
     if bonus:
-        keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
         metrics["policy_loss"] = loss.detach() + entropy_coef * bonus_entropy(entropy, keep, step)
     return loss, metrics
 
@@ -646,16 +646,18 @@ def bonus_entropy(entropy: torch.Tensor, keep: torch.Tensor | None, step: Step) 
     return (entropy * keep).sum() / keep.sum().clamp(min=1) / step.micro_batches
 
 
-def high_entropy(entropy: torch.Tensor, quantile: float) -> torch.Tensor:
+def high_entropy(entropy: torch.Tensor, quantile: float) -> torch.Tensor | None:
     """1.0 for the tokens in the top ``quantile`` of entropy (at or above the 1 - quantile quantile of
-    ``entropy``, TRL's get_high_entropy_mask), 0.0 for the others."""
+    ``entropy``, TRL's get_high_entropy_mask), 0.0 for the others; None when quantile >= 1 (all kept)."""
+    if quantile >= 1.0:
+        return None
     if entropy.numel() == 0:
         return entropy
     return (entropy >= torch.quantile(entropy, 1.0 - quantile)).float()
 
 
 @torch.no_grad()
-def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: LossConfig, step: Step):
+def _metrics(logp, entropy, keep, old, ref, adv, sampling, seq: Sequences, config: LossConfig, step: Step):
     eps_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
     ratio = torch.exp(log_importance_ratio(logp, old, config, seq))
     if config.loss_type == "cispo":
@@ -674,7 +676,6 @@ def _metrics(logp, entropy, old, ref, adv, sampling, seq: Sequences, config: Los
         return flags.sum() / step.tokens.clamp(min=1)
 
     tokens = step.tokens.clamp(min=1)
-    keep = None if config.top_entropy_quantile >= 1.0 else high_entropy(entropy, config.top_entropy_quantile)
     metrics = {
         "kl": logp.new_zeros(()),
         "entropy": entropy.sum() / tokens,

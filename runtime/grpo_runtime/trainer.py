@@ -418,14 +418,17 @@ class Trainer:
             "step_seconds": seconds,
             "peak_memory_mb": _peak_memory_mb(self.policy.device),
         }
-        clash = sorted(scores.logged.keys() & metrics.keys() - self._clashes_told)
-        if clash:
-            log.warning("reward metrics %s clash with built-in metrics of the same names: not logged", clash)
-            self._clashes_told.update(clash)
-        metrics |= {name: value for name, value in scores.logged.items() if name not in metrics}
+        self._tell_clashes(scores.add_logged(metrics))
         self._write_samples(rows, completions, scores)
         self.metrics_log.append(metrics)
         return metrics
+
+    def _tell_clashes(self, clashes: list[str]) -> None:
+        """Warn, once per name, of reward metrics (log_metric) named like built-in ones: not logged."""
+        new = [name for name in clashes if name not in self._clashes_told]
+        if new:
+            log.warning("reward metrics %s clash with built-in metrics of the same names: not logged", new)
+            self._clashes_told.update(new)
 
     def _entropy_bonus_metrics(self, losses: dict[str, float]) -> dict[str, float]:
         """With an entropy bonus, policy_loss (the loss without it) and entropy_coef (after this step's update), as

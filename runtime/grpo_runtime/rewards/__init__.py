@@ -80,17 +80,19 @@ def load_rewards(specs: Sequence[RewardSpec], chat_template_kwargs: dict[str, An
 
 @dataclass
 class RewardScores:
+    """A step's scores; matrix, weight_vector and total are computed once, on first use."""
+
     per_reward: dict[str, torch.Tensor]  # name -> [N], NaN where the reward returned None
     weights: dict[str, float]  # name -> its weight in the sum
     logged: dict[str, float] = field(default_factory=dict)  # log_metric(name, value): the mean of each name's values
     extra: dict[str, list[Any]] = field(default_factory=dict)  # log_extra(column, values): a value per completion
 
-    @property
+    @functools.cached_property
     def matrix(self) -> torch.Tensor:
         """[N, K] the scores, one column per reward (NaN: None)."""
         return torch.stack(list(self.per_reward.values()), dim=1)
 
-    @property
+    @functools.cached_property
     def weight_vector(self) -> torch.Tensor:
         return torch.tensor([self.weights[name] for name in self.per_reward], dtype=torch.float32)
 
@@ -98,7 +100,14 @@ class RewardScores:
         """{"extra": {column: its value for completion i}} of what the rewards logged with log_extra, or {}."""
         return {"extra": {column: values[i] for column, values in self.extra.items()}} if self.extra else {}
 
-    @property
+    def add_logged(self, metrics: dict[str, Any], prefix: str = "") -> list[str]:
+        """Add what the rewards logged with log_metric to `metrics` (names under `prefix`); a name a metric
+        already has keeps its value. Returns those clashing names (the caller says so)."""
+        clashes = sorted(prefix + name for name in self.logged if prefix + name in metrics)
+        metrics |= {prefix + name: value for name, value in self.logged.items() if prefix + name not in metrics}
+        return clashes
+
+    @functools.cached_property
     def total(self) -> torch.Tensor:
         """[N] the weighted sum, None scores skipped; NaN for a completion every reward returned None for."""
         return weighted_total(self.matrix, self.weight_vector)
@@ -194,13 +203,13 @@ def score(
 
         kwargs |= {"trainer_state": trainer_state, "log_metric": log_metric, "log_extra": log_extra}
     values: dict[str, Any] = {}
+    pending = [reward for reward in rewards if is_async(reward.fn)]
     for reward in rewards:
-        if not is_async(reward.fn):
+        if reward not in pending:
             try:
                 values[reward.name] = reward.fn(**kwargs)
             except Exception as exc:
                 raise _raised(reward, exc) from exc
-    pending = [reward for reward in rewards if is_async(reward.fn)]
     if pending:
         results = _AsyncRewards.run([functools.partial(reward.fn, **kwargs) for reward in pending])
         for reward, result in zip(pending, results, strict=True):
