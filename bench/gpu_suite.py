@@ -327,6 +327,9 @@ def _load_case(case: StepCase, device, smoke: bool, **overrides):
                               maxCompletionLength=case.completion_tokens)
     spec["model"]["maxSeqLength"] = case.prompt_tokens + case.completion_tokens
     spec["training"]["promptsPerStep"] = 1
+    # One or two steps are measured: with warmup the first step's learning rate is 0 (as in HF's
+    # Trainer), AdamW would move nothing, and the check that it moved LoRA B could not tell.
+    spec["training"]["warmupRatio"] = 0.0
     if case.accumulation is not None:
         spec["training"]["gradientAccumulationSteps"] = case.accumulation
     spec["training"].update(overrides)
@@ -385,7 +388,8 @@ NO_ROLLOUTS = _NoRollouts()
 def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, loaded: dict, flush) -> None:
     from grpo_runtime.trainer import Trainer
 
-    for case in (shapes.qwen, shapes.llama):
+    # The model part c left loaded goes first: while it is held, another case's weights and peak would count it.
+    for case in sorted((shapes.qwen, shapes.llama), key=lambda c: c.name not in loaded):
         if time.monotonic() > deadline:
             part.rows.append({"model": case.name, "result": "not run: time budget spent"})
             continue
@@ -398,7 +402,7 @@ def part_step(part: Part, shapes: Shapes, device, deadline: float, smoke: bool, 
         trainer = Trainer(job=job, policy=policy, engine=NO_ROLLOUTS, rewards=[], sampler=None, storage=None)
         before = _lora_snapshot(policy)
         runs = []
-        for _ in range(1 if case is shapes.llama and not smoke else 2):  # the 8B step is long: part c warmed it up
+        for _ in range(1 if case is shapes.llama else 2):  # the 8B step is long (part c warmed it up); smoke as real
             with measure(device) as m:
                 metrics = trainer.optimise(batch, advantages)
             runs.append(m)
@@ -480,7 +484,7 @@ def part_offload(part: Part, shapes: Shapes, device, deadline: float, smoke: boo
         loss.backward()
         return {n: p.grad.detach().float().cpu() for n, p in policy.model.named_parameters() if p.requires_grad}
 
-    results = {}
+    results, first = {}, {}
     try:
         for mode in ("on", "offload", "on", "offload"):  # the first of each warms up; the second is timed
             if time.monotonic() > deadline:
@@ -488,6 +492,8 @@ def part_offload(part: Part, shapes: Shapes, device, deadline: float, smoke: boo
             offload = apply_gradient_checkpointing(policy.model, mode, offload_on_cpu=smoke)
             with measure(device) as m:
                 got = grads()
+            if mode in results:
+                first[mode] = results[mode][0]
             results[mode] = (got, m, offload.packed if offload else 0)
     finally:
         apply_gradient_checkpointing(policy.model, job.spec.training.gradient_checkpointing, offload_on_cpu=smoke)
@@ -503,7 +509,13 @@ def part_offload(part: Part, shapes: Shapes, device, deadline: float, smoke: boo
     part.rows.append({"model": case.name, "tokens": per, "mode": "offload/on", "seconds": m_off.seconds / m_on.seconds,
                       "peak_gb": None if m_on.peak_bytes is None else m_off.peak_bytes / m_on.peak_bytes})
     worst = max(rel_err(g_off[n], g_on[n]) for n in g_on)
-    part.check("LoRA gradients offload vs on, worst tensor (rel)", worst, BF16_REL)
+    # Offload moves exact copies, so it may differ from 'on' only as two 'on' runs differ from each other
+    # (bf16 attention backward accumulates with atomics on a GPU): that run-to-run spread is the yardstick.
+    noise = max(max(rel_err(first[mode][n], results[mode][0][n]) for n in g_on) for mode in first)
+    for compared, value in (("on vs on, run to run", noise), ("offload vs on", worst)):
+        part.rows.append({"model": case.name, "compared": compared, "worst LoRA gradient (rel)": value})
+    part.check("LoRA gradients offload vs on, worst tensor (rel), limit max(2e-2, 2 x run to run)",
+               worst, max(BF16_REL, 2 * noise))
     part.check("every LoRA tensor has a nonzero gradient", sum(g.abs().sum().item() == 0 for g in g_on.values()), 0)
     part.check("offload moved one layer input per decoder layer",
                abs(packed - case.config["num_hidden_layers"]), 0)
@@ -705,8 +717,9 @@ def run(args) -> tuple[dict, list[Part]]:
             traceback.print_exc()
         else:
             unfinished = [r for r in part.rows if str(r.get("result", "")).startswith("not run")]
-            if any(not c["passed"] for c in part.checks):
-                part.status = "failed"
+            failed = [c["name"] for c in part.checks if not c["passed"]]
+            if failed:
+                part.status, part.reason = "failed", "failed: " + "; ".join(failed)
             elif not part.checks:
                 part.status, part.reason = "error", "no check ran"
             elif unfinished:
