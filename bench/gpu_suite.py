@@ -686,7 +686,8 @@ def missing_modules() -> dict[str, str]:
             "bitsandbytes": "the NF4 base of the steps (bring its wheel: bench/gpu_wheels.txt)",
             "peft": "LoRA", "transformers": "the models", "triton": "the Triton kernels", "yaml": "the manifests",
             "tokenizers": "the stand-in tokenizer",
-            "vllm": "the co-hosted engine (its CUDA wheel is too large to carry to a bare GPU machine)"}
+            "vllm": "the co-hosted engine; its CUDA wheel (336 MB for 0.33) and the torch it pins are too large "
+                    "to carry to a bare GPU machine"}
     return {name: why for name, why in need.items() if importlib.util.find_spec(name) is None}
 
 
