@@ -38,6 +38,7 @@ AZURE_SECRET_KEYS = (  # any of them may be in the Secret: a connection string, 
 GCS_KEY_FILE = "key.json"  # the service account key in spec.output.credentialsSecret for gs://
 GCS_CREDENTIALS_DIR = "/var/run/secrets/grpo/gcs"
 HF_TOKEN_KEY = "HF_TOKEN"  # the key in spec.model.tokenSecret, and the env var huggingface_hub reads
+HUB_TOKEN_ENV = "GRPO_HUB_TOKEN"  # grpo_runtime.hub.HUB_TOKEN_ENV: the push token from spec.output.hub.tokenSecret
 MODEL_CACHE_DIR = "/var/cache/grpo"  # spec.model.cache is mounted here
 
 
@@ -184,6 +185,9 @@ def _env(job: GRPOJob, attempt: int, cache: str | None) -> list[dict[str, Any]]:
         env.append(
             {"name": HF_TOKEN_KEY, "valueFrom": {"secretKeyRef": {"name": job.spec.model.token_secret, "key": HF_TOKEN_KEY}}}
         )
+    hub = job.spec.output.hub
+    if hub and hub.token_secret:  # the same key as the model's Secret; a variable of its own, used only to push
+        env.append({"name": HUB_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": hub.token_secret, "key": HF_TOKEN_KEY}}})
     if cache:
         # the hub's cache (with its file locks) and ours (s3:// model folders, dequantized GGUF) on the claim
         env += [

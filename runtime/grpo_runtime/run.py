@@ -124,6 +124,12 @@ def _prepare(job: GRPOJob, uri: str):
     device = job_device()  # first: a pod without its GPU fails at once, before any download
     storage = open_storage(uri, endpoint=spec.output.endpoint, region=spec.output.region)
     storage.check()
+    hub = None
+    if spec.output.hub is not None:  # before the model: a token that cannot write fails in the first minute
+        from grpo_runtime.hub import HubPusher
+
+        hub = HubPusher(job)
+        hub.prepare()
     rewards = load_rewards(spec.rewards, chat_template_kwargs=spec.model.chat_template_kwargs)
     rows = load_rows(spec.dataset, endpoint=spec.output.endpoint, region=spec.output.region)
     rows, held_out = split_rows(job, rows, endpoint=spec.output.endpoint, region=spec.output.region)
@@ -140,17 +146,18 @@ def _prepare(job: GRPOJob, uri: str):
     engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
     evaluator = Evaluator(job, policy, engine, rewards, held_out) if spec.evaluation else None
-    return storage, rewards, policy, engine, sampler, evaluator
+    return storage, rewards, policy, engine, sampler, evaluator, hub
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from grpo_runtime.data import DatasetError
     from grpo_runtime.engines import EngineError
+    from grpo_runtime.hub import HubError
     from grpo_runtime.model import ModelError
     from grpo_runtime.rewards import RewardError
     from grpo_runtime.storage import StorageError
 
-    return (DatasetError, ModelError, RewardError, StorageError, EngineError)
+    return (DatasetError, ModelError, RewardError, StorageError, EngineError, HubError)
 
 
 def exit_code(exc: BaseException) -> int:
@@ -170,8 +177,8 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
         from grpo_runtime.tracking import open_tracking
         from grpo_runtime.trainer import Trainer
 
-        storage, rewards, policy, engine, sampler, evaluator = _prepare(job, uri)
-        trainer = Trainer(job, policy, engine, rewards, sampler, storage, evaluator=evaluator)
+        storage, rewards, policy, engine, sampler, evaluator, hub = _prepare(job, uri)
+        trainer = Trainer(job, policy, engine, rewards, sampler, storage, evaluator=evaluator, hub=hub)
         storage.write_bytes("spec.yaml", yaml.safe_dump(job.to_manifest(), sort_keys=False).encode())
         if job.spec.checkpoint.resume and trainer.resume():
             log.info("resumed from %s at step %d", trainer.latest_checkpoint, trainer.step)

@@ -531,6 +531,35 @@ class CheckpointSpec(Section):
     )
 
 
+class HubSpec(Section):
+    repo: str = Field(
+        description="Hugging Face Hub repository to push the adapter to: owner/name (a user or an organisation the "
+        "token may write to). Created when the job starts if it does not exist.",
+        min_length=3,
+        max_length=96 + 1 + 96,
+    )
+    token_secret: str | None = Field(
+        None,
+        description="Name of a Secret in the job's namespace whose key HF_TOKEN holds a token with write access to repo. "
+        "Default: model.tokenSecret's. Exposed to the pod only, never copied into status, events or logs.",
+    )
+    private: bool = Field(True, description="Create the repository private (a repository that exists keeps its own).")
+    strategy: Literal["end", "checkpoint"] = Field(
+        "end",
+        description="end: push the final adapter once training ends; checkpoint: also push the adapter at every "
+        "checkpoint (TRL's hub_strategy every_save). A checkpoint's push that fails is logged and training goes on.",
+    )
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        owner, _, name = value.partition("/")
+        ok = re.compile(r"^[A-Za-z0-9]([\w.-]*[A-Za-z0-9])?$")
+        if not (owner and name and ok.match(owner) and ok.match(name)) or "--" in value or ".." in value:
+            raise ValueError(f"must be owner/name (letters, digits, '-', '_', '.'), got {value!r}")
+        return value
+
+
 class OutputSpec(Section):
     uri: str | None = Field(
         None,
@@ -548,6 +577,9 @@ class OutputSpec(Section):
         "AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN; gs:// key.json, a service "
         "account key (mounted as a file, GOOGLE_APPLICATION_CREDENTIALS). Exposed to the pod only, never copied "
         "into status, events or logs. Leave it unset for workload identity.",
+    )
+    hub: HubSpec | None = Field(
+        None, description="Also push the trained adapter, with a model card, to the Hugging Face Hub (TRL's push_to_hub)."
     )
     merged: bool = Field(
         False,

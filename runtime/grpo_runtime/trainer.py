@@ -270,6 +270,7 @@ class Trainer:
     # small JSON-able state of others (e.g. the tracking run id) saved with each checkpoint
     checkpoint_extras: dict[str, Any] = field(default_factory=dict)
     evaluator: Any = None  # grpo_runtime.evaluation.Evaluator when spec.evaluation is set
+    hub: Any = None  # grpo_runtime.hub.HubPusher when spec.output.hub is set
     on_eval: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -477,6 +478,9 @@ class Trainer:
             self.latest_checkpoint = checkpoints.publish_checkpoint(
                 self.storage, tmp, self.step, self.job.spec.checkpoint.keep
             )
+            # after the store has it (the store is the record); the last step's adapter goes up as the final one
+            if self.hub is not None and self.step < self.training.max_steps:
+                self.hub.push(tmp, self.step, self._last_metrics(), final=False)
         return self.latest_checkpoint
 
     def resume(self) -> bool:
@@ -569,7 +573,16 @@ class Trainer:
             self.storage.upload_dir(tmp, "final")
             if self.job.spec.output.merged:
                 self._write_merged(tmp)
+            if self.hub is not None:
+                self.hub.push(tmp, self.step, metrics or self._last_metrics(), final=True)
         return metrics
+
+    def _last_metrics(self) -> dict[str, Any] | None:
+        """The last training step's record (a resumed process that ran no step has it only in the store)."""
+        from grpo_runtime.metrics_log import read_metrics
+
+        records = [r for r in read_metrics(self.storage) if "reward" in r and r.get("step") == self.step]
+        return records[-1] if records else None
 
     def _write_merged(self, adapter_dir: str) -> None:
         from grpo_runtime.merge import merge_adapter

@@ -184,6 +184,19 @@ def test_hub_token_is_a_secret_reference_named_hf_token():
     assert "HF_TOKEN" not in env_of(render.pod(job(), 1, image="x"))
 
 
+def test_hub_push_token_is_a_secret_reference_of_its_own():
+    from grpo_runtime.hub import HUB_TOKEN_ENV
+
+    assert render.HUB_TOKEN_ENV == HUB_TOKEN_ENV  # the operator's copy (no torch there) names the runtime's variable
+    pod = render.pod(job(output={"uri": "s3://b/p", "hub": {"repo": "acme/tuned", "tokenSecret": "hf-write"}}), 1, image="x")
+    token = env_of(pod)[HUB_TOKEN_ENV]
+    assert "value" not in token
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-write", "key": "HF_TOKEN"}}
+    # without hub.tokenSecret the runtime pushes with the model's HF_TOKEN: no variable of its own
+    same = render.pod(job(output={"uri": "s3://b/p", "hub": {"repo": "acme/tuned"}}), 1, image="x")
+    assert HUB_TOKEN_ENV not in env_of(same)
+
+
 def test_model_cache_claim_is_mounted_where_hub_and_grpo_caches_live():
     model = {"name": "Qwen/Qwen2.5-1.5B-Instruct", "cache": "model-cache"}
     pod = render.pod(job(model=model), 1, image="x")
