@@ -582,6 +582,24 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
         part.check(f"T={temperature} dlogits with an entropy bonus, triton vs torch (rel)",
                    rel_err(bonus["triton"], bonus["torch"]), BF16_REL)
 
+    # training.castLmHeadToFp32: float32 logits of a bf16 head (on CUDA a bf16 matmul with float32 output), on
+    # both paths, against the float32 head; bf16 logits shown beside, for scale
+    D = shapes.loss[2]
+    h = torch.randn(n, D, generator=g, device=device).to(torch.bfloat16)
+    w = (torch.randn(V, D, generator=g, device=device) * 3 / D**0.5).to(torch.bfloat16)  # logits of std ~3
+    want = torch.log_softmax(h.float() @ w.float().T, -1).gather(1, targets[:, None]).squeeze(1)
+    for name in ("torch", "triton"):
+        loss_module._TRITON = name == "triton"
+        try:
+            exact = loss_module.token_logprobs(h[None], w, targets[None], chunk_size=128, fp32_logits=True)[0]
+            rounded = loss_module.token_logprobs(h[None], w, targets[None], chunk_size=128)[0]
+        finally:
+            loss_module._TRITON = None
+        err, err_bf16 = (exact - want).abs().max().item(), (rounded - want).abs().max().item()
+        part.rows.append({"castLmHeadToFp32, path": name, "rows x V x D": f"{n} x {V} x {D}",
+                          "logp max abs err, fp32 logits": err, "logp max abs err, bf16 logits": err_bf16})
+        part.check(f"fp32 logits ({name} path) vs a float32 head, logp max abs", err, 1e-3)
+
 
 # --------------------------------------------------------------------------- e. the co-hosted vLLM engine
 

@@ -85,6 +85,7 @@ class LossConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0  # and for A < 0
     vespo_lambda_neg: float = 2.0
+    fp32_logits: bool = False  # float32 logits from a bf16/fp16 lm_head (TRL's cast_lm_head_to_fp32); float32 heads: no-op
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -108,15 +109,29 @@ class LossConfig:
 # --------------------------------------------------------------------------- the chunking
 
 
-def _project(h, weight, bias, out: torch.Tensor) -> torch.Tensor:
+def _projection(weight, bias, fp32_logits: bool):
+    """(weight, bias) the chunks project with. Float32 logits of a bf16/fp16 head on CPU take a float32 copy,
+    made once a pass (CPU has no matmul with a float32 result from bf16 operands); on CUDA the head itself."""
+    if fp32_logits and weight.dtype != torch.float32 and not weight.is_cuda:
+        return weight.float(), None if bias is None else bias.float()
+    return weight, bias
+
+
+def _project(h, weight, bias, out: torch.Tensor, fp32_logits: bool = False) -> torch.Tensor:
     """Logits of a chunk of rows h [n, D], written into out [n, V] (float32, or the weight's dtype).
 
     One buffer reused by every chunk: a fresh [chunk, V] allocation pays its page faults again
-    each time (~12% of the chunk's projection on CPU)."""
+    each time (~12% of the chunk's projection on CPU). With fp32_logits (out float32, a bf16 head on
+    CUDA) the matmul writes float32: products of bf16 values are exact in float32, so this is what a
+    float32 head computes (TRL's cast_lm_head_to_fp32), with no float32 copy of the head."""
     h = h.to(weight.dtype)
     if out.dtype == weight.dtype:
         return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
-    # bf16/fp16 matmul, then a float32 copy: the torch path accumulates the logsumexp in float32
+    if fp32_logits:
+        torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+        return out if bias is None else out.add_(bias)
+    # bf16/fp16 matmul, then a float32 copy (the logits keep bf16's 8 bits): the torch path accumulates the
+    # logsumexp in float32
     return out.copy_(h @ weight.T if bias is None else torch.addmm(bias, h, weight.T))
 
 
@@ -182,14 +197,14 @@ def _dlogits_(e: torch.Tensor, targets: torch.Tensor, row_sum: torch.Tensor, dlo
 _TRITON: bool | None = None  # None: the Triton kernels on CUDA when triton imports; True/False force it (tests)
 
 
-def _chunk_ops(weight: torch.Tensor):
+def _chunk_ops(weight: torch.Tensor, fp32_logits: bool = False):
     """(logp_, dlogits_, buffer dtype) for the chunks: the Triton kernels (in place, in the weight's
-    dtype, float32 statistics) on GPU, torch ops on a float32 buffer elsewhere."""
+    dtype or with fp32_logits float32, float32 statistics) on GPU, torch ops on a float32 buffer elsewhere."""
     use = _TRITON if _TRITON is not None else weight.is_cuda and kernels.available()
     if use:
         from .kernels import logsoftmax
 
-        return logsoftmax.logp_, logsoftmax.dlogits_, weight.dtype
+        return logsoftmax.logp_, logsoftmax.dlogits_, torch.float32 if fp32_logits else weight.dtype
     return _logp_, _dlogits_, torch.float32
 
 
@@ -211,15 +226,18 @@ class FusedLinearTokenLoss(torch.autograd.Function):
     ``whole``: token_loss is a WholeLoss, given every token at once (see the module docstring).
     ``entropy_grad``: the loss also depends on the entropies (an entropy bonus), so they are given to it
     differentiable and their gradient joins the log-probs' in each chunk (needs ``with_entropy``).
-    Memory: one [chunk_size, V] buffer (float32; the weight's dtype on the Triton path), reused by
-    every chunk, plus the gradients (the size of hidden, and of weight when it needs one).
+    ``fp32_logits``: float32 logits from a bf16/fp16 head (see _project); the backward's matmuls stay in
+    the head's dtype, as the hidden state's gradient is.
+    Memory: one [chunk_size, V] buffer (float32; the weight's dtype on the Triton path unless fp32_logits),
+    reused by every chunk, plus the gradients (the size of hidden, and of weight when it needs one); with
+    fp32_logits on CPU, a float32 copy of a bf16 head.
     """
 
     @staticmethod
     @torch.autocast("cuda", enabled=False)  # dtypes are chosen here: bf16 matmuls, float32 statistics
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, hidden, weight, bias, targets, rows, token_loss, temperature: float, chunk_size: int,
-                with_entropy: bool = False, whole: bool = False, entropy_grad: bool = False):
+                with_entropy: bool = False, whole: bool = False, entropy_grad: bool = False, fp32_logits: bool = False):
         if entropy_grad and not with_entropy:
             raise ValueError("entropy_grad needs with_entropy")
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -229,7 +247,7 @@ class FusedLinearTokenLoss(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None,
             torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None,
         )
-        walk = _Walk(hidden, weight, bias, targets, rows, 1.0 / temperature, chunk_size, with_entropy)
+        walk = _Walk(hidden, weight, bias, targets, rows, 1.0 / temperature, chunk_size, with_entropy, fp32_logits)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
 
         def differentiate(loss_of, logp, entropy):
@@ -301,19 +319,21 @@ class _Walk:
     inv_temp: float
     chunk_size: int
     with_entropy: bool
+    fp32_logits: bool = False
 
     def __call__(self, grads, grads_of: Callable[[torch.Tensor, torch.Tensor | None, slice], tuple]):
         hidden, weight, bias, rows, inv_temp = self.hidden, self.weight, self.bias, self.rows, self.inv_temp
         grad_h, grad_w, grad_b = grads
         logps = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         entropies = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device) if self.with_entropy else None
-        logp_, dlogits_, buf_dtype = _chunk_ops(weight)
+        logp_, dlogits_, buf_dtype = _chunk_ops(weight, self.fp32_logits)
+        proj_w, proj_b = _projection(weight, bias, self.fp32_logits)
         buf = torch.empty(min(self.chunk_size, rows.numel()), weight.shape[0], dtype=buf_dtype, device=hidden.device)
         for start in range(0, rows.numel(), self.chunk_size):
             sl = slice(start, start + self.chunk_size)
             idx = rows[sl]
             h, t = hidden.index_select(0, idx), self.targets.index_select(0, idx)
-            z = _project(h, weight, bias, buf[: idx.numel()])
+            z = _project(h, proj_w, proj_b, buf[: idx.numel()], self.fp32_logits)
             logp, stats, entropy = logp_(z, t, inv_temp, self.with_entropy)
             logps[sl] = logp
             if self.with_entropy:
@@ -337,16 +357,19 @@ class _Walk:
 
 
 @torch.no_grad()
-def token_logprobs(hidden, weight, target_ids, *, temperature=1.0, chunk_size=512, bias=None) -> torch.Tensor:
+def token_logprobs(hidden, weight, target_ids, *, temperature=1.0, chunk_size=512, bias=None,
+                   fp32_logits=False) -> torch.Tensor:
     """log p(target_ids) [B, T] (float32, no grad), chunk by chunk: the old/ref log-probs."""
     batch, seq = target_ids.shape
     h, t = hidden.reshape(batch * seq, -1), target_ids.reshape(-1)
     out = torch.empty(batch * seq, dtype=torch.float32, device=hidden.device)
-    logp_, _, buf_dtype = _chunk_ops(weight)
+    logp_, _, buf_dtype = _chunk_ops(weight, fp32_logits)
+    proj_w, proj_b = _projection(weight, bias, fp32_logits)
     buf = torch.empty(min(chunk_size, batch * seq), weight.shape[0], dtype=buf_dtype, device=hidden.device)
     for start in range(0, batch * seq, chunk_size):
         sl = slice(start, start + chunk_size)
-        out[sl] = logp_(_project(h[sl], weight, bias, buf[: t[sl].numel()]), t[sl], 1.0 / temperature)[0]
+        z = _project(h[sl], proj_w, proj_b, buf[: t[sl].numel()], fp32_logits)
+        out[sl] = logp_(z, t[sl], 1.0 / temperature)[0]
     return out.view(batch, seq)
 
 
@@ -614,7 +637,8 @@ def grpo_loss(
             return loss - entropy_coef * bonus_entropy(entropy, keep, step) if bonus else loss
 
         loss, logp, entropy = FusedLinearTokenLoss.apply(
-            hidden, weight, bias, targets, rows, whole_loss, config.temperature, config.chunk_size, True, True, bonus
+            hidden, weight, bias, targets, rows, whole_loss, config.temperature, config.chunk_size, True, True, bonus,
+            config.fp32_logits,
         )
     else:
 
@@ -627,7 +651,8 @@ def grpo_loss(
             return loss - entropy_coef * bonus_entropy(entropy, None, step) if bonus else loss
 
         loss, logp, entropy = FusedLinearTokenLoss.apply(
-            hidden, weight, bias, targets, rows, token_loss, config.temperature, config.chunk_size, True, False, bonus
+            hidden, weight, bias, targets, rows, token_loss, config.temperature, config.chunk_size, True, False, bonus,
+            config.fp32_logits,
         )
     keep = high_entropy(entropy, config.top_entropy_quantile)  # as the loss kept them (no gradient here)
     metrics = _metrics(logp, entropy, keep, old, ref, adv, sampling, sequences, config, step)

@@ -400,6 +400,13 @@ class TrainingSpec(Section):
         description="Token rows per chunk of the fused lm_head + loss: the loss holds one chunk x vocab block, "
         "never batch x seq x vocab. Smaller saves memory, larger saves a little time.",
     )
+    cast_lm_head_to_fp32: bool = Field(
+        False,
+        description="Float32 logits from a bf16/fp16 lm_head in the loss and the old/ref log-probs (TRL's option, from "
+        "the ScaleRL recipe): bf16 logits keep 8 bits, so a logit near 20 is off by up to 0.06 and so is its "
+        "log-prob. On CUDA the head's matmul writes float32 (no float32 copy of the head); it doubles the loss's "
+        "chunk buffer on the Triton path. vLLM's sampling logits stay in the model's dtype, as in TRL.",
+    )
     gradient_checkpointing: Literal["off", "on", "offload"] = Field(
         "on",
         description="Recompute decoder layers in backward; offload also moves the saved layer inputs to "

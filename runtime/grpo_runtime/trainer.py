@@ -208,6 +208,7 @@ def loss_config(spec, engine: str) -> LossConfig:
         vespo_lambda_pos=training.vespo_lambda_pos,
         vespo_k_neg=training.vespo_k_neg,
         vespo_lambda_neg=training.vespo_lambda_neg,
+        fp32_logits=training.cast_lm_head_to_fp32,
     )
 
 
@@ -236,6 +237,7 @@ def batch_logprobs(
                 temperature=config.temperature,
                 chunk_size=config.chunk_size,
                 bias=bias,
+                fp32_logits=config.fp32_logits,
             )
         )
     return torch.cat(out)

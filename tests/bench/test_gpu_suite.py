@@ -63,6 +63,8 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     assert [r["compared"] for r in parts["c"]["rows"] if "compared" in r] == ["on vs on, run to run", "offload vs on"]
     # d: the kernels' entropy-bonus gradient was compared too, at both temperatures
     assert sum("with an entropy bonus" in c["name"] for c in parts["d"]["checks"]) == 2
+    # ... and castLmHeadToFp32's float32 logits of a bf16 head on both paths
+    assert sum(c["name"].startswith("fp32 logits (") for c in parts["d"]["checks"]) == 2
     # e: a small bf16 step reached the vLLM engine; the OOM-at-wake check is CUDA-only and says so
     assert {c["name"] for c in parts["e"]["checks"]} == {
         "small bf16 update: abs(engine/learner objective change - 1)", "small bf16 update: abs(slope - 1)"}

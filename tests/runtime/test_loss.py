@@ -428,7 +428,7 @@ def test_no_grad_does_no_gradient_work(monkeypatch, variant):
     def no_dlogits(*args):
         raise AssertionError("gradient work under no_grad")
 
-    monkeypatch.setattr(loss_module, "_chunk_ops", lambda weight: (logp_, no_dlogits, dtype))
+    monkeypatch.setattr(loss_module, "_chunk_ops", lambda weight, fp32_logits=False: (logp_, no_dlogits, dtype))
     h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     with torch.no_grad():
         loss, metrics = grpo_loss(h, w, x["targets"], x["mask"], x["adv"], old_logps=x["old"], ref_logps=x["ref"],
@@ -512,6 +512,38 @@ def test_token_logprobs_equals_log_softmax_gather(chunk_size):
     want = torch.log_softmax(logits, -1).gather(-1, x["targets"][..., None]).squeeze(-1)
     assert got.shape == (B, T) and got.dtype == torch.float32 and not got.requires_grad
     assert_rel(got, want)
+
+
+def _upcast(x: dict) -> dict:
+    """The same values in float32: what a float32 head (TRL's cast_lm_head_to_fp32) multiplies."""
+    return {k: v.float() if torch.is_tensor(v) and v.dtype == torch.bfloat16 else v for k, v in x.items()}
+
+
+def test_fp32_logits_of_a_bf16_head_are_a_float32_heads_and_bf16_ones_are_not():
+    x16 = make_inputs(seed=31, dtype=torch.bfloat16)
+    up = _upcast(x16)
+    logits = (up["hidden"] @ up["weight"].T + up["bias"]) / 0.8
+    want = torch.log_softmax(logits, -1).gather(-1, x16["targets"][..., None]).squeeze(-1)
+    kw = dict(temperature=0.8, chunk_size=4, bias=x16["bias"])
+    exact = token_logprobs(x16["hidden"], x16["weight"], x16["targets"], fp32_logits=True, **kw)
+    rounded = token_logprobs(x16["hidden"], x16["weight"], x16["targets"], **kw)
+    err_exact, err_rounded = (exact - want).abs().max(), (rounded - want).abs().max()
+    assert err_exact < 1e-4
+    assert err_rounded > 10 * err_exact  # bf16 logits keep 8 bits: the option changes what the loss sees
+
+
+@pytest.mark.parametrize("variant", ["dapo", "all", "gspo"])
+def test_fp32_logits_loss_is_the_float32_heads_loss(variant):
+    """The loss of a bf16 head with fp32_logits is the loss of its values in float32; the backward's matmuls
+    stay bf16, so the hidden state's gradient (bf16 itself) is as close as bf16 allows."""
+    x16 = make_inputs(seed=37, dtype=torch.bfloat16)
+    fields, correction = VARIANTS.get(variant, ({"loss_type": variant, "epsilon_high": 0.28}, False))
+    cfg = LossConfig(beta=0.04, chunk_size=4, fp32_logits=True, **fields)
+    ours = run(grpo_loss, x16, cfg, correction=correction, weight_grad=False)
+    want = run(naive_grpo, _upcast(x16), cfg, correction=correction, weight_grad=False)
+    assert_rel(ours.loss, want.loss, tol=1e-4, scale=want.magnitude)
+    assert ours.hidden.dtype == torch.bfloat16
+    assert_rel(ours.hidden, want.hidden, tol=3e-2)
 
 
 @pytest.mark.parametrize("field,value", [("loss_type", "ppo"), ("kl_estimator", "k2"),

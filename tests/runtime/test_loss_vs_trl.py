@@ -419,3 +419,29 @@ def test_cases_exercise_every_option():
             "off_policy_mask_threshold", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
             "vespo_lambda_neg", "entropy_coef"} <= seen.keys()
     assert seen["off_policy"] == seen["correction"] == {True, False}
+
+
+@pytest.mark.parametrize("cast", [True, False])
+def test_cast_lm_head_to_fp32_log_probs_are_trls(tmp_path, cast):
+    """TRL's cast_lm_head_to_fp32 on a bf16 model: TRL's own fused lm head (add_fused_lm_head, as GRPOTrainer
+    patches the model) against ours (fp32_logits), both ways. The option matters: bf16 logits move log-probs
+    by ~1e-2 on this tiny model, the two implementations agree to float32 rounding."""
+    from trl.trainer.utils import add_fused_lm_head
+    from transformers import AutoModelForCausalLM
+
+    from grpo_runtime.loss import token_logprobs
+    from tests.runtime.tiny_model import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "model", hidden_size=64)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    add_fused_lm_head(model, temperature=0.7, cast_lm_head_to_fp32=cast)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        hidden = model.model(input_ids=ids).last_hidden_state
+        ours = token_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], temperature=0.7, chunk_size=5,
+                              fp32_logits=cast)
+        other = token_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:], temperature=0.7, chunk_size=5,
+                               fp32_logits=not cast)
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (other - theirs).abs().max() > 1e-3
