@@ -46,7 +46,7 @@ def child(engine_name: str, sizes: list[tuple[int, int]], steps: int) -> dict:
     from grpo_runtime.engines import SamplingConfig
     from grpo_runtime.run import _prepare
     from grpo_runtime.spec import parse_job
-    from grpo_runtime.trainer import Trainer, encode_prompts
+    from grpo_runtime.trainer import encode_prompts
 
     doc = yaml.safe_load(JOB.read_text())
     doc["spec"]["generation"]["engine"] = engine_name
@@ -57,7 +57,8 @@ def child(engine_name: str, sizes: list[tuple[int, int]], steps: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as out:
         started = time.perf_counter()
-        storage, rewards, policy, engine, sampler, _ = _prepare(engine_job, out)
+        prepared = _prepare(engine_job, out)
+        policy, engine, sampler = prepared.policy, prepared.engine, prepared.sampler
         load_seconds = time.perf_counter() - started
         rows = sampler.rows
         result: dict = {"engine": engine_name, "load_s": load_seconds, "generate": {}}
@@ -78,7 +79,7 @@ def child(engine_name: str, sizes: list[tuple[int, int]], steps: int) -> dict:
             seconds = rollout(sequences // GROUP, GROUP, length)
             result["generate"][f"{sequences}x{length}"] = sequences * length / seconds
 
-        trainer = Trainer(step_job, policy, engine, rewards, sampler, storage)
+        trainer = prepared.trainer(step_job)
         walls, cpus, gens = [], [], []
         for _ in range(steps):
             cpu0 = _cpu_seconds()

@@ -52,7 +52,6 @@ def peak_rss_mb() -> float:
 def run_ours(args) -> dict:
     from grpo_runtime.run import _prepare
     from grpo_runtime.spec import parse_job
-    from grpo_runtime.trainer import Trainer
 
     doc = {
         "apiVersion": "grpo.dev/v1alpha1",
@@ -71,8 +70,8 @@ def run_ours(args) -> dict:
     }
     job = parse_job(doc)
     with tempfile.TemporaryDirectory() as out:
-        storage, rewards, policy, engine, sampler, _ = _prepare(job, out)
-        trainer = Trainer(job, policy, engine, rewards, sampler, storage)
+        prepared = _prepare(job, out)
+        trainer = prepared.trainer(job)
         trainer._at_max_lengths = False  # TRL does not pad its first step; compare like with like
         loaded = peak_rss_mb()
         times = []
@@ -80,9 +79,9 @@ def run_ours(args) -> dict:
             started = time.perf_counter()
             trainer.run_step()
             times.append(time.perf_counter() - started)
-        if hasattr(engine, "close"):
-            engine.close()
-    return {"step_seconds": times[-1], "peak_rss_mb": peak_rss_mb(), "after_load_mb": loaded, "engine": engine.name}
+        if hasattr(prepared.engine, "close"):
+            prepared.engine.close()
+    return {"step_seconds": times[-1], "peak_rss_mb": peak_rss_mb(), "after_load_mb": loaded, "engine": prepared.engine.name}
 
 
 def run_trl(args) -> dict:

@@ -109,6 +109,20 @@ class LossConfig:
 # --------------------------------------------------------------------------- the chunking
 
 
+def float32_logits(h: torch.Tensor, weight: torch.Tensor, bias=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [..., V] in float32 of a bf16/fp16 head (training.castLmHeadToFp32): the products of bf16 values are
+    exact in float32, so a matmul with a float32 result (CUDA) is what a float32 head computes, without a float32
+    copy of the head; CPU has no such matmul and multiplies a float32 copy."""
+    flat = h.reshape(-1, h.shape[-1]).to(weight.dtype)
+    if weight.is_cuda:
+        z = torch.mm(flat, weight.T, out_dtype=torch.float32, out=out)
+    else:
+        z = torch.mm(flat.float(), weight.float().T, out=out)
+    if bias is not None:
+        z.add_(bias.float())
+    return z if out is not None else z.view(*h.shape[:-1], weight.shape[0])
+
+
 def _projection(weight, bias, fp32_logits: bool):
     """(weight, bias) the chunks project with. Float32 logits of a bf16/fp16 head on CPU take a float32 copy,
     made once a pass (CPU has no matmul with a float32 result from bf16 operands); on CUDA the head itself."""
@@ -121,15 +135,13 @@ def _project(h, weight, bias, out: torch.Tensor, fp32_logits: bool = False) -> t
     """Logits of a chunk of rows h [n, D], written into out [n, V] (float32, or the weight's dtype).
 
     One buffer reused by every chunk: a fresh [chunk, V] allocation pays its page faults again
-    each time (~12% of the chunk's projection on CPU). With fp32_logits (out float32, a bf16 head on
-    CUDA) the matmul writes float32: products of bf16 values are exact in float32, so this is what a
-    float32 head computes (TRL's cast_lm_head_to_fp32), with no float32 copy of the head."""
+    each time (~12% of the chunk's projection on CPU). fp32_logits: see float32_logits (on CPU the
+    caller passes the float32 copy of _projection, made once a pass)."""
     h = h.to(weight.dtype)
     if out.dtype == weight.dtype:
         return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
     if fp32_logits:
-        torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
-        return out if bias is None else out.add_(bias)
+        return float32_logits(h, weight, bias, out=out)
     # bf16/fp16 matmul, then a float32 copy (the logits keep bf16's 8 bits): the torch path accumulates the
     # logsumexp in float32
     return out.copy_(h @ weight.T if bias is None else torch.addmm(bias, h, weight.T))

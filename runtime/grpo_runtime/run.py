@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -110,7 +111,26 @@ def status_progress(job: GRPOJob):
     return update, lambda line: sink.update({"eval": eval_progress(line)})
 
 
-def _prepare(job: GRPOJob, uri: str):
+@dataclass
+class Prepared:
+    """What a job trains with (read by name: callers outside this module, the benches, take what they need)."""
+
+    storage: Any
+    rewards: list
+    policy: Any
+    engine: Any
+    sampler: Any
+    evaluator: Any  # None without spec.evaluation
+    hub: Any  # None without spec.output.hub
+
+    def trainer(self, job: GRPOJob):
+        from grpo_runtime.trainer import Trainer
+
+        return Trainer(job, self.policy, self.engine, self.rewards, self.sampler, self.storage,
+                       evaluator=self.evaluator, hub=self.hub)
+
+
+def _prepare(job: GRPOJob, uri: str) -> Prepared:
     """Everything that can be wrong with the user's input is found here, before training."""
     from grpo_runtime.data import PromptSampler, load_rows
     from grpo_runtime.device import job_device
@@ -146,7 +166,7 @@ def _prepare(job: GRPOJob, uri: str):
     engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
     evaluator = Evaluator(job, policy, engine, rewards, held_out) if spec.evaluation else None
-    return storage, rewards, policy, engine, sampler, evaluator, hub
+    return Prepared(storage, rewards, policy, engine, sampler, evaluator, hub)
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -175,10 +195,9 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
 
     try:
         from grpo_runtime.tracking import open_tracking
-        from grpo_runtime.trainer import Trainer
 
-        storage, rewards, policy, engine, sampler, evaluator, hub = _prepare(job, uri)
-        trainer = Trainer(job, policy, engine, rewards, sampler, storage, evaluator=evaluator, hub=hub)
+        prepared = _prepare(job, uri)
+        storage, trainer = prepared.storage, prepared.trainer(job)
         storage.write_bytes("spec.yaml", yaml.safe_dump(job.to_manifest(), sort_keys=False).encode())
         if job.spec.checkpoint.resume and trainer.resume():
             log.info("resumed from %s at step %d", trainer.latest_checkpoint, trainer.step)

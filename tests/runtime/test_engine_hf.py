@@ -199,3 +199,35 @@ def test_completions_carry_the_log_probs_they_were_sampled_with(engine, policy, 
             assert (got >= learner - 1e-4).all() and (got <= 0).all()
     if top_k is not None:
         assert torch.cat(gaps).max() > 0.01  # the renormalisation shows
+
+
+@pytest.mark.parametrize("cast", [True, False])
+def test_cast_lm_head_to_fp32_samples_from_the_float32_logits_the_learner_scores(tiny_model_dir, monkeypatch, cast):
+    """training.castLmHeadToFp32: a bf16 head's logits reach generate() in float32, as the learner computes them
+    (so the hf engine still samples the learner's own policy); without it, bf16 ones. The model is left as found."""
+    import grpo_runtime.engines.hf as hf
+    from grpo_runtime.model import base_model
+
+    policy = load_policy(ModelSpec(name=str(tiny_model_dir), dtype="bfloat16"), LoraSpec(rank=4, alpha=8), seed=0)
+    head = base_model(policy.model).get_output_embeddings()
+    calls, original = [], hf._float32_head
+
+    def spy(module, args, output):  # the engine's own hook, watched: (a float32 head's logits, ours, the bf16 ones)
+        logits = original(module, args, output)
+        calls.append((args[0].float() @ module.weight.float().T, logits, output))
+        return logits
+
+    monkeypatch.setattr(hf, "_float32_head", spy)
+    engine = HFEngine(policy, fp32_logits=cast)
+    completions = engine.generate([prompt(policy.tokenizer, "hello")], SamplingConfig(n=2, max_tokens=6, seed=1))
+    assert len(completions) == 2
+    if not cast:
+        assert calls == []
+    else:
+        assert calls
+        for want, logits, bf16 in calls:
+            assert logits.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+            assert (logits - want).abs().max() < 1e-4
+            assert (bf16.float() - want).abs().max() > 10 * (logits - want).abs().max()
+    with torch.no_grad():  # the hook is gone
+        assert head(torch.ones(1, head.weight.shape[1], dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -122,7 +122,7 @@ def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None)
     from grpo_runtime.engines.hf import HFEngine, hf_sampling_kwargs
 
     hf_sampling_kwargs(generation_spec.sampling_params)  # refuse vLLM-only parameters before training starts
-    return HFEngine(policy)
+    return HFEngine(policy, fp32_logits=bool(training_spec and training_spec.cast_lm_head_to_fp32))
 
 
 def auto_engine(policy, model_spec=None) -> tuple[str, str | None]:

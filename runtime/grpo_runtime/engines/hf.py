@@ -32,6 +32,8 @@ from transformers import (
 )
 
 from grpo_runtime.engines import Completion, EngineError, SamplingConfig, eos_token_ids
+from grpo_runtime.loss import float32_logits
+from grpo_runtime.model import base_model
 
 # spec.generation.samplingParams the hf engine understands (vLLM name -> generate() name).
 HF_EXTRA_PARAMS = {"repetition_penalty": "repetition_penalty", "min_tokens": "min_new_tokens"}
@@ -51,11 +53,12 @@ def hf_sampling_kwargs(extra: dict[str, Any]) -> dict[str, Any]:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, policy, *, max_batch_sequences: int = 64):
+    def __init__(self, policy, *, max_batch_sequences: int = 64, fp32_logits: bool = False):
         self.model = policy.model
         self.tokenizer = policy.tokenizer
         self.device = policy.device
         self.max_batch_sequences = max_batch_sequences  # sequences per generate() call
+        self.fp32_logits = fp32_logits  # training.castLmHeadToFp32: sample from the logits the learner scores
 
     def sync(self, policy) -> None:
         """Nothing to copy: generation runs on the learner's model itself (rebound in case it changed)."""
@@ -78,6 +81,9 @@ class HFEngine:
         completions: list[Completion] = []
         was_training = self.model.training
         self.model.eval()
+        head = base_model(self.model).get_output_embeddings()
+        # With float32 logits in the learner, so in the sampler: the hf engine samples the learner's own policy
+        hook = head.register_forward_hook(_float32_head) if self.fp32_logits and head.weight.dtype != torch.float32 else None
         try:
             with torch.no_grad(), _seeded(sampling.seed, self.device):
                 for start in range(0, len(prompt_ids), per_call):
@@ -103,6 +109,8 @@ class HFEngine:
                         completions.append(completion)
         finally:
             self.model.train(was_training)
+            if hook is not None:
+                hook.remove()
         return completions
 
     def _generate_kwargs(self, sampling: SamplingConfig, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
@@ -250,3 +258,8 @@ class _StopStrings(StoppingCriteria):
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         done = [any(stop in text for stop in self.stops) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _float32_head(module, args, output):
+    """Forward hook on the lm_head: its logits in float32 (loss.float32_logits), instead of its dtype's."""
+    return float32_logits(args[0], module.weight, getattr(module, "bias", None))
