@@ -3,7 +3,8 @@
 The repository is created (or found) when the job starts, so a token that cannot write fails the
 job in its first minute, not after the last step. Then the adapter goes up at the end (strategy
 `end`), or at every checkpoint and at the end (`checkpoint`, TRL's `every_save`), always with a
-model card of ours: peft's card would name the base by whatever path it was loaded from.
+model card of ours: peft's card would name the base by whatever path it was loaded from. With
+`mergedRepo`, final-merged/ (a plain model) goes to a repository of its own at the end.
 
 The object store stays the record: a checkpoint's push that fails is logged and training goes on;
 the final push that fails fails the job (exit 1), and the retry, finding every step done, pushes
@@ -54,12 +55,13 @@ class HubPusher:
             )
         self.api = HfApi(token=self.token)
 
-    def _hub_error(self, exc: BaseException, doing: str) -> Exception:
+    def _hub_error(self, exc: BaseException, doing: str, repo: str) -> Exception:
         """HubError (bad input) for what only the user can fix; the exception itself (retried) otherwise."""
         from huggingface_hub.errors import HfHubHTTPError
 
         status = getattr(getattr(exc, "response", None), "status_code", None)
-        where = f"{FIELD}.repo: {doing} {self.spec.repo!r}"
+        field = "mergedRepo" if repo == self.spec.merged_repo else "repo"
+        where = f"{FIELD}.{field}: {doing} {repo!r}"
         if isinstance(exc, HfHubHTTPError) and status == 401:
             return HubError(f"{where}: the hub refused the token from {_secret_field(self.spec)} (HTTP 401: invalid "
                             "or expired)")
@@ -69,16 +71,20 @@ class HubPusher:
         return exc
 
     def prepare(self) -> None:
-        """Create the repository (or find it) and commit the card of a run in progress: at the start, so that a
+        """Create the repositories (or find them) and commit the card of a run in progress: at the start, so that a
         token that cannot write fails first. Finding a repository proves only read access; a commit proves write."""
-        try:
-            url = self.api.create_repo(self.spec.repo, private=self.spec.private, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="grpo-hub-") as tmp:
-                Path(tmp, "README.md").write_text(model_card(self.job, None, None))
-                self._commit(tmp, f"grpo-operator: {self.job.metadata.name} started")
-        except Exception as exc:  # noqa: BLE001 - sorted into bad input or retried by _hub_error
-            raise self._hub_error(exc, "creating or writing") from None
-        log.info("hub: the adapter goes to %s (strategy %s)", url, self.spec.strategy)
+        for repo, merged in ((self.spec.repo, False), (self.spec.merged_repo, True)):
+            if repo is None:
+                continue
+            try:
+                url = self.api.create_repo(repo, private=self.spec.private, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix="grpo-hub-") as tmp:
+                    Path(tmp, "README.md").write_text(model_card(self.job, None, None, merged=merged))
+                    self._commit(repo, tmp, f"grpo-operator: {self.job.metadata.name} started", merged=merged)
+            except Exception as exc:  # noqa: BLE001 - sorted into bad input or retried by _hub_error
+                raise self._hub_error(exc, "creating or writing", repo) from None
+            log.info("hub: the %s goes to %s", "merged model" if merged else f"adapter (strategy {self.spec.strategy})",
+                     url)
 
     def push(self, adapter_dir: str | Path, step: int, metrics: dict[str, Any] | None, *, final: bool) -> None:
         """Push an adapter folder (its adapter files and our model card) as one commit."""
@@ -87,9 +93,10 @@ class HubPusher:
         Path(adapter_dir, "README.md").write_text(model_card(self.job, step, metrics))
         what = "final adapter" if final else "checkpoint"
         try:
-            url = self._commit(adapter_dir, f"grpo-operator: {what} of {self.job.metadata.name} at step {step}")
+            url = self._commit(self.spec.repo, adapter_dir,
+                               f"grpo-operator: {what} of {self.job.metadata.name} at step {step}")
         except Exception as exc:  # noqa: BLE001
-            error = self._hub_error(exc, "pushing to")
+            error = self._hub_error(exc, "pushing to", self.spec.repo)
             if final:
                 raise error from None
             log.warning("hub: the checkpoint of step %d was not pushed (%s); it is in the object store, and the final "
@@ -97,33 +104,50 @@ class HubPusher:
             return
         log.info("hub: %s of step %d pushed: %s", what, step, url)
 
-    def _commit(self, folder: str | Path, message: str) -> str:
-        info = self.api.upload_folder(repo_id=self.spec.repo, folder_path=str(folder), commit_message=message,
-                                      allow_patterns=["adapter_config.json", "adapter_model.safetensors", "README.md"])
+    def push_merged(self, merged_dir: str | Path, step: int, metrics: dict[str, Any] | None) -> None:
+        """Push final-merged/ (every file of it, and our card) to mergedRepo; a failure fails the job (retried)."""
+        if self.spec.merged_repo is None:
+            return
+        Path(merged_dir, "README.md").write_text(model_card(self.job, step, metrics, merged=True))
+        try:
+            url = self._commit(self.spec.merged_repo, merged_dir,
+                               f"grpo-operator: merged model of {self.job.metadata.name} at step {step}", merged=True)
+        except Exception as exc:  # noqa: BLE001
+            raise self._hub_error(exc, "pushing to", self.spec.merged_repo) from None
+        log.info("hub: merged model of step %d pushed: %s", step, url)
+
+    def _commit(self, repo: str, folder: str | Path, message: str, *, merged: bool = False) -> str:
+        adapter = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
+        info = self.api.upload_folder(repo_id=repo, folder_path=str(folder), commit_message=message,
+                                      allow_patterns=None if merged else adapter)
         return info.commit_url
 
 
-def model_card(job, step: int | None, metrics: dict[str, Any] | None) -> str:
+def model_card(job, step: int | None, metrics: dict[str, Any] | None, *, merged: bool = False) -> str:
     """The repository's README: what was trained, from what, on what rewards, and how it ended.
-    step None: the run has started and no adapter is pushed yet."""
+    step None: the run has started and nothing is pushed yet. merged: the card of the merged model."""
     from huggingface_hub import ModelCard, ModelCardData
 
     spec = job.spec
     base = spec.model.name
+    hub_base = base if HUB_ID.match(base) and not Path(base).exists() else None
     data = ModelCardData(
-        library_name="peft",
-        base_model=base if HUB_ID.match(base) and not Path(base).exists() else None,
+        library_name="transformers" if merged else "peft",
+        base_model=hub_base,
+        base_model_relation="finetune" if merged and hub_base else None,  # the adapter's relation the Hub infers
         tags=["grpo", "lora", "grpo-operator"],
         pipeline_tag="text-generation",
     )
     rewards = "\n".join(f"- `{r.name}` (weight {r.weight:g}): `{r.function or r.model}`" for r in spec.rewards)
+    what = f"`{base}` with a LoRA adapter folded in" if merged else "A LoRA adapter"
+    where = "" if merged else f" on `{base}`"
+    progress = (f"{spec.training.max_steps} steps. Training has started; nothing is pushed yet." if step is None
+                else f"step {step} of {spec.training.max_steps}.")
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {job.metadata.name}", "",
-        f"A LoRA adapter (rank {spec.lora.rank}, alpha {spec.lora.alpha}) trained with GRPO by grpo-operator on "
-        f"`{base}`: loss `{spec.training.loss_type}`, {spec.generation.num_generations} completions per prompt, "
-        + (f"{spec.training.max_steps} steps. Training has started; no adapter is pushed yet." if step is None
-           else f"step {step} of {spec.training.max_steps}."), "",
+        f"{what} (rank {spec.lora.rank}, alpha {spec.lora.alpha}) trained with GRPO by grpo-operator{where}: "
+        f"loss `{spec.training.loss_type}`, {spec.generation.num_generations} completions per prompt, {progress}", "",
         "## Rewards", "", rewards, "",
     ]
     if metrics:

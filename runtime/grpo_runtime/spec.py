@@ -556,15 +556,29 @@ class HubSpec(Section):
         description="end: push the final adapter once training ends; checkpoint: also push the adapter at every "
         "checkpoint (TRL's hub_strategy every_save). A checkpoint's push that fails is logged and training goes on.",
     )
+    merged_repo: str | None = Field(
+        None,
+        description="Also push final-merged/ (needs output.merged: true) to this repository, owner/name: the base with "
+        "the adapter folded in, a plain model for transformers and vLLM (Unsloth's push_to_hub_merged). Same token.",
+    )
 
-    @field_validator("repo")
+    @field_validator("repo", "merged_repo")
     @classmethod
-    def _repo(cls, value: str) -> str:
+    def _repo(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         owner, _, name = value.partition("/")
         ok = re.compile(r"^[A-Za-z0-9]([\w.-]*[A-Za-z0-9])?$")
         if not (owner and name and ok.match(owner) and ok.match(name)) or "--" in value or ".." in value:
             raise ValueError(f"must be owner/name (letters, digits, '-', '_', '.'), got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _two_repositories(self) -> HubSpec:
+        if self.merged_repo == self.repo:
+            raise ValueError("mergedRepo: must differ from repo (an adapter and a whole model in one repository "
+                             "would make loaders take the adapter for the model)")
+        return self
 
 
 class OutputSpec(Section):
@@ -594,6 +608,12 @@ class OutputSpec(Section):
         "safetensors, tokenizer and config), loadable by vLLM and transformers without peft. A 4-bit job "
         "merges into the unquantized base, not the NF4 copy it trained on. Needs CPU memory for the base.",
     )
+
+    @model_validator(mode="after")
+    def _merged_to_push(self) -> OutputSpec:
+        if self.hub is not None and self.hub.merged_repo and not self.merged:
+            raise ValueError("hub.mergedRepo: pushes final-merged/, so it needs output.merged: true")
+        return self
 
     @field_validator("uri")
     @classmethod

@@ -573,10 +573,11 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
             save_adapter(self.policy.model, tmp)
             self.storage.upload_dir(tmp, "final")
+            last = (metrics or self._last_metrics()) if self.hub is not None else None  # for the cards
             if self.job.spec.output.merged:
-                self._write_merged(tmp)
+                self._write_merged(tmp, last)
             if self.hub is not None:
-                self.hub.push(tmp, self.step, metrics or self._last_metrics(), final=True)
+                self.hub.push(tmp, self.step, last, final=True)
         return metrics
 
     def _last_metrics(self) -> dict[str, Any] | None:
@@ -586,7 +587,7 @@ class Trainer:
         records = [r for r in read_metrics(self.storage) if "reward" in r and r.get("step") == self.step]
         return records[-1] if records else None
 
-    def _write_merged(self, adapter_dir: str) -> None:
+    def _write_merged(self, adapter_dir: str, metrics: dict[str, Any] | None) -> None:
         from grpo_runtime.merge import merge_adapter
 
         model = self.job.spec.model
@@ -600,3 +601,5 @@ class Trainer:
             )
             self.storage.delete_prefix("final-merged/")  # no file of an older merge survives
             self.storage.upload_dir(tmp, "final-merged")
+            if self.hub is not None:
+                self.hub.push_merged(tmp, self.step, metrics)

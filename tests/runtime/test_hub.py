@@ -123,6 +123,52 @@ def test_a_hub_outage_at_the_end_fails_the_run_and_the_retry_pushes_without_trai
     assert "| reward |" in final.files["README.md"].decode()  # the last step's metrics, read back from the store
 
 
+def test_merged_repo_gets_final_merged_as_a_plain_model(tiny_model_dir, tmp_path, hub):
+    out = tmp_path / "out"
+    doc = hub_job(tiny_model_dir, out, mergedRepo="alice/tiny-grpo-merged")
+    doc["spec"]["output"]["merged"] = True
+    result = train(tmp_path, doc, hub)
+    assert result.returncode == 0, result.stderr
+    merged = hub.repos["alice/tiny-grpo-merged"]
+    assert merged.private
+    assert [c["message"] for c in merged.commits] == ["grpo-operator: tiny started",
+                                                      "grpo-operator: merged model of tiny at step 3"]
+    # every file of final-merged/, as the store holds it, and our card
+    stored = {f.name: f.read_bytes() for f in (out / "final-merged").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= stored.keys()
+    assert {name: data for name, data in merged.files.items() if name != "README.md"} == stored
+    meta = card_metadata(merged.files["README.md"].decode())
+    assert meta["library_name"] == "transformers"
+    assert "with a LoRA adapter folded in" in merged.files["README.md"].decode()
+    # the adapter went to its own repository, as without mergedRepo
+    assert "adapter_model.safetensors" in hub.repos["alice/tiny-grpo"].files
+    assert "model.safetensors" not in hub.repos["alice/tiny-grpo"].files
+
+
+def test_merged_repo_that_cannot_be_written_fails_at_the_start_naming_its_field(tiny_model_dir, tmp_path):
+    with HubDouble({WRITE: ("alice", "write")}) as hub:
+        doc = hub_job(tiny_model_dir, tmp_path / "out", mergedRepo="bob/not-alices")
+        doc["spec"]["output"]["merged"] = True
+        result = train(tmp_path, doc, hub)
+    assert result.returncode == 2, result.stderr
+    assert "spec.output.hub.mergedRepo: creating or writing 'bob/not-alices'" in result.stderr
+    assert "loading" not in result.stderr
+
+
+@pytest.mark.parametrize("hub_spec, merged, says", [
+    ({"repo": "a/b", "mergedRepo": "a/c"}, False, "spec.output.hub.mergedRepo: pushes final-merged/, so it needs "
+                                                  "output.merged: true"),
+    ({"repo": "a/b", "mergedRepo": "a/b"}, True, "spec.output.hub.mergedRepo: must differ from repo"),
+])
+def test_a_merged_repo_without_a_merge_or_equal_to_repo_is_refused(hub_spec, merged, says):
+    from grpo_runtime.spec import SpecError
+
+    doc = tiny_job("m", "unused")
+    doc["spec"]["output"].update(hub=hub_spec, merged=merged)
+    with pytest.raises(SpecError, match=re.escape(says)):
+        parse_job(doc)
+
+
 @pytest.mark.parametrize("repo", ["no-owner", "a/b/c", "alice/-bad", "alice/a..b", "/name"])
 def test_a_malformed_repo_is_refused_naming_the_field(repo):
     from grpo_runtime.spec import SpecError
