@@ -481,7 +481,7 @@ class Trainer:
                 self.storage, tmp, self.step, self.job.spec.checkpoint.keep
             )
             # after the store has it (the store is the record); the last step's adapter goes up as the final one
-            if self.hub is not None and self.step < self.training.max_steps:
+            if self.hub is not None and self.hub.spec.strategy == "checkpoint" and self.step < self.training.max_steps:
                 self.hub.push(tmp, self.step, self._last_metrics(), final=False)
         return self.latest_checkpoint
 
