@@ -86,12 +86,14 @@ class HubPusher:
             log.info("hub: the %s goes to %s", "merged model" if merged else f"adapter (strategy {self.spec.strategy})",
                      url)
 
-    def push(self, adapter_dir: str | Path, step: int, metrics: dict[str, Any] | None, *, final: bool) -> None:
-        """Push an adapter folder (its adapter files and our model card) as one commit."""
+    def push(self, adapter_dir: str | Path, step: int, metrics: dict[str, Any] | None, *, final: bool,
+             best: dict[str, Any] | None = None) -> None:
+        """Push an adapter folder (its adapter files and our model card) as one commit. best: best/best.json
+        when the folder is the best adapter (hub.adapter: best)."""
         if not final and self.spec.strategy != "checkpoint":
             return
-        Path(adapter_dir, "README.md").write_text(model_card(self.job, step, metrics))
-        what = "final adapter" if final else "checkpoint"
+        Path(adapter_dir, "README.md").write_text(model_card(self.job, step, metrics, best=best))
+        what = f"best adapter (step {best['step']})" if best else "final adapter" if final else "checkpoint"
         try:
             url = self._commit(self.spec.repo, adapter_dir,
                                f"grpo-operator: {what} of {self.job.metadata.name} at step {step}")
@@ -123,9 +125,11 @@ class HubPusher:
         return info.commit_url
 
 
-def model_card(job, step: int | None, metrics: dict[str, Any] | None, *, merged: bool = False) -> str:
+def model_card(job, step: int | None, metrics: dict[str, Any] | None, *, merged: bool = False,
+               best: dict[str, Any] | None = None) -> str:
     """The repository's README: what was trained, from what, on what rewards, and how it ended.
-    step None: the run has started and nothing is pushed yet. merged: the card of the merged model."""
+    step None: the run has started and nothing is pushed yet. merged: the card of the merged model.
+    best: best/best.json, when the adapter is the best one rather than the last."""
     from huggingface_hub import ModelCard, ModelCardData
 
     spec = job.spec
@@ -148,6 +152,11 @@ def model_card(job, step: int | None, metrics: dict[str, Any] | None, *, merged:
         f"# {job.metadata.name}", "",
         f"{what} (rank {spec.lora.rank}, alpha {spec.lora.alpha}) trained with GRPO by grpo-operator{where}: "
         f"loss `{spec.training.loss_type}`, {spec.generation.num_generations} completions per prompt, {progress}", "",
+    ]
+    if best:
+        lines += [f"This is the run's best adapter by `{best['metric']}` = {best['value']:.4f}, evaluated at step "
+                  f"{best['step']}; the metrics below are the last step's.", ""]
+    lines += [
         "## Rewards", "", rewards, "",
     ]
     if metrics:

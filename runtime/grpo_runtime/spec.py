@@ -556,6 +556,11 @@ class HubSpec(Section):
         description="end: push the final adapter once training ends; checkpoint: also push the adapter at every "
         "checkpoint (TRL's hub_strategy every_save). A checkpoint's push that fails is logged and training goes on.",
     )
+    adapter: Literal["final", "best"] = Field(
+        "final",
+        description="Which adapter goes up at the end: final, or best (checkpoint.keepBest's best/, as TRL's "
+        "load_best_model_at_end; the final one if no evaluation scored).",
+    )
     merged_repo: str | None = Field(
         None,
         description="Also push final-merged/ (needs output.merged: true) to this repository, owner/name: the base with "
@@ -575,6 +580,8 @@ class HubSpec(Section):
 
     @model_validator(mode="after")
     def _two_repositories(self) -> HubSpec:
+        if self.merged_repo and self.adapter == "best":
+            raise ValueError("mergedRepo: the merged model is the final adapter's, so it cannot go with adapter: best")
         if self.merged_repo == self.repo:
             raise ValueError("mergedRepo: must differ from repo (an adapter and a whole model in one repository "
                              "would make loaders take the adapter for the model)")
@@ -748,6 +755,9 @@ class GRPOJobSpec(Section):
             known = evaluation.metric_names(names)
             if metric not in known:
                 raise ValueError(f"checkpoint.keepBest: unknown eval metric {metric!r}; one of: {', '.join(known)}")
+        hub = self.output.hub
+        if hub is not None and hub.adapter == "best" and metric is None:
+            raise ValueError("output.hub.adapter: best pushes checkpoint.keepBest's adapter; set checkpoint.keepBest")
         return self
 
     @model_validator(mode="after")

@@ -577,8 +577,23 @@ class Trainer:
             if self.job.spec.output.merged:
                 self._write_merged(tmp, last)
             if self.hub is not None:
-                self.hub.push(tmp, self.step, last, final=True)
+                self._push_final(tmp, last)
         return metrics
+
+    def _push_final(self, final_dir: str, metrics: dict[str, Any] | None) -> None:
+        """The final adapter to the hub, or with hub.adapter: best the best one (best/ in the store)."""
+        from grpo_runtime.evaluation import BEST
+
+        if self.hub.spec.adapter != "best" or not self.storage.exists(f"{BEST}/best.json"):
+            if self.hub.spec.adapter == "best":
+                log.warning("hub: no evaluation scored %s, so the final adapter goes up instead of the best",
+                            self.job.spec.checkpoint.keep_best)
+            self.hub.push(final_dir, self.step, metrics, final=True)
+            return
+        best = json.loads(self.storage.read_bytes(f"{BEST}/best.json"))
+        with tempfile.TemporaryDirectory(prefix="grpo-best-") as tmp:
+            self.storage.download_dir(BEST, tmp)
+            self.hub.push(tmp, self.step, metrics, final=True, best=best)
 
     def _last_metrics(self) -> dict[str, Any] | None:
         """The last training step's record (a resumed process that ran no step has it only in the store)."""

@@ -155,7 +155,30 @@ def test_merged_repo_that_cannot_be_written_fails_at_the_start_naming_its_field(
     assert "loading" not in result.stderr
 
 
+def test_adapter_best_pushes_the_best_evaluations_adapter(tiny_model_dir, tmp_path, hub):
+    """hub.adapter: best (TRL's load_best_model_at_end, then push_to_hub): best/ goes up, not final/."""
+    import json
+
+    out = tmp_path / "out"
+    doc = hub_job(tiny_model_dir, out, adapter="best")
+    doc["spec"]["training"]["maxSteps"] = 4
+    doc["spec"]["evaluation"] = {"heldOut": 6, "everySteps": 1, "numSamples": 2}
+    doc["spec"]["checkpoint"]["keepBest"] = "eval/short/mean"
+    result = train(tmp_path, doc, hub)
+    assert result.returncode == 0, result.stderr
+    best = json.loads((out / "best" / "best.json").read_text())
+    repo = hub.repos["alice/tiny-grpo"]
+    assert repo.commits[-1]["message"] == f"grpo-operator: best adapter (step {best['step']}) of tiny at step 4"
+    assert repo.files["adapter_model.safetensors"] == (out / "best" / "adapter_model.safetensors").read_bytes()
+    assert "best.json" not in repo.files
+    assert f"best adapter by `eval/short/mean` = {best['value']:.4f}, evaluated at step {best['step']}" in \
+        repo.files["README.md"].decode()
+
+
 @pytest.mark.parametrize("hub_spec, merged, says", [
+    ({"repo": "a/b", "adapter": "best"}, False, "spec.output.hub.adapter: best pushes checkpoint.keepBest's adapter"),
+    ({"repo": "a/b", "adapter": "best", "mergedRepo": "a/c"}, True,
+     "spec.output.hub.mergedRepo: the merged model is the final adapter's"),
     ({"repo": "a/b", "mergedRepo": "a/c"}, False, "spec.output.hub.mergedRepo: pushes final-merged/, so it needs "
                                                   "output.merged: true"),
     ({"repo": "a/b", "mergedRepo": "a/b"}, True, "spec.output.hub.mergedRepo: must differ from repo"),
