@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from grpo_runtime.model import HF_TOKEN_ENV  # without hub.tokenSecret the push uses the model's token
+
 log = logging.getLogger(__name__)
 
 HUB_TOKEN_ENV = "GRPO_HUB_TOKEN"  # the pod gets it from spec.output.hub.tokenSecret
-HF_TOKEN_ENV = "HF_TOKEN"  # without hub.tokenSecret: the model's token (spec.model.tokenSecret), as huggingface_hub reads it
 FIELD = "spec.output.hub"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the hub names a model it can link
 
@@ -89,9 +90,8 @@ class HubPusher:
     def push(self, adapter_dir: str | Path, step: int, metrics: dict[str, Any] | None, *, final: bool,
              best: dict[str, Any] | None = None) -> None:
         """Push an adapter folder (its adapter files and our model card) as one commit. best: best/best.json
-        when the folder is the best adapter (hub.adapter: best)."""
-        if not final and self.spec.strategy != "checkpoint":
-            return
+        when the folder is the best adapter (hub.adapter: best). The trainer pushes checkpoints only with
+        strategy: checkpoint."""
         Path(adapter_dir, "README.md").write_text(model_card(self.job, step, metrics, best=best))
         what = f"best adapter (step {best['step']})" if best else "final adapter" if final else "checkpoint"
         try:

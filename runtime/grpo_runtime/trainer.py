@@ -299,6 +299,7 @@ class Trainer:
         self.best = None  # grpo_runtime.evaluation.BestAdapter when checkpoint.keepBest is set
         self._at_max_lengths = True  # the first step of every process probes the worst-case memory
         self._clashes_told: set[str] = set()  # reward metrics named like built-in ones, warned about once
+        self._last_step_metrics: dict[str, Any] | None = None  # the hub's cards: the record run_step wrote last
 
     # -- one step -------------------------------------------------------------------------
 
@@ -424,6 +425,7 @@ class Trainer:
         self._tell_clashes(scores.add_logged(metrics))
         self._write_samples(rows, completions, scores)
         self.metrics_log.append(metrics)
+        self._last_step_metrics = metrics
         return metrics
 
     def _tell_clashes(self, clashes: list[str]) -> None:
@@ -573,7 +575,7 @@ class Trainer:
         with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
             save_adapter(self.policy.model, tmp)
             self.storage.upload_dir(tmp, "final")
-            last = (metrics or self._last_metrics()) if self.hub is not None else None  # for the cards
+            last = self._last_metrics() if self.hub is not None else None  # for the cards
             if self.job.spec.output.merged:
                 self._write_merged(tmp, last)
             if self.hub is not None:
@@ -596,7 +598,10 @@ class Trainer:
             self.hub.push(tmp, self.step, metrics, final=True, best=best)
 
     def _last_metrics(self) -> dict[str, Any] | None:
-        """The last training step's record (a resumed process that ran no step has it only in the store)."""
+        """The last training step's record: the one run_step wrote, or (a resumed process that has run no step
+        yet) the store's."""
+        if self._last_step_metrics is not None and self._last_step_metrics["step"] == self.step:
+            return self._last_step_metrics
         from grpo_runtime.metrics_log import read_metrics
 
         records = [r for r in read_metrics(self.storage) if "reward" in r and r.get("step") == self.step]
