@@ -753,6 +753,9 @@ def run(args) -> tuple[dict, list[Part]]:
         def flush():
             write_results(out, env, [parts[k] for k in sorted(parts)])
 
+        if key in ("e", "f"):  # they load their own models: part c's 8B must not stay resident beside them
+            loaded.clear()
+            free_memory()
         try:
             if key == "a":
                 part_loss(part, shapes, device, deadline, flush)
@@ -761,12 +764,8 @@ def run(args) -> tuple[dict, list[Part]]:
             elif key == "c":
                 part_offload(part, shapes, device, deadline, args.smoke, loaded)
             elif key == "f":
-                loaded.clear()
-                free_memory()
                 part_train(part, args.smoke)
             elif key == "e":
-                loaded.clear()
-                free_memory()
                 part_vllm(part, shapes, device, deadline, args.smoke)
             else:
                 part_kernels(part, shapes, device, deadline)

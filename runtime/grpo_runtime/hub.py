@@ -51,8 +51,8 @@ class HubPusher:
         if not self.token:
             raise HubError(
                 f"{FIELD}.repo: pushing to {self.spec.repo!r} needs a write token and none was given: set "
-                f"{_secret_field(self.spec)} to a Secret whose key HF_TOKEN holds one (without a cluster: export "
-                f"{HUB_TOKEN_ENV} or HF_TOKEN)"
+                f"{_secret_field(self.spec)} to a Secret whose key {HF_TOKEN_ENV} holds one (without a cluster: export "
+                f"{HUB_TOKEN_ENV} or {HF_TOKEN_ENV})"
             )
         self.api = HfApi(token=self.token)
 
