@@ -393,7 +393,9 @@ class Trainer:
         self._at_max_lengths = False
         batch = build_batch(prompt_ids, completions, self.policy.tokenizer.pad_token_id, self.policy.device, pad_to,
                             mask_truncated=self.training.mask_truncated_completions)
+        learner_started = time.perf_counter()
         losses = self.optimise(batch, advantages)
+        learner_seconds = time.perf_counter() - learner_started
         self.engine.sync(self.policy)
         self.step += 1
         seconds = time.perf_counter() - started
@@ -418,7 +420,10 @@ class Trainer:
             "completion_length/max": lengths.max().item(),
             "clipped_ratio": sum(c.truncated for c in completions) / len(completions),
             "tokens_per_second": lengths.sum().item() / seconds,
-            "generation_seconds": generated_at - started,
+            "generation_seconds": generated_at - started,  # the wake and the previous step's weight push included
+            # the weight push made in this step: at its wake when the engine sleeps (the previous update), else just now
+            "sync_seconds": self.engine.last_sync_seconds,
+            "learner_seconds": learner_seconds,  # old/ref log-probs, forward, backward, optimizer
             "step_seconds": seconds,
             "peak_memory_mb": _peak_memory_mb(self.policy.device),
         }

@@ -782,6 +782,17 @@ def test_sampling_params_pass_through_to_vllm(engine, policy):
     assert all(len(c.completion_ids) == 10 for c in completions), "min_tokens = max_tokens forbids an early end"
 
 
+def test_ignore_eos_gives_completions_of_max_tokens_even_where_eos_is_all_the_model_says(engine, policy):
+    """samplingParams.ignore_eos (fixed-length rollouts, as benchmarks and the GPU suite use): none of the
+    EOS ids the engine stops on ends a completion, the generation config's included."""
+    prompts = [prompt(policy.tokenizer, "fixed length")]
+    eos_only = {"logit_bias": {token: 100.0 for token in engine.eos_ids}}
+    ended = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=0, extra=eos_only))
+    assert [(len(c.completion_ids), c.truncated) for c in ended] == [(1, False)] * 2  # EOS first: it ends them
+    fixed = engine.generate(prompts, SamplingConfig(n=2, max_tokens=8, seed=0, extra={**eos_only, "ignore_eos": True}))
+    assert [(len(c.completion_ids), c.truncated) for c in fixed] == [(8, True)] * 2
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -852,6 +863,8 @@ def test_grpo_train_with_the_vllm_engine_writes_metrics_and_checkpoints(vllm_tin
     for m in metrics:
         assert REQUIRED_METRICS <= m.keys()
         assert 0 <= m["completion_length/mean"] <= m["completion_length/max"] <= 12
+        # merged float32 on CPU: the update is pushed right after the learner, within the step
+        assert 0 < m["sync_seconds"] < m["step_seconds"] - m["learner_seconds"]
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "step-3"
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step-2", "step-3"]
     assert (out / "final" / "adapter_model.safetensors").is_file()

@@ -24,7 +24,7 @@ from tests.runtime.test_tracking import mlflow_server  # noqa: F401  (a fixture)
 from tests.runtime.test_trainer import read_metrics, run_in_process, tiny_job, write_job
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING = {"tokens_per_second", "generation_seconds", "step_seconds", "peak_memory_mb", "eval/seconds"}
+TIMING = {"tokens_per_second", "generation_seconds", "sync_seconds", "learner_seconds", "step_seconds", "peak_memory_mb", "eval/seconds"}
 
 
 def train_lines(metrics):

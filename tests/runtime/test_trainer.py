@@ -18,7 +18,8 @@ REQUIRED_METRICS = {
     "step", "loss", "reward", "reward_std", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
     "frac_reward_zero_std",
     "completion_length/mean", "completion_length/max", "clipped_ratio", "tokens_per_second",
-    "step_seconds", "peak_memory_mb", "grad_norm", "learning_rate",
+    "generation_seconds", "sync_seconds", "learner_seconds", "step_seconds", "peak_memory_mb", "grad_norm",
+    "learning_rate",
 }
 
 
@@ -91,6 +92,8 @@ def test_train_writes_metrics_samples_checkpoints_and_final_adapter(tiny_model_d
         assert {"rewards/correct/mean", "rewards/correct/std", "rewards/short/mean", "rewards/short/std"} <= m.keys()
         assert 0 <= m["completion_length/mean"] <= m["completion_length/max"] <= 12
         assert m["peak_memory_mb"] > 0 and m["tokens_per_second"] > 0
+        assert m["sync_seconds"] == 0.0  # the hf engine generates with the learner's own model: nothing pushed
+        assert 0 < m["learner_seconds"] < m["step_seconds"] and m["generation_seconds"] < m["step_seconds"]
     # the weighted sum is what the per-reward means say it is
     assert metrics[0]["reward"] == pytest.approx(metrics[0]["rewards/correct/mean"] + 0.5 * metrics[0]["rewards/short/mean"], abs=1e-5)
     assert (out / "spec.yaml").is_file() and yaml.safe_load((out / "spec.yaml").read_text())["spec"]["training"]["maxSteps"] == 3

@@ -53,6 +53,9 @@ class Completion:
 
 class Engine(Protocol):
     name: str
+    # seconds the last push of the learner's weights took (0 where generation runs on the learner's own
+    # model); a sleeping engine pushes at its next wake, so a step reads it after generating
+    last_sync_seconds: float
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """len(prompt_ids) * n completions, grouped: all n of prompt 0, then prompt 1, ..."""

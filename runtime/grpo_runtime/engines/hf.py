@@ -52,6 +52,7 @@ def hf_sampling_kwargs(extra: dict[str, Any]) -> dict[str, Any]:
 
 class HFEngine:
     name = "hf"
+    last_sync_seconds = 0.0  # generation runs on the learner's own model: nothing is pushed
 
     def __init__(self, policy, *, max_batch_sequences: int = 64, fp32_logits: bool = False):
         self.model = policy.model

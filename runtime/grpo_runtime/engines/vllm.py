@@ -87,6 +87,7 @@ from grpo_runtime.messages import first_line
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 # An ImportError here is how make_engine learns that vllm is not usable.
+import vllm  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.config.lora import MaxLoRARanks  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
@@ -371,12 +372,10 @@ class VLLMEngine:
             )
 
     def _nf4_checkpoint(self, policy) -> str:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm_bnb_plugin") is None:
+        if bitsandbytes_loader() is None:
             raise EngineError(
-                "spec.model.loadIn4bit: vLLM loads bitsandbytes 4-bit weights through the vllm-bnb-plugin "
-                "package, which is not installed (the gpu extra brings it)"
+                f"spec.model.loadIn4bit: vLLM {vllm.__version__} has no bitsandbytes loader: from vLLM 0.32 it "
+                "is the vllm-bnb-plugin package, which is not installed (the gpu extra brings it)"
             )
         from grpo_runtime.model import cache_root
 
@@ -470,7 +469,9 @@ class VLLMEngine:
             stop=list(sampling.stop),
             include_stop_str_in_output=True,
             logprobs=0,  # the sampled token's own log-prob, for the loss's sampling correction
-            stop_token_ids=self.eos_ids + list(extra.pop("stop_token_ids", None) or []),
+            # the model's EOS ids are passed as stop ids (its generation config may name several); ignore_eos
+            # means none of them ends a completion, as vLLM reads it for the tokenizer's own
+            stop_token_ids=([] if extra.get("ignore_eos") else self.eos_ids) + list(extra.pop("stop_token_ids", None) or []),
             seed=None if sampling.seed is None else prompt_seed(sampling.seed, index),
             **extra,
         )
@@ -569,6 +570,18 @@ def _install_adapter(worker, adapter_id: int, tensors: dict[str, torch.Tensor], 
     adapters.add_adapter(lora)
     adapters.activate_adapter(adapter_id)
     return sorted(set(lora.loras) - set(adapters.modules))
+
+
+def bitsandbytes_loader() -> str | None:
+    """The module vLLM loads a 4-bit base with: built into vLLM up to 0.31 (the offline GPU bundle's
+    0.26 among them), the vllm-bnb-plugin package from 0.32 (it replaces the built-in one where both
+    are); None when this vLLM has neither."""
+    import importlib.util
+
+    for module in ("vllm_bnb_plugin", "vllm.model_executor.model_loader.bitsandbytes_loader"):
+        if importlib.util.find_spec(module) is not None:
+            return module
+    return None
 
 
 # --- the learner's weights, as the engine takes them ----------------------------------------------
