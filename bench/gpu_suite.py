@@ -1,6 +1,6 @@
 """The GPU proof: one command that measures, on a real GPU, what users buy this project for.
 
-    bash bench/gpu_suite.sh                # on a bare GPU machine: installs the carried wheels, runs every part
+    bash bench/gpu_suite.sh --parts e,g,h  # on a bare GPU machine: unpacks the carried bundle, runs those parts
     python bench/gpu_suite.py --smoke      # the very same code at tiny shapes on CPU (the test suite runs it)
 
 Parts, side by side in one process, each written to the results as soon as it ends (a run cut short
@@ -26,6 +26,16 @@ still leaves what it measured):
               run twice uninterrupted, and once killed inside step 4 and resumed from step 2's
               checkpoint; the resumed metrics equal the uninterrupted ones as closely as two
               uninterrupted runs equal each other.
+
+  g. job      `grpo train` with the vLLM engine (bench/gpu_job_part.py) on random-init models of the real
+              configurations, fixed-length completions: Qwen2.5-1.5B QLoRA, 8 x (256 + 768) tokens, and
+              Llama-3.1-8B QLoRA at 20,480 tokens of context (18,432 prompt + 2,048 generated) x 8, offload;
+              the process's peak device memory (NVML: learner and vLLM together) beside the seeds' 5 GB and
+              54.3 GB, each step split into generation, weight sync and learner time; the Qwen job killed
+              inside step 2 and resumed, held against a second uninterrupted run.
+  h. trl      TRL's GRPOTrainer with vLLM colocate (bench/gpu_trl_part.py) on part g's Qwen job, same
+              batch and lengths: step time and peak device memory beside ours (goals: memory <= 0.5x,
+              time <= 1.0x; reported, not checked). Where TRL cannot run a setting, its error is the row.
 
 Every part reports peak torch.cuda.max_memory_allocated and CUDA-event times (on CPU: wall time,
 memory not measured). A part that cannot run (a missing package, the time budget spent) is listed
@@ -59,22 +69,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "bench")]
+from gpu_models import LLAMA_8B, QWEN_1_5B, TINY  # noqa: E402
 
 GiB = 2**30
 BF16_REL = 2e-2  # relative error (norm of the difference / norm of the reference) accepted between bf16 paths
-
-QWEN_1_5B = dict(  # Qwen/Qwen2.5-1.5B-Instruct config.json
-    model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
-LLAMA_8B = dict(  # meta-llama/Llama-3.1-8B-Instruct config.json (llama3 rope scaling left out: same cost)
-    model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=512, max_position_embeddings=4096)
 
 
 @dataclass(frozen=True)
@@ -604,18 +602,25 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
 # --------------------------------------------------------------------------- e. the co-hosted vLLM engine
 
 
+def vllm_runs_here(smoke: bool) -> None:
+    """NotRun where the installed vLLM is not built for the device the run uses: the GPU bundle's CUDA build
+    rehearsed on a CPU machine, say."""
+    if smoke:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise NotRun(f"the installed vLLM is built for {current_platform.device_name or 'GPUs'}, and --smoke runs on CPU")
+
+
 def part_vllm(part: Part, shapes: Shapes, device, deadline: float, smoke: bool) -> None:
     from gpu_vllm_part import run as run_vllm_part
 
-    if device.type == "cpu":
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():  # e.g. the runtime image's CUDA build, rehearsed on a CPU machine
-            raise NotRun(f"the installed vLLM is built for {current_platform.device_name or 'GPUs'}, and --smoke runs on CPU")
+    vllm_runs_here(smoke)
     result = run_vllm_part(smoke=smoke)
     if "error" in result:
         raise RuntimeError(result["error"])
     part.rows.append({"shape": result["shape"], "sync": result["sync_mode"], "sleep_level": result["sleep_level"],
+                      "cuda_graphs": result["cudagraph_mode"], "kv_cache_gb": _gb(result["kv_cache_bytes"]),
                       "sync_s": result.get("sync_seconds")})
     part.rows += [{"stage": stage, "used_gb": _gb(used)} for stage, used in result["memory_bytes"].items()]
     small = result["small_update"]
@@ -625,6 +630,11 @@ def part_vllm(part: Part, shapes: Shapes, device, deadline: float, smoke: bool) 
     part.check("small bf16 update: abs(slope - 1)", abs(small["slope"] - 1), 0.2)
     oom = result["oom_at_wake"]
     if device.type == "cuda":
+        part.rows.append({"returned by sleep (level %s), GB" % result["sleep_level"]: _gb(result["returned_by_sleep_bytes"]),
+                          "the job's KV cache, GB": _gb(result["kv_cache_bytes"])})
+        # sleep frees the KV cache at any level: if less than it comes back, vLLM's pools stayed mapped
+        part.check("sleep returned less than the KV cache (GB short)",
+                   (result["kv_cache_bytes"] - result["returned_by_sleep_bytes"]) / 1e9, 0.0)
         part.check("OOM at wake exits 1 naming the knob (0 = yes)", 0.0 if oom["status"] == "passed" else 1.0, 0.0)
         part.rows.append({"oom_at_wake": oom["status"], "exit_code": oom.get("exit_code"), "error": oom.get("error")})
     else:  # the CPU build has no sleep mode: say so, never count it
@@ -664,6 +674,126 @@ def part_train(part: Part, smoke: bool) -> None:
     part.check("resumed vs straight, worst metric (rel), limit max(1e-4, 2 x run to run)", diff, max(1e-4, 2 * noise))
 
 
+# --------------------------------------------------------------------------- g. the whole job on vLLM
+
+
+def part_job(part: Part, smoke: bool, deadline: float) -> dict:
+    """`grpo train` with the vLLM engine on the real shapes (bench/gpu_job_part.py); returns its runs for part h."""
+    from gpu_job_part import COMPARED
+    from gpu_job_part import run as run_job_part
+    from gpu_train_part import worst_difference
+
+    vllm_runs_here(smoke)
+    with tempfile.TemporaryDirectory(prefix="grpo-gpu-job-") as tmp:
+        result = run_job_part(smoke, Path(tmp), deadline)
+    device = result["device"]
+    for key in result["not_run"]:
+        part.rows.append({"job": key, "result": "not run: time budget spent"})
+    ran = []
+    for key, case_result in result["cases"].items():
+        case = case_result["case"]
+        for name, r in case_result["runs"].items():
+            label = f"{case.title}, {name}"
+            if "not_run" in r:
+                part.rows.append({"job": label, "result": f"not run: {r['not_run']}"})
+                continue
+            ran.append((case, name, r))
+            torch_peak = max((m.get("peak_memory_mb") or 0 for m in r["metrics"]), default=None)
+            part.rows.append({"job": label, "result": "ran", "exit_codes": " ".join(map(str, r["exit_codes"])),
+                              "steps": len(r["metrics"]), "wall_s": sum(r["seconds"]), "peak_gb": _gb(r["peak_bytes"]),
+                              "torch_peak_gb": None if torch_peak is None else torch_peak * 2**20 / 1e9})
+            if r["exit_codes"][-1] != 0:
+                print(f"[gpu-suite] part g: {label} exited {r['exit_codes'][-1]}:\n{r['stderr_tail']}", flush=True)
+            if name == "straight":
+                tokens = case.generations * case.completion_tokens
+                for m in r["metrics"]:
+                    generating = m["generation_seconds"] - m["sync_seconds"]
+                    part.rows.append({"job": case.title, "step": m["step"], "generation_s": generating,
+                                      "sync_s": m["sync_seconds"], "learner_s": m["learner_seconds"],
+                                      "step_s": m["step_seconds"], "generated_tokens_per_s": tokens / max(generating, 1e-9)})
+                for what, seeds in case.claims:
+                    part.claim(f"{case.title} job, peak (learner + vLLM) vs {what}",
+                               r["peak_bytes"] if device == "cuda" else None, seeds)
+    if not ran:
+        raise NotRun("no run started within the time budget")
+    part.check("runs that did not end with exit 0", sum(r["exit_codes"][-1] != 0 for _, _, r in ran), 0)
+    part.check(f"runs whose model did not load on {device}", sum(not r["loaded_on_device"] for _, _, r in ran), 0)
+    part.check("runs that did not log every step", sum([m["step"] for m in r["metrics"]] != list(range(1, c.steps + 1))
+                                                       for c, _, r in ran), 0)
+    part.check("steps whose completions were not all of maxCompletionLength (ignore_eos)",
+               sum(m["completion_length/mean"] != c.completion_tokens for c, _, r in ran for m in r["metrics"]), 0)
+    part.check("steps without a weight push to vLLM (sync_seconds 0)",
+               sum(m["sync_seconds"] <= 0 for _, _, r in ran for m in r["metrics"]), 0)
+    qwen = result["cases"].get("qwen")
+    runs = qwen["runs"] if qwen else {}
+    resumed, straight, again = (runs.get(n, {}) for n in ("resumed", "straight", "again"))
+    if "metrics" in resumed:
+        part.check("the killed run exited 137 and the next resumed from step-1 (0 = yes)",
+                   0.0 if resumed["exit_codes"][0] == 137 and resumed["resumed_at_1"] else 1.0, 0.0)
+    if all(len(r.get("metrics", ())) == qwen["case"].steps for r in (resumed, straight, again)):  # compare whole runs
+        noise = worst_difference(straight["metrics"], again["metrics"], COMPARED)
+        diff = worst_difference(straight["metrics"], resumed["metrics"], COMPARED)
+        for compared, value in (("again vs straight, run to run", noise), ("resumed vs straight", diff)):
+            part.rows.append({"compared": compared, "worst metric over the steps (rel)": value})
+        part.check("resumed vs straight, worst metric (rel), limit max(1e-4, 2 x run to run)", diff, max(1e-4, 2 * noise))
+    return result
+
+
+# --------------------------------------------------------------------------- h. TRL beside us
+
+
+def part_trl(part: Part, smoke: bool, deadline: float, job_result: dict | None) -> None:
+    """TRL's GRPOTrainer on part g's Qwen job (bench/gpu_trl_part.py): step time and peak device memory."""
+    from gpu_trl_part import run as run_trl_part
+
+    vllm_runs_here(smoke)
+    ours = None
+    if job_result and "qwen" in job_result["cases"]:
+        ours = job_result["cases"]["qwen"]["runs"].get("straight")
+        ours = ours if ours and "metrics" in ours else None
+    with tempfile.TemporaryDirectory(prefix="grpo-gpu-trl-") as tmp:
+        result = run_trl_part(smoke, Path(tmp), deadline, ours)
+    ours, case = result["ours"], result["case"]
+    if "not_run" in ours:
+        raise NotRun(f"our job: {ours['not_run']}")
+    cpu_note = " (CPU twin: TRL's generate; its vLLM colocate mode needs a GPU build of vLLM)" if smoke else ""
+    our_step = ours["metrics"][-1]["step_seconds"] if ours.get("metrics") else None
+    part.rows.append({"run": f"ours, {case.title}", "result": "ran" if ours.get("exit_codes", [1])[-1] == 0 else
+                      f"exit {ours.get('exit_codes')}", "step 2 s": our_step, "peak_gb": _gb(ours.get("peak_bytes"))})
+    trl_ok = None
+    for attempt in result["trl"]:
+        ok = "error" not in attempt
+        trl_ok = attempt if ok else trl_ok
+        part.rows.append({"run": f"TRL {version_of('trl')}, {attempt['setting']}{cpu_note}",
+                          "result": "ran" if ok else attempt["error"],
+                          "step 2 s": attempt["step_seconds"][-1] if ok and attempt["step_seconds"] else None,
+                          "peak_gb": _gb(attempt.get("peak_bytes")) if ok else None})
+        if not ok:
+            print(f"[gpu-suite] part h: TRL ({attempt['setting']}) failed:\n{attempt.get('traceback', '')}", flush=True)
+    if not trl_ok and all(a.get("cut_short") or a["error"].startswith("not run") for a in result["trl"]):
+        raise NotRun("TRL's run did not finish within the time budget")
+    part.check("our job ran its steps (0 = yes)", 0.0 if ours.get("exit_codes", [1])[-1] == 0 else 1.0, 0.0)
+    part.check("TRL ran one of its settings (0 = yes; else the rows say why)", 0.0 if trl_ok else 1.0, 0.0)
+    if trl_ok and our_step and trl_ok["step_seconds"]:
+        for goal, mine, theirs, limit in (
+            ("peak device memory (GB), ours / TRL (goal <= 0.5)", ours["peak_bytes"] / 1e9, trl_ok["peak_bytes"] / 1e9,
+             0.5),
+            ("step time (s), ours / TRL (goal <= 1.0)", our_step, trl_ok["step_seconds"][-1], 1.0),
+        ):
+            ratio = mine / theirs if theirs else None
+            part.claims.append({"goal": goal + cpu_note, "ours": mine, "trl": theirs, "ratio": ratio,
+                                "holds": None if ratio is None or smoke else bool(ratio <= limit)})
+
+
+def version_of(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -700,12 +830,14 @@ def missing_modules() -> dict[str, str]:
     """Modules the parts need that this machine lacks, each with what to do about it."""
     import importlib.util
 
-    need = {"pydantic": "the spec (bring its wheels: bench/gpu_wheels.txt)",
-            "bitsandbytes": "the NF4 base of the steps (bring its wheel: bench/gpu_wheels.txt)",
+    need = {"pydantic": "the spec (carry the bundle: bench/gpu_bundle.py)",
+            "bitsandbytes": "the NF4 base of the steps (carry the bundle: bench/gpu_bundle.py)",
             "peft": "LoRA", "transformers": "the models", "triton": "the Triton kernels", "yaml": "the manifests",
             "tokenizers": "the stand-in tokenizer",
-            "vllm": "the co-hosted engine; its CUDA wheel (336 MB for 0.33) and the torch it pins are too large "
-                    "to carry to a bare GPU machine"}
+            "vllm": "the co-hosted engine (carry the bundle: bench/gpu_bundle.py, vLLM 0.26 for the machine's "
+                    "torch 2.11)",
+            "trl": "TRL's GRPOTrainer (it rides in the bundle)", "datasets": "TRL's datasets (in the bundle)",
+            "psutil": "the memory of a child process"}
     return {name: why for name, why in need.items() if importlib.util.find_spec(name) is None}
 
 
@@ -716,8 +848,15 @@ PARTS = {  # key: (title, what it needs)
     "d": ("Triton vs torch chunk kernels", ("triton",)),
     "e": ("Co-hosted vLLM engine", ("vllm", "pydantic", "peft", "transformers", "tokenizers")),
     "f": ("grpo train end to end, killed and resumed", ("pydantic", "peft", "transformers", "yaml", "tokenizers")),
+    "g": ("The whole job on vLLM: memory, time split, resume", ("vllm", "pydantic", "peft", "transformers", "yaml",
+                                                                  "tokenizers", "psutil")),
+    "h": ("TRL's GRPOTrainer (vLLM colocate) beside ours", ("vllm", "trl", "datasets", "pydantic", "peft",
+                                                             "transformers", "yaml", "tokenizers", "psutil")),
 }
-ORDER = ("d", "a", "c", "b", "f", "e")  # cheap first; c loads the 8B model that b then trains; vLLM last
+# Cheap first; c loads the 8B model that b then trains. Then the co-hosted engine, the most telling first: the
+# whole job's figures (g), TRL beside them (h, which reuses g's run of ours), then the engine's own sequence (e,
+# in this process: vLLM's per-process state stays here, so it goes last).
+ORDER = ("d", "a", "c", "b", "f", "g", "h", "e")
 
 
 def run(args) -> tuple[dict, list[Part]]:
@@ -733,6 +872,7 @@ def run(args) -> tuple[dict, list[Part]]:
     missing = missing_modules()
     deadline = time.monotonic() + args.budget_s
     loaded: dict = {}
+    job_result = None  # part g's runs: part h compares TRL with its Qwen run
     out = results_paths(args.out, env)
     for key in ORDER:
         part = parts[key]
@@ -753,7 +893,7 @@ def run(args) -> tuple[dict, list[Part]]:
         def flush():
             write_results(out, env, [parts[k] for k in sorted(parts)])
 
-        if key in ("e", "f"):  # they load their own models: part c's 8B must not stay resident beside them
+        if key in ("e", "f", "g", "h"):  # they load their own models: part c's 8B must not stay resident beside them
             loaded.clear()
             free_memory()
         try:
@@ -765,6 +905,10 @@ def run(args) -> tuple[dict, list[Part]]:
                 part_offload(part, shapes, device, deadline, args.smoke, loaded)
             elif key == "f":
                 part_train(part, args.smoke)
+            elif key == "g":
+                job_result = part_job(part, args.smoke, deadline)
+            elif key == "h":
+                part_trl(part, args.smoke, deadline, job_result)
             elif key == "e":
                 part_vllm(part, shapes, device, deadline, args.smoke)
             else:
@@ -853,7 +997,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, Triton under its interpreter")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for gpu-<device>-<date>.md/.json")
-    p.add_argument("--parts", default="abcdef", help="which parts to run (default: all)")
+    p.add_argument("--parts", default="abcdefgh", help="which parts to run, e.g. e,g,h (default: all)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="wall-clock budget: a part (or loss row) not started by then is reported as not run")
     args = p.parse_args(argv)

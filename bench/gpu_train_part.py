@@ -45,32 +45,40 @@ def job_manifest(model_dir: Path, output: Path) -> dict:
     }
 
 
-def _train(job: Path, device: str, die_on_call: int | None = None) -> subprocess.CompletedProcess:
-    # The carried wheels' PYTHONPATH stays; the repository's runtime/ and root (for tests.runtime.crash_rewards) lead.
+def train_env(device: str, die_on_call: int | None = None) -> dict[str, str]:
+    """The environment `grpo train` runs in: the bundle's PYTHONPATH kept, the repository's runtime/ and root
+    (for tests.runtime.crash_rewards) first."""
     path = os.pathsep.join(p for p in (str(REPO / "runtime"), str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "GRPO_DEVICE": device, "GRPO_TEST_DIE_ON_CALL": str(die_on_call or 0)}
     if device == "cuda":
         env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", "grpo_runtime.cli", "train", str(job), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return env
 
 
-def _metrics(output: Path) -> list[dict]:
+TRAIN = [sys.executable, "-m", "grpo_runtime.cli", "train"]
+
+
+def _train(job: Path, device: str, die_on_call: int | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*TRAIN, str(job), "--quiet"], capture_output=True, text=True,
+                          env=train_env(device, die_on_call), timeout=300)
+
+
+def read_metrics(output: Path) -> list[dict]:
     from grpo_runtime import metrics_log
     from grpo_runtime.storage import open_storage
 
-    return metrics_log.read_metrics(open_storage(str(output)))
+    return metrics_log.read_metrics(open_storage(str(output))) if output.exists() else []
 
 
-def _tail(text: str, lines: int = 15) -> str:
+def tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def worst_difference(a: list[dict], b: list[dict]) -> float:
+def worst_difference(a: list[dict], b: list[dict], keys: tuple[str, ...] = COMPARED) -> float:
     """Largest relative difference of the compared metrics over the steps both runs logged."""
     worst = 0.0
     for x, y in zip(a, b):
-        for key in COMPARED:
+        for key in keys:
             scale = max(abs(x[key]), abs(y[key]), 1e-6)
             worst = max(worst, abs(x[key] - y[key]) / scale)
     return worst
@@ -94,7 +102,7 @@ def run(smoke: bool, workdir: Path) -> dict:
             "exit_codes": [a.returncode for a in attempts],
             "loaded_on_device": f"loading {model} on {device}" in attempts[0].stderr,
             "resumed_at_2": "resumed from checkpoints/step-2 at step 2" in attempts[-1].stderr,
-            "metrics": _metrics(folder / "out") if (folder / "out").exists() else [],
-            "stderr_tail": _tail(attempts[-1].stderr),
+            "metrics": read_metrics(folder / "out"),
+            "stderr_tail": tail(attempts[-1].stderr),
         }
     return result

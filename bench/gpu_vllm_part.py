@@ -14,8 +14,9 @@ The sequence, with the runtime's own calls (grpo_runtime.engines.vllm):
     engine.sync(policy)          asleep: kept, pushed at the next wake
     engine.wake()                weights mapped, base refilled (level 2) + adapter pushed, KV cache mapped
     engine.generate(...)         engine.last_sync_seconds: the push's time
-Memory at each stage is the device's used memory (CUDA: mem_get_info, learner and engine together;
-CPU: the process's RSS). Every check reports status "passed", "failed" or "not run: why": a check
+Memory at each stage is the device's used memory (CUDA: NVML, learner and engine together, vLLM's own
+pools included; CPU: the process's RSS). What sleep returns is held against the KV cache the job sized
+(sleep frees it at any level; level 1 also moves the weights to host memory, level 2 drops them). Every check reports status "passed", "failed" or "not run: why": a check
 that cannot run here is never reported as passed.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for path in (REPO / "runtime", REPO / "operator"):
+for path in (REPO / "runtime", REPO / "operator", REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
@@ -75,14 +76,15 @@ def build_model(directory: Path, shape: str) -> Path:
 
 
 def _used_bytes(cuda: bool) -> int:
-    import torch
+    """CUDA: the device's used memory through NVML (vLLM's sleep-mode pools live outside torch's allocator);
+    CPU: the process's RSS."""
+    from device_memory import device_used_bytes
 
     if cuda:
+        import torch
+
         torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        return total - free
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return device_used_bytes(cuda)
 
 
 def _step(policy, prompt_ids, completions, lr: float) -> None:
@@ -171,6 +173,9 @@ def run(smoke: bool, *, shape: str | None = None, lr: float = 2e-5) -> dict[str,
         training = TrainingSpec(prompts_per_step=1 if smoke else 4)
         engine = make_engine(generation, policy, training_spec=training, model_spec=model_spec)
         result["sync_mode"], result["sleep_level"] = engine.mode, engine.sleep_level
+        result["kv_cache_bytes"] = engine.sizing.kv_cache_bytes  # the job-sized budget, not vLLM's default share
+        compilation = engine.llm.llm_engine.vllm_config.compilation_config
+        result["cudagraph_mode"] = str(getattr(compilation, "cudagraph_mode", "?"))
         memory["engine built (asleep on CUDA)"] = _used_bytes(cuda)
         try:
             prompt_ids = policy.tokenizer.encode(" ".join(f"w{i}" for i in range(5, 25)), add_special_tokens=False)
@@ -184,6 +189,7 @@ def run(smoke: bool, *, shape: str | None = None, lr: float = 2e-5) -> dict[str,
             engine_before = _engine_logprobs(engine, prompt_ids, group)
             engine.sleep()
             memory["asleep"] = _used_bytes(cuda)
+            result["returned_by_sleep_bytes"] = memory["generated"] - memory["asleep"]
 
             _step(policy, prompt_ids, group, lr)
             memory["learner stepped"] = _used_bytes(cuda)

