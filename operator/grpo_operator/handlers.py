@@ -92,7 +92,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.setdefault("metrics", Metrics())
     memo.locks = collections.defaultdict(asyncio.Lock)
     memo.inflight = InFlight()
-    memo.kube = kube.Kube(await kube.connect())
+    # The Kueue API version of this run: the supervisor discovered it (supervisor.py) and restarts
+    # kopf when it changes (Kueue installed, upgraded to serve v1beta2, or removed).
+    memo.kube = kube.Kube(await kube.connect(), kueue_version=memo.get("kueue_version"))
     memo.resync = asyncio.create_task(resync(memo), name="GRPOJob resync")
 
 
@@ -164,9 +166,10 @@ async def workload_changed(
     await reconcile(memo, namespace, labels[render.LABEL_JOB], logger)
 
 
-def registry(*, with_kueue: bool) -> kopf.OperatorRegistry:
-    """The handlers of one kopf run. Kueue's Workloads are watched only where Kueue is installed
-    (the supervisor asks discovery): kopf warns about every resource it cannot resolve."""
+def registry(*, kueue_version: str | None) -> kopf.OperatorRegistry:
+    """The handlers of one kopf run. Kueue's Workloads are watched in `kueue_version`, the version
+    kueue.workload_version() chose from discovery; not at all where Kueue is not installed (None):
+    kopf warns about every resource it cannot resolve."""
     reg = kopf.OperatorRegistry()
     # kopf's default registry logs in through the kubernetes client (in-cluster or kubeconfig); so here.
     kopf.on.login(registry=reg)(kopf.login_via_client)
@@ -177,8 +180,8 @@ def registry(*, with_kueue: bool) -> kopf.OperatorRegistry:
     kopf.on.update(*JOBS, field="spec.runPolicy.suspend", backoff=5, registry=reg)(job_changed)
     kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT}, registry=reg)(pod_changed)
     kopf.on.event(*JOBS, registry=reg)(job_seen)
-    if with_kueue:
-        kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.PLURAL, labels={render.LABEL_JOB: kopf.PRESENT},
+    if kueue_version:
+        kopf.on.event(kueue.GROUP, kueue_version, kueue.PLURAL, labels={render.LABEL_JOB: kopf.PRESENT},
                       registry=reg)(workload_changed)
     return reg
 
@@ -239,9 +242,12 @@ async def _reconcile(
 
 async def _create_workload(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, logger: logging.Logger) -> None:
     settings: Settings = memo.settings
-    workload = kueue.workload(job, render.pod(spec, 1, image=settings.runtime_image))
-    kopf.append_owner_reference(workload, owner=job)
+    version = memo.kube.kueue_version
     try:
+        if version is None:
+            raise kube.NotServed(f"{kueue.GROUP} Workloads are not served: is Kueue installed?")
+        workload = kueue.workload(job, render.pod(spec, 1, image=settings.runtime_image), version=version)
+        kopf.append_owner_reference(workload, owner=job)
         await memo.kube.create_workload(workload)
     except kube.Conflict:
         pass  # made before a restart: its name carries the job's uid

@@ -47,9 +47,31 @@ async def connect() -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+async def kueue_discovery(api: client.ApiClient) -> dict[str, set[str]]:
+    """API discovery of the Kueue versions this operator speaks (kueue.VERSIONS): version -> the
+    resources it serves; a version not served is absent. Discovery needs no RBAC. Other errors (the
+    API server restarting) raise APIError."""
+    served: dict[str, set[str]] = {}
+    for version in kueue.VERSIONS:
+        # the listing as served, not through the client's models: only the names are needed, and a model
+        # that refuses one entry (a field it requires left out) must not blind the operator to Kueue
+        try:
+            response = await client.CustomObjectsApi(api).get_api_resources_without_preload_content(kueue.GROUP, version)
+        except client.ApiException as exc:  # the connection's own failures
+            raise APIError(f"discovery of {kueue.GROUP}/{version}: HTTP {exc.status} {exc.reason}") from exc
+        status, listing = await Kube._json(response)
+        if status == 404:
+            continue
+        if status >= 400:
+            raise APIError(f"discovery of {kueue.GROUP}/{version}: HTTP {status} {listing.get('message', '')}".rstrip())
+        served[version] = {r["name"] for r in listing.get("resources") or [] if isinstance(r, dict) and "name" in r}
+    return served
+
+
 class Kube:
-    def __init__(self, api: client.ApiClient):
+    def __init__(self, api: client.ApiClient, *, kueue_version: str | None = kueue.VERSIONS[0]):
         self.api = api
+        self.kueue_version = kueue_version  # kueue.workload_version() of discovery; None: Kueue not served
         self.core = client.CoreV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
@@ -119,8 +141,10 @@ class Kube:
         )
 
     async def get_workload(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.kueue_version is None:
+            return None
         status, body = await self._json(await self.custom.get_namespaced_custom_object_without_preload_content(
-            kueue.GROUP, kueue.VERSION, namespace, kueue.PLURAL, name))
+            kueue.GROUP, self.kueue_version, namespace, kueue.PLURAL, name))
         if status == 404:
             return None
         _check(status, body, f"get Workload {namespace}/{name}")
@@ -130,11 +154,11 @@ class Kube:
         """Create; Conflict when it exists; NotServed when Kueue is not installed."""
         meta = obj["metadata"]
         status, body = await self._json(await self.custom.create_namespaced_custom_object_without_preload_content(
-            kueue.GROUP, kueue.VERSION, meta["namespace"], kueue.PLURAL, obj))
+            kueue.GROUP, self.kueue_version, meta["namespace"], kueue.PLURAL, obj))
         if status == 409:
             raise Conflict(f"Workload {meta['name']} exists")
         if status == 404:
-            raise NotServed(f"{kueue.GROUP}/{kueue.VERSION} Workloads are not served: is Kueue installed?")
+            raise NotServed(f"{kueue.GROUP}/{self.kueue_version} Workloads are not served: is Kueue installed?")
         _check(status, body, f"create Workload {meta['namespace']}/{meta['name']}")
 
     async def patch_workload_status(self, namespace: str, name: str, status_patch: dict[str, Any],
@@ -146,15 +170,17 @@ class Kube:
             patch["metadata"] = {"resourceVersion": resource_version}
         status, body = await self._json(
             await self.custom.patch_namespaced_custom_object_status_without_preload_content(
-                kueue.GROUP, kueue.VERSION, namespace, kueue.PLURAL, name, patch, _content_type=MERGE_PATCH))
+                kueue.GROUP, self.kueue_version, namespace, kueue.PLURAL, name, patch, _content_type=MERGE_PATCH))
         if status == 409:
             return False
         _check(status, body, f"patch Workload {namespace}/{name} status")
         return True
 
     async def get_flavor(self, name: str) -> dict[str, Any] | None:
+        if self.kueue_version is None:
+            return None
         status, body = await self._json(await self.custom.get_cluster_custom_object_without_preload_content(
-            kueue.GROUP, kueue.VERSION, "resourceflavors", name))
+            kueue.GROUP, self.kueue_version, "resourceflavors", name))
         if status == 404:
             return None
         _check(status, body, f"get ResourceFlavor {name}")

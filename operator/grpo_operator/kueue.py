@@ -4,7 +4,8 @@ A GRPOJob labelled `kueue.x-k8s.io/queue-name: Q` is queued in Kueue's LocalQueu
 operator is GRPOJob's Kueue integration, doing for it what Kueue's job framework does for the
 kinds it knows (and what Apache's Spark Kubernetes operator does for its own CRDs):
 
-- it creates one Workload (kueue.x-k8s.io/v1beta1) per job, owned by the job (deleted with it):
+- it creates one Workload per job, owned by the job (deleted with it), in the API version
+  workload_version() picks from what the API server serves (v1beta2 where served, else v1beta1):
   spec.queueName Q, one podSet `trainer` (count 1) whose template is the training pod with its
   requests (the GPU included), labelled kueue.x-k8s.io/job-uid;
 - while the Workload is not admitted the job is suspended (spec.runPolicy.suspend: true, the
@@ -19,9 +20,13 @@ kinds it knows (and what Apache's Spark Kubernetes operator does for its own CRD
 - when the job finishes, the Workload gets Finished True (reason Succeeded or Failed), which
   releases its quota.
 
-Conditions and fields follow Kueue's v1beta1 API (kueue.x-k8s.io/v1beta1 Workload): condition
-types QuotaReserved, Admitted, Evicted, Finished (PodsReady, Preempted and Requeued are
-Kueue's own and only read here); metav1.Condition shape.
+Conditions and fields follow Kueue's Workload API: condition types QuotaReserved, Admitted,
+Evicted, Finished (PodsReady, Preempted and Requeued are Kueue's own and only read here);
+metav1.Condition shape. Every field written or read here (spec.queueName, spec.podSets[].name,
+count and template, status.conditions, status.admission.clusterQueue and podSetAssignments[].name
+and flavors; a ResourceFlavor's spec.nodeLabels and tolerations) has the same name, type and
+meaning in v1beta1 and v1beta2 (Kueue v0.19's CRDs); so the version only changes the apiVersion.
+Kueue v0.16+ deprecates v1beta1 (a warning on every call) and will stop serving it.
 """
 
 from __future__ import annotations
@@ -30,14 +35,25 @@ import copy
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from grpo_operator.lifecycle import TERMINAL, Event, set_condition
 
-GROUP, VERSION, PLURAL = "kueue.x-k8s.io", "v1beta1", "workloads"
+GROUP, PLURAL = "kueue.x-k8s.io", "workloads"
+VERSIONS = ("v1beta2", "v1beta1")  # the Workload API versions this operator speaks, preferred first
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 POD_SET = "trainer"
+
+
+def workload_version(served: Mapping[str, Collection[str]]) -> str | None:
+    """The Kueue API version to use, from discovery of the kueue.x-k8s.io group (version -> the
+    resources it serves): the first of VERSIONS that serves Workloads and ResourceFlavors; None
+    where Kueue is not installed (or serves none of them)."""
+    for version in VERSIONS:
+        if {PLURAL, "resourceflavors"} <= set(served.get(version) or ()):
+            return version
+    return None
 
 
 def queue_name(job: Mapping[str, Any]) -> str | None:
@@ -62,12 +78,12 @@ def _requests_from_limits(pod_spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def workload(job: Mapping[str, Any], pod: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's Workload; `pod` is the rendered training pod (render.pod). The owner reference is
-    added by the caller, as for the job's other children."""
+def workload(job: Mapping[str, Any], pod: Mapping[str, Any], *, version: str) -> dict[str, Any]:
+    """The job's Workload in API `version`; `pod` is the rendered training pod (render.pod). The
+    owner reference is added by the caller, as for the job's other children."""
     meta = job["metadata"]
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
+        "apiVersion": f"{GROUP}/{version}",
         "kind": "Workload",
         "metadata": {
             "name": workload_name(job),

@@ -8,6 +8,13 @@ whether jobs can be served, starts kopf when they can and stops it (gracefully, 
 kopf's stop flag) as soon as they cannot, before the API server stops serving the resource.
 A CRD deleted and installed again is simply served again; the jobs resume from their status.
 
+Kueue, likewise, may be installed after the operator, upgraded (v0.16+ serves v1beta2 and
+deprecates v1beta1) or removed. Before each kopf run the supervisor asks API discovery which
+versions of kueue.x-k8s.io are served, and kueue.workload_version() picks the one to speak
+(v1beta2 where served, else v1beta1, else none: no Workload watch). It asks again every
+KUEUE_DISCOVERY_SECONDS (discovery needs no RBAC); when the answer changes, kopf is stopped and
+started again with the new version, as for a CRD change.
+
 Health, on GRPO_HEALTH_PORT: /healthz answers 200 while this process runs (the liveness
 probe: a restart would not bring a CRD); /readyz answers 200 only while jobs are served, 503
 with the reason otherwise (the readiness probe; `kubectl get pods` shows the operator not
@@ -39,6 +46,7 @@ log = logging.getLogger("grpo_operator")
 RETRY_SECONDS = 2.0  # after a failed list/watch of the CRD, or before restarting a failed kopf
 MAX_RETRY_SECONDS = 60.0  # the longest wait between restarts of a kopf that keeps failing
 WATCH_SECONDS = 240  # the server ends each CRD watch after this long; it is then listed again
+KUEUE_DISCOVERY_SECONDS = 30.0  # how late Kueue installed, upgraded or removed may be noticed, at most
 
 
 class Supervisor:
@@ -61,6 +69,7 @@ class Supervisor:
         self.failures = 0  # kopf runs that ended on an error in a row (the restart backs off)
         self._changed = asyncio.Event()
         self._list_version: str | None = None
+        self.kueue_version: str | None = None  # kueue.workload_version() of the last discovery
 
     @property
     def ready(self) -> bool:
@@ -79,6 +88,7 @@ class Supervisor:
         # Both long-lived tasks exist before kopf first starts: kopf's shutdown cancels every task
         # created while it ran, and these must outlive each kopf run.
         watcher = asyncio.create_task(self._watch_crd(api), name="GRPOJob CRD watcher")
+        kueue_watcher = asyncio.create_task(self._watch_kueue(api), name="Kueue discovery")
         health = await self._serve_health()
         stop_waiter = asyncio.create_task(self._relay_stop(), name="stop relay")
         try:
@@ -88,9 +98,9 @@ class Supervisor:
                 else:
                     await self._wait_for_change()
         finally:
-            for task in (watcher, stop_waiter):
+            for task in (watcher, kueue_watcher, stop_waiter):
                 task.cancel()
-            await asyncio.gather(watcher, stop_waiter, return_exceptions=True)
+            await asyncio.gather(watcher, kueue_watcher, stop_waiter, return_exceptions=True)
             if health is not None:
                 await health.cleanup()
             await api.close()
@@ -117,9 +127,11 @@ class Supervisor:
         stop_kopf, started = asyncio.Event(), asyncio.Event()
         settings = self.settings
         self.starts += 1
-        with_kueue = await self._kueue_served(api)
+        with contextlib.suppress(kube.APIError):  # else the last answer stands
+            self.kueue_version = await self._discover_kueue(api)
+        kueue_version = self.memo["kueue_version"] = self.kueue_version
         kopf_run = asyncio.create_task(kopf.operator(
-            registry=handlers.registry(with_kueue=with_kueue),
+            registry=handlers.registry(kueue_version=kueue_version),
             clusterwide=settings.clusterwide,
             namespaces=list(settings.namespaces),
             standalone=True,  # one replica (the chart's Deployment); no KopfPeering objects needed
@@ -136,8 +148,10 @@ class Supervisor:
         self.serving = started.is_set() and not kopf_run.done()
         if self.serving:
             scope = "all namespaces" if settings.clusterwide else ", ".join(settings.namespaces)
-            log.info("serving GRPOJobs in %s (%s)", scope, self.readiness.message)
-        while self.readiness.ready and not self.stopping.is_set() and not kopf_run.done():
+            kueue_note = f"Kueue {kueue_version}" if kueue_version else "no Kueue"
+            log.info("serving GRPOJobs in %s (%s; %s)", scope, self.readiness.message, kueue_note)
+        while (self.readiness.ready and not self.stopping.is_set() and not kopf_run.done()
+               and self.kueue_version == kueue_version):
             await self._wait_for_change(kopf_run)
         self.serving = False
 
@@ -157,18 +171,31 @@ class Supervisor:
         self.failures = 0
         if not asked and not self.stopping.is_set():
             self.stop()  # kopf stopped by itself: a signal reached kopf's handler before ours
-        elif not self.stopping.is_set():
+        elif not self.stopping.is_set() and not self.readiness.ready:
             log.warning("stopped serving GRPOJobs: %s", self.readiness.message)
 
-    async def _kueue_served(self, api: client.ApiClient) -> bool:
-        """Does the API server serve Kueue's Workloads (discovery, which anyone may read)?"""
+    async def _discover_kueue(self, api: client.ApiClient) -> str | None:
+        """The Kueue version to speak now (kueue.workload_version() of API discovery)."""
         from grpo_operator import kueue
 
-        try:
-            listing = await client.CustomObjectsApi(api).get_api_resources(kueue.GROUP, kueue.VERSION)
-        except client.ApiException:
-            return False
-        return any(resource.name == kueue.PLURAL for resource in listing.resources or [])
+        return kueue.workload_version(await kube.kueue_discovery(api))
+
+    async def _watch_kueue(self, api: client.ApiClient) -> None:
+        """Every KUEUE_DISCOVERY_SECONDS, discover Kueue again; a change restarts kopf (see _serve_jobs)."""
+        while True:
+            await asyncio.sleep(KUEUE_DISCOVERY_SECONDS)
+            try:
+                version = await self._discover_kueue(api)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the API server restarting: ask again next time
+                log.debug("Kueue discovery failed: %s", exc)
+                continue
+            if version != self.kueue_version:
+                log.info("Kueue's Workloads are now served in %s (before: %s): restarting the watches",
+                         version or "no version", self.kueue_version or "none")
+                self.kueue_version = version
+                self._changed.set()
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

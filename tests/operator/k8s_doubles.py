@@ -35,13 +35,23 @@ server does:
   (deletionTimestamp, Terminating=True: a MODIFIED event), every object of its resource is
   deleted (DELETED events), the resource leaves discovery and its URLs answer 404, and the
   CRD itself is deleted. Creating it again serves the resource again, with no objects.
+- CRD versions: only `served: true` versions are served; a CRD of several versions keeps one
+  object per name, stored in its `storage: true` version and served in any served version
+  (apiVersion rewritten: the conversion of a CRD whose versions have the same fields, which is
+  all the double knows; Kueue's webhook also renames fields no test here uses). Requests to a
+  `deprecated: true` version are listed in `deprecated_calls` (the API server's warning header).
+- OpenAPI schema of the requested version, for the groups in `schema_groups` (Kueue's; not yet
+  grpo.dev, whose tests here post deliberately partial GRPOJobs) (crd_validation.py): unknown fields are pruned (or, with
+  `?fieldValidation=Strict`, refused with 400 "strict decoding error: unknown field"), then type,
+  required, enum, pattern, lengths, counts, bounds and list-map keys are checked (422 Invalid
+  naming the field, as the API server words it).
 - CEL validation rules (x-kubernetes-validations) of a CRD's schema run on create and on
   every write (the status subresource's included: the whole object is validated), with the
   API server's semantics (crd_validation.py: transition rules run only where the old object
   has the node), after the schema's defaults are filled in; a failed rule is a 422 Invalid
   naming the field and the rule's message.
 
-Not emulated: OpenAPI schema validation, admission webhooks, RBAC, namespaces' own
+Not emulated: admission webhooks, conversion webhooks, RBAC, namespaces' own
 existence, PUT, graceful pod termination (a deleted pod is gone at once), real watch
 resourceVersions (a watch replays the current objects, then streams changes).
 """
@@ -66,7 +76,7 @@ import jsonpatch
 import kmock
 from kmock._internal import dicts as kmock_dicts  # kmock's own merge-patch (the one it applies)
 
-from crd_validation import apply_defaults, violations
+from crd_validation import apply_defaults, prune, schema_errors, unknown_fields, violations
 
 WRITE_ACTIONS = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
 
@@ -185,6 +195,10 @@ class ApiServerDouble(kmock.KubernetesEmulator):
     _openapi: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
     _schemas: dict[Any, tuple[str, dict[str, Any]]] = attrs.field(factory=dict, init=False)
     _uninstalled: set[Any] = attrs.field(factory=set, init=False)  # resources of deleted CRDs
+    _storage: dict[Any, Any] = attrs.field(factory=dict, init=False)  # served version -> stored version
+    _deprecated: set[Any] = attrs.field(factory=set, init=False)
+    deprecated_calls: list[str] = attrs.field(factory=list, init=False)
+    schema_groups: set[str] = attrs.field(factory=lambda: {"kueue.x-k8s.io"}, init=False)  # "METHOD path" of deprecated versions
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         # kmock says groupVersion "/v1" for the core group; kubectl then resolves `pods` elsewhere.
@@ -201,8 +215,14 @@ class ApiServerDouble(kmock.KubernetesEmulator):
     def install_crd(self, crd: dict[str, Any]) -> None:
         """Serve a CRD's resource as the API server does once the CRD is established."""
         spec, names = crd["spec"], crd["spec"]["names"]
+        stored_in = next((v["name"] for v in spec["versions"] if v.get("storage")), spec["versions"][0]["name"])
         for version in spec["versions"]:
+            if not version.get("served", True):
+                continue
             key = f"{spec['group']}/{version['name']}/{names['plural']}"
+            self._storage[kmock.resource(key)] = kmock.resource(f"{spec['group']}/{stored_in}/{names['plural']}")
+            if version.get("deprecated"):
+                self._deprecated.add(kmock.resource(key))
             self.resources[key] = kmock.ResourceInfo(
                 kind=names["kind"],
                 singular=names.get("singular", names["kind"].lower()),
@@ -244,6 +264,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                 del self.resources[resource]
             self._schemas.pop(resource, None)
             self._printer_columns.pop(resource, None)
+            self._storage.pop(resource, None)
             self._uninstalled.add(resource)
         for version in spec["versions"]:
             self._openapi.pop(f"apis/{spec['group']}/{version['name']}", None)
@@ -269,6 +290,33 @@ class ApiServerDouble(kmock.KubernetesEmulator):
             return self._serve_openapi(request)
         if request.resource is not None and any(request.resource == gone for gone in self._uninstalled):
             return await status_error(404, "NotFound", "the server could not find the requested resource")(request)
+        asked = request.resource
+        if (asked is not None and getattr(asked, "plural", None) and asked not in self._storage
+                and any(served.group == asked.group for served in self._storage)):
+            # a CRD's group serves only the versions its CRD marks served (Kueue v0.14 has no v1beta2)
+            return await status_error(404, "NotFound", "the server could not find the requested resource")(request)
+        if asked is not None and asked in self._storage:
+            if asked in self._deprecated:
+                self.deprecated_calls.append(f"{request.method.value} {request.url.path}")
+            object.__setattr__(request, "resource", self._storage[asked])  # one object, every version
+        return await self._serve_versioned(request)
+
+    @staticmethod
+    def _asked(request: kmock.Request) -> Any:
+        """The resource in the version the request's URL names (request.resource: where it is stored)."""
+        parts = request.url.path.split("/")
+        if request.resource is None or len(parts) < 4 or parts[1] != "apis":
+            return request.resource
+        return kmock.resource(f"{parts[2]}/{parts[3]}/{request.resource.plural}")
+
+    def _as_asked(self, request: kmock.Request, obj: Any) -> Any:
+        """An object in the version the request named (the storage version is what is kept)."""
+        asked = self._asked(request)
+        if asked == request.resource or not isinstance(obj, dict) or "apiVersion" not in obj:
+            return obj
+        return {**obj, "apiVersion": f"{asked.group}/{asked.version}"}
+
+    async def _serve_versioned(self, request: kmock.Request) -> Any:
         if request.resource is None or request.action not in WRITE_ACTIONS:
             return await super()._handle(request)
         async with self._write_lock:  # admission + storage + GC as one step, like etcd's transaction
@@ -296,13 +344,25 @@ class ApiServerDouble(kmock.KubernetesEmulator):
 
     def _validate(self, request: kmock.Request, new: dict[str, Any], old: dict[str, Any] | None = None) -> None:
         """The CRD's CEL rules, as the API server runs them (crd_validation.py); 422 when any fails."""
-        if request.resource not in self._schemas:
+        asked = self._asked(request)
+        if asked not in self._schemas:
             return
-        kind, schema = self._schemas[request.resource]
+        kind, schema = self._schemas[asked]
+        name = (new.get("metadata") or {}).get("name")
+        unknown = unknown_fields(schema, new) if asked.group in self.schema_groups else []
+        if unknown and dict(request.params).get("fieldValidation") == "Strict":
+            raise _Refused(400, "BadRequest", f'{kind.split(".")[0]} in version "{asked.version}" cannot be handled '
+                           f'as a {kind.split(".")[0]}: strict decoding error: '
+                           + ", ".join(f'unknown field "{path}"' for path in unknown))
+        errors: list[str] = []
+        if asked.group in self.schema_groups:
+            errors = schema_errors(schema, prune(schema, new))
+        if errors:
+            detail = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+            raise _Refused(422, "Invalid", f'{kind} "{name}" is invalid: {detail}')
         apply_defaults(schema, new)
         found = violations(schema, new) if old is None else violations(schema, new, old)
         if found:
-            name = (new.get("metadata") or {}).get("name")
             detail = found[0] if len(found) == 1 else "[" + ", ".join(found) + "]"
             raise _Refused(422, "Invalid", f'{kind} "{name}" is invalid: {detail}')
 
@@ -338,6 +398,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
                     f'{namespace}/{account}: serviceaccount "{account}" not found',
                 )
         self._validate(request, obj)
+        if "apiVersion" in obj and request.resource.group:
+            obj["apiVersion"] = f"{request.resource.group}/{request.resource.version}"  # stored as
         meta.update(
             uid=str(uuid.uuid4()),
             resourceVersion=self._next_revision(),
@@ -395,6 +457,8 @@ class ApiServerDouble(kmock.KubernetesEmulator):
             new.pop("status", None)
             if "status" in old:
                 new["status"] = old["status"]
+        if "apiVersion" in old:
+            new["apiVersion"] = old["apiVersion"]  # stored in the storage version, whichever was asked
         self._validate(request, new, old)  # the whole object, on status writes too
         meta = new.setdefault("metadata", {})
         for field in ("uid", "name", "namespace", "creationTimestamp", "deletionTimestamp"):
@@ -430,10 +494,11 @@ class ApiServerDouble(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         result = await super()._serve_list(request)
-        items = [item for item in result["items"] if _matches(item, dict(request.params))]
+        items = [self._as_asked(request, item) for item in result["items"] if _matches(item, dict(request.params))]
         info = self._info(request.resource)
         kind = f"{info.kind}List" if info and info.kind else "List"
-        api_version = f"{request.resource.group}/{request.resource.version}".lstrip("/")
+        asked = self._asked(request)
+        api_version = f"{asked.group}/{asked.version}".lstrip("/")
         listing = {"apiVersion": api_version, "kind": kind,
                    "metadata": {"resourceVersion": str(self._revision)}, "items": items}
         if "as=Table" in request.headers.get("Accept", ""):
@@ -441,7 +506,7 @@ class ApiServerDouble(kmock.KubernetesEmulator):
         return listing
 
     async def _serve_fetch(self, request: kmock.Request) -> Any:
-        obj = await super()._serve_fetch(request)
+        obj = self._as_asked(request, await super()._serve_fetch(request))
         if "as=Table" in request.headers.get("Accept", ""):
             return self._table(request, [obj])
         return obj
@@ -450,10 +515,14 @@ class ApiServerDouble(kmock.KubernetesEmulator):
         params = dict(request.params)
         async for event in super()._serve_watch(request):
             if not isinstance(event, dict) or _matches(event.get("object") or {}, params):
-                yield event
+                yield {**event, "object": self._as_asked(request, event["object"])} if isinstance(
+                    event, dict) and "object" in event else event
 
     async def _serve_create(self, request: kmock.Request) -> Any:
-        return kmock.Response(status=201, payload=await super()._serve_create(request))
+        return kmock.Response(status=201, payload=self._as_asked(request, await super()._serve_create(request)))
+
+    async def _serve_update(self, request: kmock.Request) -> Any:
+        return self._as_asked(request, await super()._serve_update(request))
 
     def _serve_openapi(self, request: kmock.Request) -> aiohttp.web.Response:
         """OpenAPI v3 of the CRDs: kubectl apply checks fieldValidation in it, kubectl explain reads it."""

@@ -1,15 +1,18 @@
-"""A Kueue double: Kueue's CRDs (kueue_v1beta1_crds.yaml) in the API-server double, and the
-status writes Kueue's controllers make to a Workload, through the API as Kueue makes them.
+"""A Kueue double: Kueue's real CRDs (kueue_real_crds/: v0.19.2, serving v1beta1 and v1beta2, or
+v0.14.8, serving v1beta1 only) in the API-server double, which validates and prunes Kueue objects
+against them, and the status writes Kueue's controllers make to a Workload, through the API as
+Kueue makes them, in Kueue's storage version.
 
-What Kueue does and this double does (kueue v1beta1; pkg/workload's SetQuotaReservation,
+What Kueue does and this double does (pkg/workload's SetQuotaReservation,
 SetEvictedCondition, SetPreemptedCondition):
 - admit(): the scheduler found quota in the ClusterQueue behind the Workload's LocalQueue:
   status.admission {clusterQueue, podSetAssignments [{name, flavors, resourceUsage, count}]},
   QuotaReserved True (reason QuotaReserved), Admitted True (reason Admitted: no admission
   checks); an earlier Evicted or Preempted condition turns False (reason QuotaReserved,
-  message "Previously: ...").
+  message "Previously: ..."), status.resourceRequests (what the pod sets request).
 - evict(): preemption (or deactivation, a pods-ready timeout, ...): Evicted True with the
-  reason, and for a preemption Preempted True (reason InClusterQueue). Kueue then waits for the
+  reason, and for a preemption Preempted True (reason InClusterQueue); status.schedulingStats
+  counts the eviction. Kueue then waits for the
   job's integration -- here the operator -- to stop the job and release the reservation.
 It admits only a Workload whose LocalQueue and ClusterQueue exist, and assigns each resource
 the first flavor of the ClusterQueue's resource group that covers it.
@@ -18,7 +21,9 @@ the first flavor of the ClusterQueue's resource group that covers it.
 from __future__ import annotations
 
 import copy
+import gzip
 import json
+import functools
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,8 +32,22 @@ import yaml
 
 from k8s_doubles import ApiServerDouble, stored, stored_all
 
-CRDS = list(yaml.safe_load_all((Path(__file__).parent / "kueue_v1beta1_crds.yaml").read_text()))
-WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
+REAL_CRDS = Path(__file__).parent / "kueue_real_crds"
+RELEASES = {"v0.19.2": REAL_CRDS, "v0.14.8": REAL_CRDS / "v0.14.8"}
+
+
+@functools.lru_cache(maxsize=None)
+def crds(release: str = "v0.19.2") -> tuple[dict[str, Any], ...]:
+    """Kueue's CRDs of that release (Workload, ResourceFlavor, LocalQueue, ClusterQueue), as shipped."""
+    return tuple(yaml.load(gzip.decompress(path.read_bytes()), Loader=yaml.CSafeLoader)
+                 for path in sorted(RELEASES[release].glob("*.yaml.gz")))
+
+
+def storage_version(release: str = "v0.19.2") -> str:
+    workload_crd = next(c for c in crds(release) if c["spec"]["names"]["kind"] == "Workload")
+    return next(v["name"] for v in workload_crd["spec"]["versions"] if v.get("storage"))
+
+
 MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
@@ -52,11 +71,13 @@ def _set(conditions: list[dict[str, Any]], type_: str, status: str, reason: str,
 
 
 class KueueDouble:
-    def __init__(self, server: ApiServerDouble):
-        self.server = server
+    def __init__(self, server: ApiServerDouble, release: str = "v0.19.2"):
+        self.server, self.release = server, release
+        self.version = storage_version(release)  # what Kueue's own controllers speak
+        self.api = f"kueue.x-k8s.io/{self.version}"
 
     async def install(self) -> None:
-        for crd in CRDS:
+        for crd in copy.deepcopy(crds(self.release)):
             response = await self.server.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd)
             assert response.status == 201, await response.text()
 
@@ -71,7 +92,7 @@ class KueueDouble:
         assert response.status == 201, await response.text()
 
     def workloads(self, namespace: str) -> list[dict[str, Any]]:
-        return stored_all(self.server, WORKLOADS, namespace)
+        return stored_all(self.server, f"{self.api}/workloads", namespace)
 
     def workload_of(self, namespace: str, job: str) -> dict[str, Any] | None:
         found = [w for w in self.workloads(namespace) if w["metadata"].get("labels", {}).get("grpo.dev/job-name") == job]
@@ -80,17 +101,17 @@ class KueueDouble:
 
     async def _patch_status(self, workload: dict[str, Any], status: dict[str, Any]) -> None:
         meta = workload["metadata"]
-        url = f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{meta['namespace']}/workloads/{meta['name']}/status"
+        url = f"/apis/{self.api}/namespaces/{meta['namespace']}/workloads/{meta['name']}/status"
         body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
         response = await self.server.patch(url, data=json.dumps(body), headers=MERGE)
         assert response.status == 200, await response.text()
 
     def _assign(self, workload: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         namespace = workload["metadata"]["namespace"]
-        local = stored(self.server, "kueue.x-k8s.io/v1beta1/localqueues", namespace, workload["spec"]["queueName"])
+        local = stored(self.server, f"{self.api}/localqueues", namespace, workload["spec"]["queueName"])
         assert local, f"LocalQueue {namespace}/{workload['spec']['queueName']} does not exist: Kueue admits nothing"
         cluster_queue = local["spec"]["clusterQueue"]
-        queue = stored(self.server, "kueue.x-k8s.io/v1beta1/clusterqueues", None, cluster_queue)
+        queue = stored(self.server, f"{self.api}/clusterqueues", None, cluster_queue)
         assert queue, f"ClusterQueue {cluster_queue} does not exist"
         assignments = []
         for pod_set in workload["spec"]["podSets"]:
@@ -123,6 +144,7 @@ class KueueDouble:
         await self._patch_status(workload, {
             "admission": {"clusterQueue": cluster_queue, "podSetAssignments": assignments},
             "conditions": conditions,
+            "resourceRequests": [{"name": a["name"], "resources": a["resourceUsage"]} for a in assignments],
         })
         return self.workload_of(namespace, job)
 
@@ -136,7 +158,23 @@ class KueueDouble:
         _set(conditions, "Evicted", "True", reason, message, generation)
         if reason == "Preempted":
             _set(conditions, "Preempted", "True", "InClusterQueue", message, generation)
-        await self._patch_status(workload, {"conditions": conditions})
+        evictions = copy.deepcopy((workload.get("status", {}).get("schedulingStats") or {}).get("evictions") or [])
+        for eviction in evictions:
+            if (eviction["reason"], eviction["underlyingCause"]) == (reason, ""):
+                eviction["count"] += 1
+                break
+        else:
+            evictions.append({"reason": reason, "underlyingCause": "", "count": 1})
+        await self._patch_status(workload, {"conditions": conditions, "schedulingStats": {"evictions": evictions}})
+
+    async def check(self, namespace: str, job: str, name: str, state: str = "Ready") -> None:
+        """An admission check's controller (e.g. ProvisioningRequest's) reports on the Workload."""
+        workload = self.workload_of(namespace, job)
+        assert workload
+        checks = [c for c in workload.get("status", {}).get("admissionChecks") or [] if c["name"] != name]
+        checks.append({"name": name, "state": state, "message": f"check {name} is {state}",
+                       "lastTransitionTime": _now()})
+        await self._patch_status(workload, {"admissionChecks": checks})
 
 
 def condition(workload: dict[str, Any] | None, type_: str) -> dict[str, Any]:

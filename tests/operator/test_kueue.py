@@ -19,7 +19,7 @@ from grpo_operator import kueue
 from grpo_runtime.spec import parse_job
 from grpo_operator import render
 from k8s_doubles import eventually, stored
-from kueue_double import KueueDouble, condition
+from kueue_double import KueueDouble, condition, crds
 from local_kubelet import LocalKubelet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "kueue"
@@ -67,7 +67,7 @@ def test_a_queued_job_gets_a_workload_and_waits_suspended():
 def test_the_workload_is_the_training_pod_as_kueue_counts_it():
     job = queued_job()
     pod = render.pod(parse_job({**job, "metadata": {"name": "q", "namespace": "ns"}}), 1, image="img")
-    wl = kueue.workload(job, pod)
+    wl = kueue.workload(job, pod, version="v1beta2")
     assert wl["metadata"]["name"] == kueue.workload_name(job) and wl["metadata"]["name"].startswith("grpojob-q-")
     assert wl["metadata"]["labels"][kueue.JOB_UID_LABEL] == "uid-1"
     assert wl["spec"]["queueName"] == "grpo"
@@ -118,18 +118,69 @@ def test_flavors_place_the_pod():
 # ---- the operator with Kueue --------------------------------------------------------------------
 
 
+def test_the_kueue_version_is_v1beta2_where_served_else_v1beta1():
+    both = {"v1beta1": {"workloads", "workloads/status", "resourceflavors"},
+            "v1beta2": {"workloads", "workloads/status", "resourceflavors"}}
+    assert kueue.workload_version(both) == "v1beta2"  # Kueue v0.15+: v1beta1 is deprecated
+    assert kueue.workload_version({"v1beta1": both["v1beta1"]}) == "v1beta1"  # Kueue before v0.15
+    assert kueue.workload_version({"v1beta2": both["v1beta2"]}) == "v1beta2"  # v1beta1 no longer served
+    assert kueue.workload_version({}) is None  # Kueue not installed
+    assert kueue.workload_version({"v1beta2": {"localqueues"}}) is None
+
+
+@pytest.mark.asyncio
+async def test_discovery_reads_only_the_names_of_what_kueue_serves(apiserver):
+    """A discovery listing is read as served, not through the client's models: one entry they would refuse
+    (a resource whose `namespaced` is missing, as a double or an aggregated API may serve it) must not
+    blind the operator to Kueue (it raised a ValidationError and no Workload was ever made)."""
+    import kmock
+    from kubernetes.aio import client
+
+    from grpo_operator.kube import kueue_discovery
+
+    await _install_kueue(apiserver, served_at_once=True)
+    apiserver.resources["kueue.x-k8s.io/v1beta2/oddities"] = kmock.ResourceInfo(kind="Oddity", namespaced=None)
+    api = client.ApiClient(client.Configuration(host=str(apiserver.url).rstrip("/")))
+    try:
+        served = await kueue_discovery(api)
+    finally:
+        await api.close()
+    assert {"workloads", "resourceflavors", "oddities"} <= served["v1beta2"]
+    assert kueue.workload_version(served) == "v1beta2"
+
+
+@pytest.mark.asyncio
+async def test_a_kueue_that_serves_only_v1beta1_refuses_v1beta2(apiserver):
+    """As the API server: a CRD's group serves the versions its CRD marks served, no other (the double used to
+    store a v1beta2 object on Kueue v0.14.8, and to list it in discovery)."""
+    await _install_kueue(apiserver, "v0.14.8", served_at_once=True)
+    queue = next(q for q in yaml.safe_load_all((EXAMPLES / "queues.yaml").read_text()) if q["kind"] == "LocalQueue")
+    response = await apiserver.post("/apis/kueue.x-k8s.io/v1beta2/namespaces/ml-team/localqueues",
+                                    json={**queue, "metadata": {**queue["metadata"], "name": "other"}})
+    assert response.status == 404
+
+
+async def _install_kueue(apiserver, release: str = "v0.19.2", *, served_at_once: bool = False) -> KueueDouble:
+    double = KueueDouble(apiserver, release)
+    if served_at_once:  # no 1.4 MB POST while looptime runs the clock (aiohttp's timeouts)
+        for crd in copy.deepcopy(crds(release)):
+            apiserver.install_crd(crd)
+    else:
+        await double.install()
+    for obj in yaml.safe_load_all((EXAMPLES / "queues.yaml").read_text()):
+        # the example is v1beta2; on a Kueue older than v0.16 it is written v1beta1, as its header says
+        await double.apply({**obj, "apiVersion": double.api})
+    return double
+
+
 @pytest_asyncio.fixture
 async def kueue_cluster(apiserver) -> KueueDouble:
     """Kueue installed, the example's flavor and queues created, the job's S3 Secret in ml-team."""
-    double = KueueDouble(apiserver)
-    await double.install()
-    for obj in yaml.safe_load_all((EXAMPLES / "queues.yaml").read_text()):
-        await double.apply(obj)
     response = await apiserver.post("/api/v1/namespaces/ml-team/secrets", json={
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
         "data": {k: base64.b64encode(b"x").decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     assert response.status == 201
-    return double
+    return await _install_kueue(apiserver)
 
 
 @pytest_asyncio.fixture
@@ -226,3 +277,122 @@ async def test_a_queued_job_created_unsuspended_never_starts_before_admission(ap
         await asyncio.sleep(60)
         assert pod(apiserver, "gsm8k-queued-attempt-1") is None
         assert phase(apiserver, "gsm8k-queued") == "Suspended"
+
+
+def workload_calls(apiserver) -> list[str]:
+    return [f"{r.method.value} {r.url.path}" for r in apiserver.served if "/workloads" in r.url.path]
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+@pytest.mark.parametrize("release,version", [("v0.19.2", "v1beta2"), ("v0.14.8", "v1beta1")])
+async def test_the_operator_speaks_the_version_kueue_serves_and_keeps_kueues_status(
+        apiserver, operator, scripted_kubelet, release, version):
+    double = await _install_kueue(apiserver, release)
+    example = yaml.safe_load((EXAMPLES / "grpojob.yaml").read_text())
+    del example["spec"]["output"]["credentialsSecret"]
+    earlier = len(apiserver.deprecated_calls)  # what the set-up wrote, whatever its version
+    async with operator(namespaces=("ml-team",)):
+        response = await apiserver.post("/apis/grpo.dev/v1alpha1/namespaces/ml-team/grpojobs", json=example)
+        assert response.status == 201, await response.text()
+        await eventually(lambda: double.workload_of("ml-team", "gsm8k-queued"))
+        creates = [c for c in workload_calls(apiserver) if c.startswith("POST")]
+        assert creates == [f"POST /apis/kueue.x-k8s.io/{version}/namespaces/ml-team/workloads"]
+        await double.admit("ml-team", "gsm8k-queued")
+        await double.check("ml-team", "gsm8k-queued", "provisioning")
+        await eventually(lambda: pod(apiserver, "gsm8k-queued-attempt-1"))
+        await double.evict("ml-team", "gsm8k-queued")
+        await eventually(lambda: condition(double.workload_of("ml-team", "gsm8k-queued"), "QuotaReserved")
+                         .get("status") == "False")  # the operator released the quota: its status patch
+        status = double.workload_of("ml-team", "gsm8k-queued")["status"]
+        assert [c["name"] for c in status["admissionChecks"]] == ["provisioning"]  # Kueue's, kept
+        assert status["resourceRequests"][0]["name"] == "trainer"
+        assert status["schedulingStats"]["evictions"] == [{"reason": "Preempted", "underlyingCause": "", "count": 1}]
+        assert all(f"/kueue.x-k8s.io/{version}/" in c for c in workload_calls(apiserver))
+        assert apiserver.deprecated_calls[earlier:] == []  # the operator got no deprecation warning
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_kueue_installed_after_the_operator_is_spoken_to_in_v1beta2(apiserver, operator, scripted_kubelet):
+    from grpo_operator.handlers import RECHECK_SECONDS
+    from grpo_operator.supervisor import KUEUE_DISCOVERY_SECONDS
+
+    example = yaml.safe_load((EXAMPLES / "grpojob.yaml").read_text())
+    del example["spec"]["output"]["credentialsSecret"]
+    async with operator(namespaces=("ml-team",)) as memo:
+        await eventually(lambda: memo.supervisor.ready)
+        double = await _install_kueue(apiserver, served_at_once=True)
+        await asyncio.sleep(KUEUE_DISCOVERY_SECONDS + 1)
+        await eventually(lambda: memo.supervisor.ready)
+        response = await apiserver.post("/apis/grpo.dev/v1alpha1/namespaces/ml-team/grpojobs", json=example)
+        assert response.status == 201, await response.text()
+        await eventually(lambda: double.workload_of("ml-team", "gsm8k-queued"))
+        assert [c for c in workload_calls(apiserver) if c.startswith("POST")] == [
+            "POST /apis/kueue.x-k8s.io/v1beta2/namespaces/ml-team/workloads"]
+        await eventually(lambda: phase(apiserver, "gsm8k-queued") == "Suspended")
+        loop = asyncio.get_running_loop()
+        admitted_at = loop.time()
+        await double.admit("ml-team", "gsm8k-queued")
+        await eventually(lambda: pod(apiserver, "gsm8k-queued-attempt-1"))
+        assert loop.time() - admitted_at < RECHECK_SECONDS  # the Workload watch saw it, not the resync
+
+
+# ---- the double is as strict as Kueue's CRDs ----------------------------------------------------
+
+
+def rendered_workload(version: str) -> dict[str, Any]:
+    job = queued_job()
+    spec = parse_job({**job, "metadata": {"name": "q", "namespace": "ns"}})
+    return kueue.workload(job, render.pod(spec, 1, image="img", node_selector={"gpu": "h100"}), version=version)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("version", ["v1beta1", "v1beta2"])
+async def test_kueue_accepts_the_operators_workload_under_strict_field_validation(apiserver, version):
+    await _install_kueue(apiserver)
+    wl = rendered_workload(version)
+    response = await apiserver.post(f"/apis/kueue.x-k8s.io/{version}/namespaces/ns/workloads?fieldValidation=Strict",
+                                    json=wl)
+    assert response.status == 201, await response.text()
+    stored_wl = stored(apiserver, "kueue.x-k8s.io/v1beta2/workloads", "ns", wl["metadata"]["name"])
+    assert stored_wl["spec"]["podSets"][0]["template"] == wl["spec"]["podSets"][0]["template"]  # nothing pruned
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("breakage,message", [
+    (lambda spec: spec["containers"][0].pop("name"),
+     "spec.podSets[0].template.spec.containers[0].name: Required value"),
+    (lambda spec: spec["containers"][0]["resources"]["requests"].update(cpu="four"),
+     'spec.podSets[0].template.spec.containers[0].resources.requests.cpu: Invalid value: "four": '
+     "spec.podSets[0].template.spec.containers[0].resources.requests.cpu in body should match"),
+    (lambda spec: spec.update(nodeSelector=["gpu=h100"]),
+     'spec.podSets[0].template.spec.nodeSelector: Invalid value: "array": '
+     "spec.podSets[0].template.spec.nodeSelector in body must be of type object"),
+])
+async def test_kueue_refuses_a_workload_whose_pod_template_is_not_a_pod(apiserver, breakage, message):
+    await _install_kueue(apiserver)
+    wl = rendered_workload("v1beta2")
+    breakage(wl["spec"]["podSets"][0]["template"]["spec"])
+    response = await apiserver.post("/apis/kueue.x-k8s.io/v1beta2/namespaces/ns/workloads", json=wl)
+    assert response.status == 422, await response.text()
+    body = await response.json()
+    assert body["reason"] == "Invalid"
+    assert body["message"].startswith(f'Workload.kueue.x-k8s.io "{wl["metadata"]["name"]}" is invalid: ')
+    assert message in body["message"]
+
+
+@pytest.mark.asyncio
+async def test_kueue_prunes_or_refuses_an_unknown_container_field(apiserver):
+    await _install_kueue(apiserver)
+    wl = rendered_workload("v1beta2")
+    wl["spec"]["podSets"][0]["template"]["spec"]["containers"][0]["gpus"] = 1
+    url = "/apis/kueue.x-k8s.io/v1beta2/namespaces/ns/workloads"
+    response = await apiserver.post(url + "?fieldValidation=Strict", json=wl)
+    assert response.status == 400
+    assert 'strict decoding error: unknown field "spec.podSets[0].template.spec.containers[0].gpus"' in (
+        await response.json())["message"]
+    response = await apiserver.post(url, json=wl)  # the default (Warn): dropped
+    assert response.status == 201
+    kept = stored(apiserver, "kueue.x-k8s.io/v1beta2/workloads", "ns", wl["metadata"]["name"])
+    assert "gpus" not in kept["spec"]["podSets"][0]["template"]["spec"]["containers"][0]

@@ -263,3 +263,25 @@ def test_custom_reward_kustomization_ships_the_module_the_pod_imports(kubectl, t
                 scores = getattr(loaded, reward.function.split(":")[1])(["p"], ["<think>a</think><answer>4</answer>"], answer=["4"], **reward.args)
                 assert len(scores) == 1
     assert mount["mountPath"] == render_objects.REWARD_MODULES_DIR
+
+
+def test_kueue_queues_are_valid_kueue_objects_in_both_versions():
+    """examples/kueue/queues.yaml against Kueue v0.19.2's own CRDs: valid as written (v1beta2) and as an older
+    Kueue would take it (v1beta1), nothing an API server would prune."""
+    import gzip
+
+    from tests.operator.crd_validation import schema_errors, unknown_fields
+
+    crds = {}
+    for path in (REPO / "tests" / "operator" / "kueue_real_crds").glob("*.yaml.gz"):
+        crd = yaml.safe_load(gzip.decompress(path.read_bytes()))
+        for version in crd["spec"]["versions"]:
+            crds[crd["spec"]["names"]["kind"], version["name"]] = version["schema"]["openAPIV3Schema"]
+    queues = documents((EXAMPLES / "kueue" / "queues.yaml").read_text())
+    assert {q["apiVersion"] for q in queues} == {"kueue.x-k8s.io/v1beta2"}
+    for queue in queues:
+        for version in ("v1beta2", "v1beta1"):
+            schema = crds[queue["kind"], version]
+            as_version = {**queue, "apiVersion": f"kueue.x-k8s.io/{version}"}
+            assert unknown_fields(schema, as_version) == [] and schema_errors(schema, as_version) == [], (queue, version)
+
