@@ -2,8 +2,8 @@
 
     fn(prompts, completions, **columns) -> list[float | None]
 
-`completions` are strings (or, for chat-format datasets, lists of {"role", "content"} messages,
-as TRL passes them); dataset columns arrive as keyword arguments (here `answer`), and so does
+`completions` are strings (or, where the prompt went through the chat template, lists of
+{"role", "content"} messages, as TRL passes them); dataset columns arrive as keyword arguments (here `answer`), and so does
 `completion_ids`. None means "does not apply to this completion": it is left out of the sum and
 of the reward's mean. Reference a function as `reasoning_rewards:FUNCTION` in spec.rewards, with
 this file's folder on PYTHONPATH (see grpojob.yaml).

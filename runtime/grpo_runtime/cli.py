@@ -24,13 +24,21 @@ def _print_errors(header: str, messages: list[str]) -> None:
         print(f"  {message}", file=sys.stderr)
 
 
+def completion_form(job) -> str:
+    """In which form the rewards get completions, as far as the manifest tells (grpo_runtime.trainer.chat_messages
+    decides it per prompt, knowing the tokenizer and the dataset, which validate loads neither of)."""
+    if job.spec.model.use_chat_template:
+        return "completions as chat messages (as text if the tokenizer has no chat template)"
+    return "completions as text (as chat messages if the prompts are)"
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.file)
     except SpecError as exc:
         _print_errors(f"{args.file}: invalid GRPOJob ({len(exc.messages)} error(s))", exc.messages)
         return EXIT_BAD_INPUT
-    print(summary(job))
+    print(f"{summary(job)}, {completion_form(job)}")
     return EXIT_OK
 
 

@@ -24,7 +24,6 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -192,19 +191,19 @@ class Evaluator:
             self.engine.wake()
             completions = self.engine.generate(self._prompt_ids, sampling)
             self.engine.sleep()
-        prompts, texts, columns = reward_inputs(self.job.spec.dataset, self.rows, completions)
-        scores = score(self.rewards, prompts, texts, columns, trainer_state=trainer_state)
+        scores = score(self.rewards, *reward_inputs(self.policy, self.job, self.rows, completions),
+                       trainer_state=trainer_state)
         lengths = [len(c.completion_ids) for c in completions]
-        answer = self.job.spec.dataset.answer_field
-        samples = [
+        dataset = self.job.spec.dataset
+        samples = [  # the dataset's prompt, as the training samples keep it (the rewards may have had its chat)
             {
-                "prompt": prompt,
-                "answer": self.rows[completion.prompt_index].get(answer),
+                "prompt": self.rows[completion.prompt_index][dataset.prompt_field],
+                "answer": self.rows[completion.prompt_index].get(dataset.answer_field),
                 "completion": completion.text,
                 "rewards": {name: _number(values[i]) for name, values in scores.per_reward.items()},
                 **scores.extra_of(i),
             }
-            for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True))
+            for i, completion in enumerate(completions)
         ]
         metrics = {
             "step": step,

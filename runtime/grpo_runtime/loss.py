@@ -598,7 +598,9 @@ def grpo_loss(
     then); mask [B, T]: 1 for completion tokens; advantages [B] (or [B, T]); old_logps / ref_logps
     [B, T] (old None: on-policy; ref needed when beta > 0); sampling_logps [B, T]: the engine's
     log-probs of the sampled tokens, turns on the sampling correction (config.sampling_correction,
-    unless that is off).
+    unless that is off) and are the off-policy mask's sampler; NaN marks a token the engine could not
+    score (weight 1, no KL evidence: TRL's). Without them pass None, not NaN: the mask's sampler is
+    then pi_old, or with old None the current log-probs (TRL's fallbacks), where NaN would drop nothing.
 
     The step this micro-batch belongs to: num_items_in_batch (its completion tokens, default
     mask.sum()), num_sequences_in_batch (its completions, default B), num_micro_batches (default 1).

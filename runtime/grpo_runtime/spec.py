@@ -393,7 +393,7 @@ class TrainingSpec(Section):
     num_iterations: int = Field(
         1, ge=1, description="Optimisation passes over each generated batch (mu); >1 uses the clipped ratio."
     )
-    seed: int = Field(42, description="Seeds data order, sampling and LoRA init.")
+    seed: int = Field(42, description="Seeds data order, sampling, LoRA init and LoRA dropout.")
     loss_chunk_size: int = Field(
         512,
         ge=1,

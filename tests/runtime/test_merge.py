@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from grpo_runtime.merge import merge_adapter
 from grpo_runtime.model import ModelError
+from grpo_runtime.rewards.builtin import completion_text
 from tests.runtime.conftest import build_tiny_model
 from tests.runtime.test_trainer import run_in_process, tiny_job
 
@@ -18,7 +19,7 @@ TEXT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n5"
 
 def distinct_characters(prompts, completions, **columns):
     """A reward that differs between samples of a random model, so one step moves the adapter."""
-    return [float(len(set(text))) for text in completions]
+    return [float(len(set(completion_text(c)))) for c in completions]
 
 
 def token_logprobs(model, tokenizer) -> torch.Tensor:

@@ -72,14 +72,14 @@ def test_chat_messages_without_a_template_name_the_field(tiny_model_dir, tokeniz
     assert decoded(plain, job_of(tiny_model_dir, system_prompt="S"), "hi") == "S\n\nhi"  # text: as before
 
 
-def test_rewards_get_assistant_messages_for_conversational_prompts(tiny_model_dir):
-    dataset = job_of(tiny_model_dir).spec.dataset
+def test_rewards_get_assistant_messages_for_conversational_prompts(tiny_model_dir, tokenizer):
     rows = [{"prompt": [{"role": "user", "content": "2 + 3?"}], "answer": "5"},
             {"prompt": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>"}],
              "answer": "4"},
             {"prompt": "1 + 1?", "answer": "2"}]
     completions = [Completion(i, [1, 2], text, False) for i, text in enumerate(["5", "add</think> 4", "2"])]
-    prompts, texts, columns = reward_inputs(dataset, rows, completions)
+    job = job_of(tiny_model_dir, useChatTemplate=False)  # the text prompt goes as raw text: its completion is text
+    prompts, texts, columns = reward_inputs(SimpleNamespace(tokenizer=tokenizer), job, rows, completions)
     assert prompts == [row["prompt"] for row in rows] and is_conversational(prompts[0]) and not is_conversational("x")
     assert texts == [[{"role": "assistant", "content": "5"}],
                      [{"role": "assistant", "content": "<think>add</think> 4"}], "2"]

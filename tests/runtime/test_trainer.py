@@ -143,6 +143,52 @@ def test_killed_run_resumes_and_reproduces_the_uninterrupted_metrics(tiny_model_
     assert all(m["loss"] < m["policy_loss"] for m in expected[1:])  # then minus coef x entropy
 
 
+TIMINGS = {"tokens_per_second", "generation_seconds", "sync_seconds", "learner_seconds", "step_seconds",
+           "peak_memory_mb"}
+
+
+def dropout_job(model_dir, output):
+    doc = tiny_job(model_dir, output, maxSteps=4)
+    doc["spec"]["rewards"].append({"name": "grader", "function": "tests.runtime.crash_rewards:raise_on_call",
+                                   "weight": 0.1})  # to fail a step at will (GRPO_TEST_RAISE_ON_CALL)
+    doc["spec"]["lora"]["dropout"] = 0.3
+    return doc
+
+
+def same_training(a: Path, b: Path) -> None:
+    """Every step's metrics (but the timings) and the final adapter, bit for bit."""
+    from safetensors.torch import load_file
+
+    strip = lambda out: [{k: v for k, v in m.items() if k not in TIMINGS} for m in read_metrics(out)]  # noqa: E731
+    assert strip(a) == strip(b)
+    first, second = (load_file(str(out / "final" / "adapter_model.safetensors")) for out in (a, b))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_lora_dropout_is_seeded_by_the_job(tiny_model_dir, tmp_path):
+    """lora.dropout draws from torch's global stream; training.seed starts it, so two runs of one manifest train
+    the same adapter, even in one process, where the stream has moved on after the first."""
+    for name in ("a", "b"):
+        assert run_in_process(dropout_job(tiny_model_dir, tmp_path / name)) == 0
+    same_training(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_resumed_run_continues_the_lora_dropout_stream(tiny_model_dir, tmp_path, monkeypatch):
+    """Its checkpoint's RNG state, not training.seed again nor the process's: steps 3 and 4 after a resume
+    from step 2 drop what the uninterrupted run dropped (in process: the stream is elsewhere after the failure)."""
+    from tests.runtime import crash_rewards
+
+    assert run_in_process(dropout_job(tiny_model_dir, tmp_path / "straight")) == 0
+    monkeypatch.setitem(crash_rewards._calls, "n", 0)
+    monkeypatch.setenv("GRPO_TEST_RAISE_ON_CALL", "4")  # step 4's rewards raise, after step-2's checkpoint
+    resumed = dropout_job(tiny_model_dir, tmp_path / "resumed")
+    assert run_in_process(resumed) == 2
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+    monkeypatch.delenv("GRPO_TEST_RAISE_ON_CALL")
+    assert run_in_process(resumed) == 0
+    same_training(tmp_path / "straight", tmp_path / "resumed")
+
+
 def test_padding_to_max_lengths_changes_nothing_but_memory(tiny_model_dir):
     """Step 0 runs at the maximum lengths so an OOM shows at once; the loss must not notice."""
     from grpo_runtime.engines import Completion
@@ -169,6 +215,23 @@ def test_padding_to_max_lengths_changes_nothing_but_memory(tiny_model_dir):
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
     for a, b in zip(results[0][2], results[1][2]):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_batch_without_the_engines_log_probs_carries_none():
+    """None, not NaN: NaN reads as tokens the engine could not score, so the off-policy mask would drop nothing where
+    TRL takes pi_old as the sampler (test_loss_vs_trl's opsm cases). Where only some completions have them, the
+    others' tokens are NaN (unscored: sampling weight 1, no KL evidence), padding too."""
+    from grpo_runtime.engines import Completion
+    from grpo_runtime.trainer import build_batch
+
+    cpu = torch.device("cpu")
+    without = build_batch([[5, 6]], [Completion(0, [11, 12], "", False), Completion(0, [13], "", False)], 0, cpu)
+    assert without.sampling_logps is None and without.rows(torch.tensor([1])).sampling_logps is None
+    some = [Completion(0, [11, 12], "", False, logprobs=[-0.5, -1.5]), Completion(0, [13], "", False),
+            Completion(0, [14], "", False, logprobs=[-2.0])]
+    mixed = build_batch([[5, 6]], some, 0, cpu).sampling_logps
+    assert mixed[0].tolist() == [-0.5, -1.5] and mixed[1].isnan().all()
+    assert mixed[2, 0] == -2.0 and mixed[2, 1].isnan()
 
 
 def test_micro_batches_are_as_many_as_asked_and_never_empty():
@@ -261,8 +324,11 @@ def test_score_aggregates_the_rewards_as_the_job_says(tiny_model_dir, aggregatio
 
     job = parse_job(tiny_job(tiny_model_dir, "unused", multiObjectiveAggregation=aggregation))
     rows = [{"prompt": "2 + 2?", "answer": "4"}]
+    from transformers import AutoTokenizer
+
     trainer = SimpleNamespace(rewards=load_rewards(job.spec.rewards), job=job, generation=job.spec.generation,
-                              training=job.spec.training, step=0, sampler=PromptSampler(rows, seed=0))  # what score reads
+                              training=job.spec.training, step=0, sampler=PromptSampler(rows, seed=0),
+                              policy=SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir)))  # what score reads
     texts = ["4", "#### 4 and then some more words", "5", "five"]
     completions = [Completion(0, list(range(1, 2 + 3 * i)), text, False) for i, text in enumerate(texts)]
     scores, advantages = Trainer.score(trainer, rows, completions)

@@ -1,7 +1,8 @@
 """Built-in reward functions, all with TRL's signature fn(prompts, completions, **columns).
 
 Each returns one float (or None: "not applicable", ignored in the weighted sum) per completion. A
-completion is its text, or (a conversational prompt, as TRL passes it) a list of chat messages.
+completion is its text, or (a prompt that went through the chat template, as TRL passes it) a list of chat
+messages (grpo_runtime.trainer.reward_inputs).
 """
 
 from __future__ import annotations
