@@ -10,7 +10,7 @@
 #           peft, vLLM, bitsandbytes, triton). Runs `grpo train FILE`; the operator's pods pass
 #           /etc/grpo/job.yaml.
 # Each image installs exactly its lock (uv-generated from pyproject.toml, hashed, wheels only;
-# README "Regenerating the locks"), then our wheel without dependencies: an unlocked `pip install`
+# docs/testing.md, "Regenerating the locks"), then our wheel without dependencies: an unlocked `pip install`
 # once resolved to an old vLLM and a CUDA 12.8 torch on this CUDA 13 base.
 # tests/packaging/test_dockerfile.py checks the targets, locks and users against the repo, and
 # tests/packaging/test_locks.py the locks against pyproject.toml and the imports.

@@ -46,7 +46,7 @@ def child(engine_name: str, sizes: list[tuple[int, int]], steps: int) -> dict:
     from grpo_runtime.engines import SamplingConfig
     from grpo_runtime.run import _prepare
     from grpo_runtime.spec import parse_job
-    from grpo_runtime.trainer import encode_prompts
+    from grpo_runtime.prompts import encode_prompts
 
     doc = yaml.safe_load(JOB.read_text())
     doc["spec"]["generation"]["engine"] = engine_name

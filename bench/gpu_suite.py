@@ -209,16 +209,16 @@ def _loss_inputs(B, V, D, T, device, seed=0):
 
 
 def _loss_variants():
-    from grpo_runtime import loss as loss_module
+    from grpo_runtime import fused_linear
     from loss_memory import naive_loss, ours_loss
 
     def ours(triton: bool):
         def run(*inputs):
-            loss_module._TRITON = triton
+            fused_linear._TRITON = triton
             try:
                 return ours_loss(*inputs, chunk_size=512)
             finally:
-                loss_module._TRITON = None
+                fused_linear._TRITON = None
         return run
 
     return {"naive": naive_loss, "ours-torch": ours(False), "ours-triton": ours(True)}
@@ -534,7 +534,7 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
     import torch
 
     from grpo_runtime import kernels
-    from grpo_runtime import loss as loss_module
+    from grpo_runtime import fused_linear
 
     if not kernels.available():
         raise NotRun("triton is not importable")
@@ -549,7 +549,7 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
 
     def ops(name):  # (logp_, dlogits_, the chunk's buffer) of a path
         if name == "torch":
-            return loss_module._logp_, loss_module._dlogits_, z.float()
+            return fused_linear._logp_, fused_linear._dlogits_, z.float()
         return logsoftmax.logp_, logsoftmax.dlogits_, z.clone()
 
     for temperature in (1.0, 0.7):
@@ -587,12 +587,12 @@ def part_kernels(part: Part, shapes: Shapes, device, deadline: float) -> None:
     w = (torch.randn(V, D, generator=g, device=device) * 3 / D**0.5).to(torch.bfloat16)  # logits of std ~3
     want = torch.log_softmax(h.float() @ w.float().T, -1).gather(1, targets[:, None]).squeeze(1)
     for name in ("torch", "triton"):
-        loss_module._TRITON = name == "triton"
+        fused_linear._TRITON = name == "triton"
         try:
-            exact = loss_module.token_logprobs(h[None], w, targets[None], chunk_size=128, fp32_logits=True)[0]
-            rounded = loss_module.token_logprobs(h[None], w, targets[None], chunk_size=128)[0]
+            exact = fused_linear.token_logprobs(h[None], w, targets[None], chunk_size=128, fp32_logits=True)[0]
+            rounded = fused_linear.token_logprobs(h[None], w, targets[None], chunk_size=128)[0]
         finally:
-            loss_module._TRITON = None
+            fused_linear._TRITON = None
         err, err_bf16 = (exact - want).abs().max().item(), (rounded - want).abs().max().item()
         part.rows.append({"castLmHeadToFp32, path": name, "rows x V x D": f"{n} x {V} x {D}",
                           "logp max abs err, fp32 logits": err, "logp max abs err, bf16 logits": err_bf16})

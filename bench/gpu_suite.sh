@@ -5,8 +5,10 @@
 #   python bench/gpu_bundle.py build --python 3.12 --torch 2.11.0 --out .gpu_parts      # here, once
 #   run(command="mkdir -p .gpu_stage && mv .gpu_parts/* .gpu_stage/", carry=[".gpu_parts/MANIFEST.json",
 #       ".gpu_parts/grpo-bundle.tar.xz.part00"])                                           # one call per part
-#   run(command="mv .gpu_parts/* .gpu_stage/ && bash bench/gpu_suite.sh", carry=[".gpu_parts/grpo-bundle.tar.xz.part01"],
-#       timeout_s=540)                                                                      # the last part, and the suite
+#   run(command="mv .gpu_parts/* .gpu_stage/ && ls -l .gpu_stage", carry=[".gpu_parts/grpo-bundle.tar.xz.part01"],
+#       timeout_s=60)                                                                       # the last part
+#   run(command="bash bench/gpu_suite.sh --parts e,g,h --budget-s 400", timeout_s=540)      # at once: the stage is
+#       kept only while the machine stays warm (30 s); a part not started within the budget is reported not run
 # Results land in $OUT when the device tool sets it (they come back), else in bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -28,3 +28,12 @@ def test_both_readme_commands_share_the_same_set_up():
     assert train.endswith("grpo train examples/local-cpu.yaml")
     assert test.endswith("python -m pytest -q")
     assert train.rsplit(" && ", 1)[0] in test
+
+
+def test_the_readme_links_every_docs_page():
+    """The README is the entrance: each page under docs/ is reachable from it, and every link it has resolves."""
+    text = (REPO / "README.md").read_text()
+    links = set(re.findall(r"\]\((docs/[^)#]+\.md)(?:#[^)]*)?\)", text))
+    pages = {f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")}
+    assert pages <= links, f"docs pages the README does not link: {sorted(pages - links)}"
+    assert all((REPO / link).is_file() for link in links), links

@@ -1,4 +1,4 @@
-"""`grpo` command line: validate, train, report, crd, operator.
+"""`grpo` command line: validate, train, report, crd, docs, operator.
 
 Exit codes are part of the contract with the operator: 0 success, 2 bad input (the pod is
 not retried), 1 anything else (the pod is retried from the last checkpoint).
@@ -25,7 +25,7 @@ def _print_errors(header: str, messages: list[str]) -> None:
 
 
 def completion_form(job) -> str:
-    """In which form the rewards get completions, as far as the manifest tells (grpo_runtime.trainer.chat_messages
+    """In which form the rewards get completions, as far as the manifest tells (grpo_runtime.prompts.chat_messages
     decides it per prompt, knowing the tokenizer and the dataset, which validate loads neither of)."""
     if job.spec.model.use_chat_template:
         return "completions as chat messages (as text if the tokenizer has no chat template)"
@@ -66,6 +66,13 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from grpo_runtime.reference import reference_markdown
+
+    sys.stdout.write(reference_markdown())
+    return EXIT_OK
+
+
 def cmd_operator(args: argparse.Namespace) -> int:
     from grpo_operator.main import run_operator
 
@@ -94,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("crd", help="print the GRPOJob CustomResourceDefinition generated from the spec")
     p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("docs", help="print docs/reference.md, the GRPOJob field reference generated from the spec")
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("operator", help="run the kopf operator (settings from the environment)")
     p.set_defaults(func=cmd_operator)

@@ -31,10 +31,10 @@ import torch
 
 from grpo_runtime.data import DatasetError, load_rows
 from grpo_runtime.engines import Engine, sampling_config
+from grpo_runtime.prompts import encode_prompts, reward_inputs
 from grpo_runtime.rewards import Reward, score
 from grpo_runtime.spec import EvaluationSpec, GRPOJob
 from grpo_runtime.storage import Storage
-from grpo_runtime.trainer import encode_prompts, reward_inputs
 
 log = logging.getLogger(__name__)
 

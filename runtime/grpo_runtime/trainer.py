@@ -22,12 +22,15 @@ from transformers import TrainerState, get_scheduler
 
 from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_std
-from grpo_runtime.data import DatasetError, PromptSampler, is_conversational
+from grpo_runtime.data import PromptSampler
 from grpo_runtime.engines import Completion, Engine, sampling_config
+from grpo_runtime.evaluation import BEST, BestAdapter, is_eval_line, samples_jsonl
+from grpo_runtime.fused_linear import token_logprobs
 from grpo_runtime.host_memory import release_freed_heap
-from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss, token_logprobs
+from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss
 from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
+from grpo_runtime.prompts import encode_prompts, reward_inputs
 from grpo_runtime.rewards import Reward, reward_metrics, score
 from grpo_runtime.spec import GRPOJob
 from grpo_runtime.storage import Storage
@@ -35,82 +38,6 @@ from grpo_runtime.storage import Storage
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
-
-
-# ---------------------------------------------------------------------------------------------
-# Turning prompts and completions into tensors
-
-
-def chat_messages(job: GRPOJob, tokenizer, prompt: Any) -> list[dict[str, Any]] | None:
-    """The chat a prompt goes to the model as, or None where it goes as raw text (the system prompt a paragraph
-    before it): chat messages (TRL's conversational format) as they are, or a text prompt as a user message where
-    model.useChatTemplate and the tokenizer has a template; spec.dataset.systemPrompt first unless they have a
-    system message. This decides what the rewards get too (reward_inputs): TRL puts only chat messages through
-    the template and then gives rewards the messages and each completion as an assistant message, so a text
-    prompt we template is that case (bench/step_vs_trl.py gives TRL our templated prompts as [system, user])."""
-    spec = job.spec
-    if is_conversational(prompt):
-        if not tokenizer.chat_template:
-            raise DatasetError(
-                f"spec.dataset.promptField: {spec.dataset.prompt_field!r} holds chat messages (TRL's conversational "
-                f"format), which need a chat template; the tokenizer of {spec.model.name} has none"
-            )
-        messages = list(prompt)
-    elif spec.model.use_chat_template and tokenizer.chat_template:
-        messages = [{"role": "user", "content": str(prompt)}]
-    else:
-        return None
-    if spec.dataset.system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
-    return messages
-
-
-def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
-    """Prompt token ids, left-truncated: the prompt's chat (chat_messages) in the chat template, a final
-    assistant message continued rather than answered (as TRL), or the raw text with the system prompt before it."""
-    spec, tokenizer = job.spec, policy.tokenizer
-    encoded = []
-    for row in rows:
-        prompt = row[spec.dataset.prompt_field]
-        messages = chat_messages(job, tokenizer, prompt)
-        if messages is None:
-            prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
-            encoded.append(tokenizer(prefix + str(prompt))["input_ids"][-spec.generation.max_prompt_length :])
-            continue
-        prefill = messages[-1]["role"] == "assistant"
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
-            return_dict=False, **spec.model.chat_template_kwargs,
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        encoded.append(list(ids)[-spec.generation.max_prompt_length :])
-    return encoded
-
-
-def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], completions: list[Completion]):
-    """What the rewards are called with: (prompts, completions, columns), one entry per completion, as TRL
-    calls them. A prompt that went to the model as a chat (chat_messages) is that chat, its completion the
-    assistant message [{"role": "assistant", "content": text}] (after the chat's own final assistant message, if
-    any); a prompt that went as raw text is the dataset's text, its completion the text. The dataset's prompt
-    column is the prompt, its answer column is `answer`."""
-    dataset = job.spec.dataset
-    expanded = [rows[c.prompt_index] for c in completions]
-    columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != dataset.prompt_field}
-    if dataset.answer_field != "answer" and dataset.answer_field in columns:
-        columns["answer"] = columns[dataset.answer_field]
-    columns["completion_ids"] = [c.completion_ids for c in completions]
-    prompts, texts = [], []
-    for row, completion in zip(expanded, completions, strict=True):
-        chat = chat_messages(job, policy.tokenizer, row[dataset.prompt_field])
-        if chat is None:
-            prompts.append(row[dataset.prompt_field])
-            texts.append(completion.text)
-            continue
-        prefill = chat[-1]["content"] if chat[-1]["role"] == "assistant" else ""
-        prompts.append(chat)
-        texts.append([{"role": "assistant", "content": prefill + completion.text}])
-    return prompts, texts, columns
 
 
 def lr_schedule(optimizer, training) -> torch.optim.lr_scheduler.LRScheduler:
@@ -568,7 +495,6 @@ class Trainer:
         """The metrics as this run continues them: none on a fresh start (records of an attempt that
         never checkpointed, step-0 evaluations included, would be duplicates), else as resume()
         trimmed them; their eval records so far."""
-        from grpo_runtime.evaluation import BestAdapter, is_eval_line
         from grpo_runtime.metrics_log import read_metrics
 
         if self.step == 0:
@@ -585,8 +511,6 @@ class Trainer:
             return None
         if any(line["step"] == self.step for line in self.eval_history):
             return None
-        from grpo_runtime.evaluation import samples_jsonl
-
         metrics, samples = self.evaluator.evaluate(self.step, reward_state(self.step, self.training.max_steps, self.sampler))
         self.storage.write_bytes(f"samples/eval-step-{self.step}.jsonl", samples_jsonl(samples))
         self.metrics_log.append(metrics)
@@ -626,8 +550,6 @@ class Trainer:
 
     def _push_final(self, final_dir: str, metrics: dict[str, Any] | None) -> None:
         """The final adapter to the hub, or with hub.adapter: best the best one (best/ in the store)."""
-        from grpo_runtime.evaluation import BEST
-
         if self.hub.spec.adapter != "best" or not self.storage.exists(f"{BEST}/best.json"):
             if self.hub.spec.adapter == "best":
                 log.warning("hub: no evaluation scored %s, so the final adapter goes up instead of the best",

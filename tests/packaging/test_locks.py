@@ -26,7 +26,7 @@ from tests.packaging.test_dockerfile import STAGES, exec_form
 @pytest.mark.parametrize("image", sorted(IMAGE_EXTRAS))
 def test_the_lock_agrees_with_pyproject(image):
     problems = drift(PYPROJECT.read_text(), lock_path(image).read_text())
-    assert not problems, f"requirements/{image}.lock and pyproject.toml drifted apart (README: Regenerating " \
+    assert not problems, f"requirements/{image}.lock and pyproject.toml drifted apart (docs/testing.md: Regenerating " \
         "the locks):\n" + "\n".join(problems)  # fmt: skip
 
 
@@ -171,7 +171,7 @@ def missing(image: str, modules: dict[str, str] = MODULES, lock: str | None = No
 def test_the_image_installs_everything_its_code_imports(image):
     problems = missing(image)
     assert not problems, "add the distribution to the image's extra in pyproject.toml and regenerate the " \
-        "lock (README: Regenerating the locks):\n" + "\n".join(problems)  # fmt: skip
+        "lock (docs/testing.md: Regenerating the locks):\n" + "\n".join(problems)  # fmt: skip
 
 
 def test_a_runtime_lock_without_the_kubernetes_client_is_caught():

@@ -1,9 +1,9 @@
-"""Every command in README.md's code blocks is run here, or listed with the reason it is not.
+"""Every command in the code blocks of README.md and docs/*.md is run here, or listed with the reason it is not.
 
-The first two ```bash blocks (set-up + train, set-up + tests) are tests/test_readme.py's and CI's.
-Of the rest, each ```bash line and each ```python block is either in RUN_HERE (run below, as
-written or with the one flag that keeps it off a real cluster, named next to it) or in
-NOT_RUN_HERE (with why). A command added to the README and to neither fails
+README's first two ```bash blocks (set-up + train, set-up + tests) are tests/test_readme.py's and CI's.
+Of the rest, each ```bash line and each ```python block, in the README or a page, is either in RUN_HERE
+(run below, as written or with the one flag that keeps it off a real cluster, named next to it) or in
+NOT_RUN_HERE (with why). A command added to a page and to neither fails
 test_every_readme_command_is_accounted_for.
 """
 
@@ -30,15 +30,19 @@ from tests.packaging.helpers import BIN, REPO, documents, find, tool
 from tests.packaging.locks import IMAGE_EXTRAS, lock_command, lock_path
 
 README = REPO / "README.md"
-CI_BLOCKS = 2  # the set-up commands, run by CI itself (.ci/run) and pinned by tests/test_readme.py
+PAGES = sorted((REPO / "docs").glob("*.md"))  # the README's links: one page per reader
+CI_BLOCKS = 2  # README's set-up commands, run by CI itself (.ci/run) and pinned by tests/test_readme.py
 
 
-def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.DOTALL)
+def code_blocks(language: str, pages: list[Path] | None = None) -> list[str]:
+    """The ```language blocks of the README and the pages, in that order (or of `pages` only)."""
+    pages = [README, *PAGES] if pages is None else pages
+    return [block for page in pages for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(), re.DOTALL)]
 
 
 def bash_commands() -> list[str]:
-    lines = [line.strip() for block in code_blocks("bash")[CI_BLOCKS:] for line in block.splitlines()]
+    blocks = code_blocks("bash", [README])[CI_BLOCKS:] + code_blocks("bash", PAGES)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -134,9 +138,9 @@ def test_every_readme_command_is_accounted_for():
     accounted = set(RUN_HERE) | set(NOT_RUN_HERE)
     commands = bash_commands() + python_snippets()
     unaccounted = [c for c in commands if not any(key in c for key in accounted)]
-    assert not unaccounted, f"README commands neither run nor listed as not run: {unaccounted}"
+    assert not unaccounted, f"README/docs commands neither run nor listed as not run: {unaccounted}"
     unused = [key for key in accounted if not any(key in c for c in commands)]
-    assert not unused, f"listed here but no longer in the README: {unused}"
+    assert not unused, f"listed here but no longer in the README or docs/: {unused}"
     for command in bash_commands():  # bash commands match exactly, not by substring
         assert command in accounted, command
 
@@ -144,7 +148,7 @@ def test_every_readme_command_is_accounted_for():
 def test_not_run_commands_say_why():
     for command, reason in NOT_RUN_HERE.items():
         assert len(reason) > 20, command
-    print("\nREADME commands not run here:\n" + "\n".join(f"- {c}\n    {r}" for c, r in NOT_RUN_HERE.items()))
+    print("\nREADME and docs/ commands not run here:\n" + "\n".join(f"- {c}\n    {r}" for c, r in NOT_RUN_HERE.items()))
 
 
 # ---------------------------------------------------------------- shell helpers
@@ -176,7 +180,7 @@ def sh(command: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 120
 
 
 def readme(command: str) -> str:
-    assert command in bash_commands(), f"no longer in the README: {command}"
+    assert command in bash_commands(), f"no longer in the README or docs/: {command}"
     return command
 
 

@@ -50,7 +50,7 @@ def test_local_example_validates():
 
 def test_the_summary_says_in_which_form_rewards_get_completions(tmp_path):
     """TRL's conversational format (chat messages) where the prompts go through the chat template, text where
-    they go as raw text (grpo_runtime.trainer.chat_messages decides it per prompt)."""
+    they go as raw text (grpo_runtime.prompts.chat_messages decides it per prompt)."""
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
     templated = grpo("validate", str(path)).stdout.strip()

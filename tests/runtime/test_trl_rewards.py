@@ -14,7 +14,7 @@ from grpo_runtime.engines import Completion
 from grpo_runtime.rewards.builtin import exact_answer, length
 from grpo_runtime.rewards.builtin import format as format_reward
 from grpo_runtime.spec import parse_job
-from grpo_runtime.trainer import reward_inputs
+from grpo_runtime.prompts import reward_inputs
 from tests.runtime.test_trainer import read_metrics, run_in_process, tiny_job
 
 SYSTEM = "Answer with a number."  # tiny_job's systemPrompt

@@ -63,7 +63,7 @@ def test_the_llm_methods_the_engine_calls_take_its_keywords():
 
 
 def test_the_in_memory_adapter_install_uses_what_vllms_lora_manager_has():
-    """engines/vllm._install_adapter: what WorkerLoRAManager does with an adapter folder, from tensors."""
+    """engines/vllm_weights._install_adapter: what WorkerLoRAManager does with an adapter folder, from tensors."""
     accepts(PEFTHelper.from_dict, {})
     accepts(PEFTHelper.validate_legal, None, None)
     accepts(LoRAModel.from_lora_tensors, 1, {}, None, device="cpu", dtype=None, model_vocab_size=None,

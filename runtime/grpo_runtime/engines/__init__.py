@@ -8,98 +8,31 @@ learner's weights after every optimizer step. Both return the same plain data.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
+from grpo_runtime.engines.protocol import (
+    Completion,
+    Engine,
+    EngineError,
+    EngineResourceError,
+    SamplingConfig,
+    eos_token_ids,
+    sampling_config,
+)
 from grpo_runtime.messages import first_line, one_line
 
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineError",
+    "EngineResourceError",
+    "SamplingConfig",
+    "auto_engine",
+    "eos_token_ids",
+    "make_engine",
+    "sampling_config",
+]
+
 log = logging.getLogger(__name__)
-
-
-class EngineError(Exception):
-    """The generation section cannot be honoured (engine missing, unsupported parameter): exit 2."""
-
-
-class EngineResourceError(RuntimeError):
-    """The engine ran out of something the machine may have next time (GPU memory at start or at
-    wake, a driver or compiler failure): exit 1, retried from the last checkpoint. The message
-    names the spec knob that makes it fit."""
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    n: int  # completions per prompt
-    max_tokens: int
-    temperature: float = 1.0  # <= 0 means greedy
-    top_p: float = 1.0
-    top_k: int | None = None
-    min_p: float | None = None
-    stop: tuple[str, ...] = ()  # strings that end a completion (kept in it)
-    seed: int | None = None  # None: draw from the global RNG
-    extra: dict[str, Any] = field(default_factory=dict)  # spec.generation.samplingParams
-
-
-@dataclass
-class Completion:
-    prompt_index: int
-    completion_ids: list[int]  # ends with EOS or the token completing a stop string, unless truncated
-    text: str  # completion_ids decoded, special tokens skipped
-    truncated: bool  # hit max_tokens without EOS or a stop string
-    # log-prob of each completion token under the distribution it was sampled from (after temperature and
-    # top-k/top-p/min-p), as the engine computed it; None when the engine gives none. The loss's sampling
-    # correction compares it with the learner's.
-    logprobs: list[float] | None = None
-
-
-class Engine(Protocol):
-    name: str
-    # seconds the last push of the learner's weights took (0 where generation runs on the learner's own
-    # model); a sleeping engine pushes at its next wake, so a step reads it after generating
-    last_sync_seconds: float
-
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
-        """len(prompt_ids) * n completions, grouped: all n of prompt 0, then prompt 1, ..."""
-        ...
-
-    def sync(self, policy) -> None:
-        """Make the engine sample from the learner's current weights."""
-        ...
-
-    def sleep(self) -> None:
-        """Release what generation holds (KV cache, weights) while the learner trains."""
-        ...
-
-    def wake(self) -> None:
-        """Take it back before the next rollout."""
-        ...
-
-
-def eos_token_ids(model, tokenizer, engine: str) -> list[int]:
-    """The tokens that end a completion: the generation config's EOS and the tokenizer's, deduplicated."""
-    ids: list[int] = []
-    generation_config = getattr(model, "generation_config", None)
-    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        for token in source if isinstance(source, list) else [source]:
-            if token is not None and token not in ids:
-                ids.append(token)
-    if not ids:
-        raise EngineError(f"spec.model.name: the tokenizer has no EOS token; the {engine} engine needs one")
-    return ids
-
-
-def sampling_config(generation_spec, *, seed: int | None = None, n: int | None = None) -> SamplingConfig:
-    """The SamplingConfig a GenerationSpec describes."""
-    return SamplingConfig(
-        n=n if n is not None else generation_spec.num_generations,
-        max_tokens=generation_spec.max_completion_length,
-        temperature=generation_spec.temperature,
-        top_p=generation_spec.top_p,
-        top_k=generation_spec.top_k,
-        min_p=generation_spec.min_p,
-        stop=tuple(generation_spec.stop),
-        seed=seed,
-        extra=dict(generation_spec.sampling_params),
-    )
 
 
 def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None) -> Engine:
@@ -130,7 +63,7 @@ def make_engine(generation_spec, policy, *, training_spec=None, model_spec=None)
 
 def auto_engine(policy, model_spec=None) -> tuple[str, str | None]:
     """(engine, why not vllm): vLLM on CUDA whenever it imports; on CPU only where it is the faster
-    one and safe (grpo_runtime.engines.vllm.cpu_unfit_reason), else hf."""
+    one and safe (grpo_runtime.engines.vllm_refusals.cpu_unfit_reason), else hf."""
     try:
         from grpo_runtime.engines import vllm as vllm_engine
     except Exception as exc:  # ImportError, or a broken install failing at import: as good as none

@@ -31,8 +31,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from grpo_runtime.engines import Completion, EngineError, SamplingConfig, eos_token_ids
-from grpo_runtime.loss import float32_logits
+from grpo_runtime.engines.protocol import Completion, EngineError, SamplingConfig, eos_token_ids
+from grpo_runtime.fused_linear import float32_logits
 from grpo_runtime.model import base_model
 
 # spec.generation.samplingParams the hf engine understands (vLLM name -> generate() name).
@@ -262,5 +262,5 @@ class _StopStrings(StoppingCriteria):
 
 
 def _float32_head(module, args, output):
-    """Forward hook on the lm_head: its logits in float32 (loss.float32_logits), instead of its dtype's."""
+    """Forward hook on the lm_head: its logits in float32 (fused_linear.float32_logits), instead of its dtype's."""
     return float32_logits(args[0], module.weight, getattr(module, "bias", None))

@@ -1,4 +1,4 @@
-"""Triton kernels for one chunk of the fused loss: the GPU fast path of grpo_runtime.loss.
+"""Triton kernels for one chunk of the fused loss: the GPU fast path of grpo_runtime.fused_linear.
 
 They work in place on the chunk's logits in the lm_head's own dtype (bf16 on GPU), so the
 chunk needs no float32 copy of its logits and the temperature scaling, log-sum-exp, gather and

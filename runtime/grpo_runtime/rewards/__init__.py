@@ -23,13 +23,10 @@ import torch
 
 from grpo_runtime.advantages import weighted_total
 from grpo_runtime.rewards.builtin import BUILTINS
+from grpo_runtime.rewards.errors import RewardError
 from grpo_runtime.spec import RewardSpec
 
 RewardCallable = Callable[..., Sequence[float | None]]
-
-
-class RewardError(Exception):
-    """A reward that cannot be loaded or misbehaves; the message names the reward."""
 
 
 @dataclass(frozen=True)

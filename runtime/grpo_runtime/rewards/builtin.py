@@ -2,7 +2,7 @@
 
 Each returns one float (or None: "not applicable", ignored in the weighted sum) per completion. A
 completion is its text, or (a prompt that went through the chat template, as TRL passes it) a list of chat
-messages (grpo_runtime.trainer.reward_inputs).
+messages (grpo_runtime.prompts.reward_inputs).
 """
 
 from __future__ import annotations

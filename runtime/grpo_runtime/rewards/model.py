@@ -12,7 +12,7 @@ import torch
 
 from grpo_runtime.data import is_conversational
 from grpo_runtime.messages import first_line
-from grpo_runtime.rewards import RewardError  # this module is imported by load_rewards, after the package
+from grpo_runtime.rewards.errors import RewardError
 
 
 class RewardModel:

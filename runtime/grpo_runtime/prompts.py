@@ -1,0 +1,84 @@
+"""Prompts as the model and the rewards take them: the chat a dataset prompt goes to the model as, its token
+ids, and what the rewards are called with for each completion. Training (trainer.py) and evaluation
+(evaluation.py) both roll out through these, so they live below both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpo_runtime.data import DatasetError, is_conversational
+from grpo_runtime.engines import Completion
+from grpo_runtime.model import Policy
+from grpo_runtime.spec import GRPOJob
+
+
+def chat_messages(job: GRPOJob, tokenizer, prompt: Any) -> list[dict[str, Any]] | None:
+    """The chat a prompt goes to the model as, or None where it goes as raw text (the system prompt a paragraph
+    before it): chat messages (TRL's conversational format) as they are, or a text prompt as a user message where
+    model.useChatTemplate and the tokenizer has a template; spec.dataset.systemPrompt first unless they have a
+    system message. This decides what the rewards get too (reward_inputs): TRL puts only chat messages through
+    the template and then gives rewards the messages and each completion as an assistant message, so a text
+    prompt we template is that case (bench/step_vs_trl.py gives TRL our templated prompts as [system, user])."""
+    spec = job.spec
+    if is_conversational(prompt):
+        if not tokenizer.chat_template:
+            raise DatasetError(
+                f"spec.dataset.promptField: {spec.dataset.prompt_field!r} holds chat messages (TRL's conversational "
+                f"format), which need a chat template; the tokenizer of {spec.model.name} has none"
+            )
+        messages = list(prompt)
+    elif spec.model.use_chat_template and tokenizer.chat_template:
+        messages = [{"role": "user", "content": str(prompt)}]
+    else:
+        return None
+    if spec.dataset.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": spec.dataset.system_prompt})
+    return messages
+
+
+def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Prompt token ids, left-truncated: the prompt's chat (chat_messages) in the chat template, a final
+    assistant message continued rather than answered (as TRL), or the raw text with the system prompt before it."""
+    spec, tokenizer = job.spec, policy.tokenizer
+    encoded = []
+    for row in rows:
+        prompt = row[spec.dataset.prompt_field]
+        messages = chat_messages(job, tokenizer, prompt)
+        if messages is None:
+            prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
+            encoded.append(tokenizer(prefix + str(prompt))["input_ids"][-spec.generation.max_prompt_length :])
+            continue
+        prefill = messages[-1]["role"] == "assistant"
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
+            return_dict=False, **spec.model.chat_template_kwargs,
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        encoded.append(list(ids)[-spec.generation.max_prompt_length :])
+    return encoded
+
+
+def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], completions: list[Completion]):
+    """What the rewards are called with: (prompts, completions, columns), one entry per completion, as TRL
+    calls them. A prompt that went to the model as a chat (chat_messages) is that chat, its completion the
+    assistant message [{"role": "assistant", "content": text}] (after the chat's own final assistant message, if
+    any); a prompt that went as raw text is the dataset's text, its completion the text. The dataset's prompt
+    column is the prompt, its answer column is `answer`."""
+    dataset = job.spec.dataset
+    expanded = [rows[c.prompt_index] for c in completions]
+    columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != dataset.prompt_field}
+    if dataset.answer_field != "answer" and dataset.answer_field in columns:
+        columns["answer"] = columns[dataset.answer_field]
+    columns["completion_ids"] = [c.completion_ids for c in completions]
+    prompts, texts = [], []
+    for row, completion in zip(expanded, completions, strict=True):
+        chat = chat_messages(job, policy.tokenizer, row[dataset.prompt_field])
+        if chat is None:
+            prompts.append(row[dataset.prompt_field])
+            texts.append(completion.text)
+            continue
+        prefill = chat[-1]["content"] if chat[-1]["role"] == "assistant" else ""
+        prompts.append(chat)
+        texts.append([{"role": "assistant", "content": prefill + completion.text}])
+    return prompts, texts, columns
