@@ -174,9 +174,14 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(out: Path, parts: list[Path], *, python: str, torch: str, vllm: str | None,
                    unpacked_bytes: int) -> dict:
-    whole = hashlib.sha256()
-    for part in parts:
-        whole.update(part.read_bytes())
+    whole, listed = hashlib.sha256(), []
+    for part in parts:  # one read of each part for both digests
+        digest = hashlib.sha256()
+        with part.open("rb") as f:
+            while chunk := f.read(2**20):
+                digest.update(chunk)
+                whole.update(chunk)
+        listed.append({"name": part.name, "bytes": part.stat().st_size, "sha256": digest.hexdigest()})
     manifest = {
         "python": python,
         "torch": torch,
@@ -184,7 +189,7 @@ def write_manifest(out: Path, parts: list[Path], *, python: str, torch: str, vll
         "archive": ARCHIVE,
         "archive_sha256": whole.hexdigest(),
         "unpacked_bytes": unpacked_bytes,
-        "parts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in parts],
+        "parts": listed,
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")

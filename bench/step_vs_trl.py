@@ -84,10 +84,34 @@ def run_ours(args) -> dict:
     return {"step_seconds": times[-1], "peak_rss_mb": peak_rss_mb(), "after_load_mb": loaded, "engine": prepared.engine.name}
 
 
+def step_timer():
+    """A TrainerCallback that times each optimizer step of TRL's trainer (`.times`, seconds), the CUDA queue
+    drained at both ends where there is one (also used by bench/gpu_trl_part.py)."""
+    import torch
+    from transformers import TrainerCallback
+
+    def drained() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            self.started = drained()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(drained() - self.started)
+
+    return StepTimer()
+
+
 def run_trl(args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo_runtime.data import arithmetic_problems
@@ -103,17 +127,7 @@ def run_trl(args) -> dict:
     def correct(prompts, completions, answer, **kwargs):
         return exact_answer(prompts, [c[0]["content"] for c in completions], answer=answer)
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.started = [], 0.0
-
-        def on_step_begin(self, *a, **k):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.started)
-
-    timer = StepTimer()
+    timer = step_timer()
     vllm = {}
     if args.engine == "vllm":
         vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 128 + args.max_tokens,
