@@ -645,10 +645,30 @@ class RunPolicySpec(Section):
 
 
 class ResourcesSpec(Section):
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs per pod. Each is a rank of its own (torchrun): its own vLLM and learner, a share of each "
+        "step's prompts; LoRA gradients are summed over the ranks, so the update is the one-GPU update of the same "
+        "step. The job's world size is gpus x nodes.",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Pods, one per node, each with `gpus` GPUs, started, admitted (Kueue) and restarted together "
+        "(a gang): the job runs only while all of them do.",
+    )
     requests: dict[str, str | int] = Field(default_factory=dict, description="Pod resource requests.")
     limits: dict[str, str | int] = Field(
-        default_factory=dict, description="Pod resource limits; nvidia.com/gpu: 1 is always added."
+        default_factory=dict, description="Pod resource limits; nvidia.com/gpu is always set to `gpus`."
     )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the job: processes, one per GPU."""
+        return self.gpus * self.nodes
 
 
 class RewardModulesSpec(Section):
@@ -712,7 +732,9 @@ class GRPOJobSpec(Section):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where checkpoints and metrics go.")
     image: str | None = Field(None, description="Runtime container image; the operator's default when unset.")
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets to pull the image.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pod resources (one GPU is implied).")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="GPUs per pod, pods (nodes), and the pods' other resources."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
     affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity.")
@@ -758,6 +780,17 @@ class GRPOJobSpec(Section):
         hub = self.output.hub
         if hub is not None and hub.adapter == "best" and metric is None:
             raise ValueError("output.hub.adapter: best pushes checkpoint.keepBest's adapter; set checkpoint.keepBest")
+        return self
+
+    @model_validator(mode="after")
+    def _ranks_share_whole_groups(self) -> GRPOJobSpec:
+        """Each rank generates, scores and trains whole prompts' groups: a step's prompts split evenly."""
+        world, prompts = self.resources.world_size, self.training.prompts_per_step
+        if prompts % world:
+            raise ValueError(
+                f"training.promptsPerStep: {prompts} prompts do not split evenly over {world} ranks "
+                f"(resources.gpus x resources.nodes); each rank takes whole prompts, so use a multiple of {world}"
+            )
         return self
 
     @model_validator(mode="after")
