@@ -48,8 +48,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SpecError as exc:
         _print_errors(f"{args.file}: invalid GRPOJob ({len(exc.messages)} error(s))", exc.messages)
         return EXIT_BAD_INPUT
-    from grpo_runtime.run import run_job  # torch is imported only when training
+    from grpo_runtime.distributed import under_torchrun
+    from grpo_runtime.run import run_job, run_ranks  # torch is imported only when training
 
+    if job.spec.resources.world_size > 1 and not under_torchrun():
+        again = [args.file, *(["--output", args.output] if args.output else []),
+                 *(["--max-steps", str(args.max_steps)] if args.max_steps is not None else []),
+                 *(["--quiet"] if args.quiet else [])]
+        return run_ranks(job, again)
     return run_job(job, output=args.output, max_steps=args.max_steps, quiet=args.quiet)
 
 

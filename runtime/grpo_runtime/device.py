@@ -21,11 +21,12 @@ class DeviceError(RuntimeError):
 
 
 def job_device() -> torch.device:
+    """The job's device: for a rank of a data-parallel job (torchrun's LOCAL_RANK), the node's LOCAL_RANK-th GPU."""
     wanted = os.environ.get(DEVICE_ENV, "").strip().lower()
     if wanted == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if wanted == "cuda":
         raise DeviceError(
             f"no usable CUDA GPU in this pod ({_why_no_cuda()}), although it asked for nvidia.com/gpu: 1. "

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from grpo_runtime.data import DatasetError, load_rows
+from grpo_runtime.distributed import World
 from grpo_runtime.engines import Engine, sampling_config
 from grpo_runtime.prompts import encode_prompts, reward_inputs
-from grpo_runtime.rewards import Reward, score
+from grpo_runtime.rewards import Reward, merge_scores, score
 from grpo_runtime.spec import EvaluationSpec, GRPOJob
 from grpo_runtime.storage import Storage
 
@@ -165,6 +166,7 @@ class Evaluator:
     engine: Engine
     rewards: list[Reward]
     rows: list[dict[str, Any]]  # the held-out prompts, one row each
+    world: World = dataclasses.field(default_factory=World)  # a data-parallel job's ranks share the prompts
 
     def __post_init__(self) -> None:
         self.spec: EvaluationSpec = self.job.spec.evaluation
@@ -187,12 +189,22 @@ class Evaluator:
         sampling = sampling_config(self.job.spec.generation, seed=seed, n=k)
         if k == 1:
             sampling = dataclasses.replace(sampling, temperature=0.0)  # greedy
-        with rng_untouched(self.policy.device):  # vLLM's sampler draws from the global stream even when seeded
-            self.engine.wake()
-            completions = self.engine.generate(self._prompt_ids, sampling)
-            self.engine.sleep()
-        scores = score(self.rewards, *reward_inputs(self.policy, self.job, self.rows, completions),
-                       trainer_state=trainer_state)
+        mine = self.world.share(len(self.rows))  # each rank its share; seeds keyed by the prompt's index, as in training
+        sampling = dataclasses.replace(sampling, first_prompt=mine.start)
+        completions, scores = [], None  # a rank of more ranks than held-out prompts has none
+        if mine:
+            with rng_untouched(self.policy.device):  # vLLM's sampler draws from the global stream even when seeded
+                self.engine.wake()
+                completions = self.engine.generate(self._prompt_ids[mine.start : mine.stop], sampling)
+                self.engine.sleep()
+            for completion in completions:
+                completion.prompt_index += mine.start
+            scores = score(self.rewards, *reward_inputs(self.policy, self.job, self.rows, completions),
+                           trainer_state=trainer_state)
+        if self.world.size > 1:
+            pieces = self.world.gather((completions, scores))
+            completions = [completion for piece, _ in pieces for completion in piece]
+            scores = merge_scores([piece for _, piece in pieces if piece is not None])
         lengths = [len(c.completion_ids) for c in completions]
         dataset = self.job.spec.dataset
         samples = [  # the dataset's prompt, as the training samples keep it (the rewards may have had its chat)

@@ -78,7 +78,7 @@ class MetricsLog:
         assert self._index is not None
         if len(self._open) >= self.segment_lines:
             self._index, self._open = self._index + 1, []
-        self._open.append(record)
+        self._open.append(dict(record))  # as it is now: the caller's dict may grow (the step's checkpoint) after
         self.storage.write_bytes(segment_key(self._index), _encode(self._open))
 
     def truncate_after(self, step: int) -> None:

@@ -123,15 +123,21 @@ class Prepared:
     evaluator: Any  # None without spec.evaluation
     hub: Any  # None without spec.output.hub
 
+    world: Any = None  # grpo_runtime.distributed.World; None: alone
+
     def trainer(self, job: GRPOJob):
+        from grpo_runtime.distributed import World
         from grpo_runtime.trainer import Trainer
 
         return Trainer(job, self.policy, self.engine, self.rewards, self.sampler, self.storage,
-                       evaluator=self.evaluator, hub=self.hub)
+                       evaluator=self.evaluator, hub=self.hub, world=self.world or World())
 
 
-def _prepare(job: GRPOJob, uri: str) -> Prepared:
-    """Everything that can be wrong with the user's input is found here, before training."""
+def _prepare(job: GRPOJob, uri: str, world=None) -> Prepared:
+    """Everything that can be wrong with the user's input is found here, before training. Every rank of a
+    data-parallel job prepares its own model and engine; the store and the hub are rank 0's."""
+    from grpo_runtime.distributed import World
+
     from grpo_runtime.data import PromptSampler, load_rows
     from grpo_runtime.device import job_device
     from grpo_runtime.engines import make_engine
@@ -141,11 +147,13 @@ def _prepare(job: GRPOJob, uri: str) -> Prepared:
     from grpo_runtime.storage import open_storage
 
     spec = job.spec
+    world = world or World()
     device = job_device()  # first: a pod without its GPU fails at once, before any download
     storage = open_storage(uri, endpoint=spec.output.endpoint, region=spec.output.region)
-    storage.check()
+    if world.main:
+        storage.check()
     hub = None
-    if spec.output.hub is not None:  # before the model: a token that cannot write fails in the first minute
+    if spec.output.hub is not None and world.main:  # before the model: a token that cannot write fails in the first minute
         from grpo_runtime.hub import HubPusher
 
         hub = HubPusher(job)
@@ -165,8 +173,8 @@ def _prepare(job: GRPOJob, uri: str) -> Prepared:
     )
     engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
-    evaluator = Evaluator(job, policy, engine, rewards, held_out) if spec.evaluation else None
-    return Prepared(storage, rewards, policy, engine, sampler, evaluator, hub)
+    evaluator = Evaluator(job, policy, engine, rewards, held_out, world) if spec.evaluation else None
+    return Prepared(storage, rewards, policy, engine, sampler, evaluator, hub, world)
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -185,8 +193,51 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_BAD_INPUT if isinstance(exc, _bad_input_errors()) else EXIT_FAILURE
 
 
+def run_ranks(job: GRPOJob, train_args: list[str]) -> int:
+    """`grpo train` of a job of several ranks, on this node: torchrun runs `grpo train train_args` once per GPU
+    (resources.gpus; CPU processes on gloo where there is no GPU), rendezvousing with the job's other nodes.
+    A rank that fails ends them all: the exit code is the first failure's (2, bad input, when any rank's is)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from grpo_runtime.distributed import launch_argv
+
+    resources = job.spec.resources
+    try:
+        torchrun = launch_argv(resources.gpus, resources.nodes)
+    except ValueError as exc:
+        print(f"grpo train: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    where = f"{resources.nodes} nodes x {resources.gpus}" if resources.nodes > 1 else f"{resources.gpus}"
+    print(f"grpo train: {resources.world_size} ranks ({where} per node), torchrun {' '.join(torchrun)}", file=sys.stderr)
+    try:
+        run(parse_args([*torchrun, "--module", "grpo_runtime.cli", "train", *train_args]))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        codes = {f.exitcode for f in exc.failures.values()}
+        print(
+            f"grpo train: rank {rank} of {resources.world_size} failed first (exit code {failure.exitcode}); "
+            "its error is above; the others were stopped. The same command resumes from the last checkpoint",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT if EXIT_BAD_INPUT in codes else EXIT_FAILURE
+    return EXIT_OK
+
+
 def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = None, quiet: bool = False) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from grpo_runtime.distributed import join, leave
+
+    world = join(job.spec.resources.rank_timeout_seconds)
+    rank = f"rank {world.rank} " if world.size > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return _run_job(job, world, output=output, max_steps=max_steps, quiet=quiet or not world.main)
+    finally:
+        leave()
+
+
+def _run_job(job: GRPOJob, world, *, output: str | None, max_steps: int | None, quiet: bool) -> int:
     if max_steps is not None:
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"training": job.spec.training.model_copy(update={"max_steps": max_steps})})})
     uri = output_uri(job, output)
@@ -196,19 +247,20 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
     try:
         from grpo_runtime.tracking import open_tracking
 
-        prepared = _prepare(job, uri)
+        prepared = _prepare(job, uri, world)
         storage, trainer = prepared.storage, prepared.trainer(job)
-        storage.write_bytes("spec.yaml", yaml.safe_dump(job.to_manifest(), sort_keys=False).encode())
-        if job.spec.checkpoint.resume and trainer.resume():
+        if world.main:
+            storage.write_bytes("spec.yaml", yaml.safe_dump(job.to_manifest(), sort_keys=False).encode())
+        if job.spec.checkpoint.resume and trainer.resume() and world.main:
             log.info("resumed from %s at step %d", trainer.latest_checkpoint, trainer.step)
         bar = ProgressBar(job.spec.training.max_steps, trainer.step, quiet)
         trainer.on_step.append(bar)
         trainer.on_eval.append(bar.eval)
-        sinks = status_progress(job)
+        sinks = status_progress(job) if world.main else None
         if sinks:
             trainer.on_step.append(sinks[0])
             trainer.on_eval.append(sinks[1])
-        tracking = open_tracking(job, storage, step=trainer.step, extras=trainer.checkpoint_extras)
+        tracking = open_tracking(job, storage, step=trainer.step, extras=trainer.checkpoint_extras) if world.main else None
         if tracking:
             trainer.on_step.append(tracking)
             trainer.on_eval.append(tracking)  # eval records: the same step axis, eval/... names
@@ -223,18 +275,20 @@ def run_job(job: GRPOJob, *, output: str | None = None, max_steps: int | None = 
             if tracking:
                 tracking.finish(ok)
     except bad_input as exc:
-        print(f"grpo train: {exc}", file=sys.stderr)
+        print(f"grpo train: {world.label}{exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except DeviceError as exc:  # the node's, retried; its message says what to check, a traceback would not
-        print(f"grpo train: {exc}", file=sys.stderr)
+        print(f"grpo train: {world.label}{exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("grpo train: interrupted; resume from the last checkpoint with the same command", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # the operator retries these from LATEST
         log.exception("training failed")
-        print(f"grpo train: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"grpo train: {world.label}failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if not world.main:
+        return EXIT_OK
     elapsed = time.perf_counter() - started
     ran = trainer.step - first_step
     history = trainer.eval_history

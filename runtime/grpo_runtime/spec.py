@@ -660,6 +660,13 @@ class ResourcesSpec(Section):
         description="Pods, one per node, each with `gpus` GPUs, started, admitted (Kueue) and restarted together "
         "(a gang): the job runs only while all of them do.",
     )
+    rank_timeout_seconds: int = Field(
+        1800,
+        ge=10,
+        description="With several ranks: how long a rank waits for the others at a step's exchange (completions, "
+        "gradients, a checkpoint's hand-over) before the job fails, so a rank that died or hangs ends the job "
+        "instead of stalling it. Longer than the slowest step's generation or evaluation.",
+    )
     requests: dict[str, str | int] = Field(default_factory=dict, description="Pod resource requests.")
     limits: dict[str, str | int] = Field(
         default_factory=dict, description="Pod resource limits; nvidia.com/gpu is always set to `gpus`."

@@ -6,6 +6,7 @@ is a small function in this file or a module with one job (engines, rewards, los
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -23,6 +24,7 @@ from transformers import TrainerState, get_scheduler
 from grpo_runtime import checkpoints
 from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_std
 from grpo_runtime.data import PromptSampler
+from grpo_runtime.distributed import World
 from grpo_runtime.engines import Completion, Engine, sampling_config
 from grpo_runtime.evaluation import BEST, BestAdapter, is_eval_line, samples_jsonl
 from grpo_runtime.fused_linear import token_logprobs
@@ -31,7 +33,7 @@ from grpo_runtime.loss import EntropyBonus, LossConfig, grpo_loss
 from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, decoder_hidden_states, lm_head, save_adapter
 from grpo_runtime.prompts import encode_prompts, reward_inputs
-from grpo_runtime.rewards import Reward, reward_metrics, score
+from grpo_runtime.rewards import Reward, RewardScores, merge_scores, reward_metrics, score
 from grpo_runtime.spec import GRPOJob
 from grpo_runtime.storage import Storage
 
@@ -164,24 +166,30 @@ def loss_config(spec, engine: str) -> LossConfig:
     )
 
 
-def split_micro_batches(completions: int, gradient_accumulation_steps: int) -> list[torch.Tensor]:
-    """The rows of each micro-batch: min(gradientAccumulationSteps, completions) of them, sizes differing by
-    at most one (every one runs: the loss's normalisers count the step, not the micro-batches)."""
-    return list(torch.arange(completions).tensor_split(min(gradient_accumulation_steps, completions)))
+def split_micro_batches(completions: int, gradient_accumulation_steps: int, ranks: int = 1) -> list[torch.Tensor]:
+    """The rows of each micro-batch of the step: min(gradientAccumulationSteps, completions) of them, at least
+    one per rank (rounded up to a multiple of the ranks, so each runs as many), sizes differing by at most one
+    (every one runs: the loss's normalisers count the step, not the micro-batches). A rank runs every
+    ranks-th of them (`World.rank::World.size`). A job's prompts split evenly over its ranks, so there are
+    never fewer completions than ranks."""
+    count = min(gradient_accumulation_steps, completions)
+    count = min(-(-count // ranks) * ranks, completions)
+    return list(torch.arange(completions).tensor_split(count))
 
 
 @torch.no_grad()
 def batch_logprobs(
     policy: Policy, batch: Batch, config: LossConfig, micro_batches: int | list[torch.Tensor]
 ) -> torch.Tensor:
-    """log-probs [N, C] of the completion tokens, no grad, a micro-batch (a count, or their rows) at a time."""
+    """log-probs [N, C] of the completion tokens, no grad, a micro-batch (a count, or their rows) at a time; given
+    the rows of some micro-batches (a rank's), the others' rows are NaN."""
     if isinstance(micro_batches, int):
         micro_batches = split_micro_batches(batch.input_ids.shape[0], micro_batches)
     weight, bias = lm_head(policy.model)
-    out = []
+    out = torch.full(batch.completion_ids.shape, float("nan"), device=batch.completion_ids.device)
     for rows in micro_batches:
         micro = batch.rows(rows)
-        out.append(
+        out[rows.to(out.device)] = (
             token_logprobs(
                 completion_hidden(policy, micro),
                 weight,
@@ -191,8 +199,8 @@ def batch_logprobs(
                 bias=bias,
                 fp32_logits=config.fp32_logits,
             )
-        )
-    return torch.cat(out)
+        ).to(out.dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +215,24 @@ def seed_streams(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy takes 32 bits
     torch.manual_seed(seed)
+
+
+def _rng_streams() -> dict[str, Any]:
+    """The process's RNG states, as a checkpoint keeps them."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _restore_rng_streams(streams: dict[str, Any]) -> None:
+    torch.set_rng_state(streams["torch"])
+    if streams["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(streams["cuda"])
+    random.setstate(streams["python"])
+    np.random.set_state(streams["numpy"])
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -236,6 +262,7 @@ class Trainer:
     evaluator: Any = None  # grpo_runtime.evaluation.Evaluator when spec.evaluation is set
     hub: Any = None  # grpo_runtime.hub.HubPusher when spec.output.hub is set
     on_eval: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    world: World = field(default_factory=World)  # this rank's place in a data-parallel job (distributed.py)
 
     def __post_init__(self) -> None:
         spec = self.job.spec
@@ -262,33 +289,61 @@ class Trainer:
         self._at_max_lengths = True  # the first step of every process probes the worst-case memory
         self._clashes_told: set[str] = set()  # reward metrics named like built-in ones, warned about once
         self._last_step_metrics: dict[str, Any] | None = None  # the hub's cards: the record run_step wrote last
+        self._generation_seconds = 0.0  # this rank's last generate(), wake included
 
     # -- one step -------------------------------------------------------------------------
 
-    def generate(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[Completion]]:
-        prompt_ids = encode_prompts(self.policy, self.job, rows)
-        # seeded per step: a resumed run samples exactly what the uninterrupted one did
+    def generate(self, prompt_ids: list[list[int]], first_prompt: int = 0) -> list[Completion]:
+        """Completions of the step's prompts `prompt_ids`, the first being the step's `first_prompt`-th (their
+        prompt_index counts from it): each prompt's samples are seeded by the step and that index, so a resumed
+        run, or another split of the step over ranks, samples exactly what the uninterrupted one-process run did."""
         sampling = sampling_config(self.generation, seed=self.training.seed * 100_003 + self.step)
+        sampling = dataclasses.replace(sampling, first_prompt=first_prompt)
+        started = time.perf_counter()
         self.engine.wake()
         completions = self.engine.generate(prompt_ids, sampling)
         self.engine.sleep()
-        return prompt_ids, completions
+        self._generation_seconds = time.perf_counter() - started
+        for completion in completions:
+            completion.prompt_index += first_prompt
+        return completions
 
-    def score(self, rows: list[dict[str, Any]], completions: list[Completion]):
+    def score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> RewardScores:
+        """The rewards of `completions` (their prompt_index indexes `rows`, the step's prompts)."""
         state = reward_state(self.step, self.training.max_steps, self.sampler)
-        scores = score(self.rewards, *reward_inputs(self.policy, self.job, rows, completions), trainer_state=state)
-        advantages = group_advantages(
+        return score(self.rewards, *reward_inputs(self.policy, self.job, rows, completions), trainer_state=state)
+
+    def advantages(self, scores: RewardScores) -> torch.Tensor:
+        """The step's advantages: group statistics over each prompt's whole group."""
+        return group_advantages(
             scores.matrix,
             scores.weight_vector,
             self.generation.num_generations,
             self.training.scale_rewards,
             self.training.multi_objective_aggregation,
         )
-        return scores, advantages
+
+    def rollout(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[Completion], RewardScores]:
+        """The step's prompt ids, completions and scores, whole on every rank: each rank generates and scores its
+        share of the prompts (whole groups), then the ranks exchange them."""
+        prompt_ids = encode_prompts(self.policy, self.job, rows)
+        mine = self.world.share(len(rows))
+        completions = self.generate(prompt_ids[mine.start : mine.stop], first_prompt=mine.start)
+        scores = self.score(rows, completions)
+        if self.world.size > 1:
+            pieces = self.world.gather((completions, scores))
+            completions = [completion for piece, _ in pieces for completion in piece]
+            scores = merge_scores([piece for _, piece in pieces])
+        return prompt_ids, completions, scores
 
     def optimise(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
-        """numIterations optimizer updates on one generated batch; returns loss metrics."""
-        parts = split_micro_batches(batch.input_ids.shape[0], self.training.gradient_accumulation_steps)
+        """numIterations optimizer updates on one generated batch (the whole step's, on every rank); returns loss
+        metrics. A rank runs its share of the step's micro-batches; the gradients and metrics are summed over the
+        ranks before the clip and the optimizer step, which every rank then takes alike."""
+        step_parts = split_micro_batches(
+            batch.input_ids.shape[0], self.training.gradient_accumulation_steps, self.world.size
+        )
+        parts = step_parts[self.world.rank :: self.world.size]
         old = batch_logprobs(self.policy, batch, self.loss_config, parts) if self.training.num_iterations > 1 else None
         ref = None
         if self.training.beta > 0:
@@ -298,7 +353,9 @@ class Trainer:
         sums: dict[str, float] = {}
         self.policy.model.train()
         for _ in range(self.training.num_iterations):
-            metrics = self.accumulate(batch, advantages, parts, old, ref, self.entropy_bonus.applied())
+            metrics = self.accumulate(batch, advantages, parts, old, ref, self.entropy_bonus.applied(), len(step_parts))
+            metrics = self.world.sum_metrics(metrics, self.policy.device)
+            self.world.sum_grads(self.params)
             metrics.setdefault("policy_loss", metrics["loss"])  # without a bonus this optimizer step
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -311,15 +368,19 @@ class Trainer:
             self.entropy_bonus.update(EntropyBonus.step_entropy(metrics))
         return {key: value / self.training.num_iterations for key, value in sums.items()}
 
-    def accumulate(self, batch: Batch, advantages, parts, old=None, ref=None, entropy_coef=0.0) -> dict[str, float]:
-        """The step's gradients, added into the parameters' .grad one micro-batch at a time; returns the step's
-        loss and metrics. Each micro-batch's loss is its share of the step's (the loss's normalisers are given
-        the step's totals), so the sum is the same for any split. entropy_coef: this optimizer step's bonus."""
+    def accumulate(
+        self, batch: Batch, advantages, parts, old=None, ref=None, entropy_coef=0.0, micro_batches: int | None = None
+    ) -> dict[str, float]:
+        """The gradients of micro-batches `parts` of the step, added into the parameters' .grad one at a time;
+        returns their loss and metrics. Each micro-batch's loss is its share of the step's (the loss's
+        normalisers are given the step's totals: its tokens, its completions, its `micro_batches`, default
+        len(parts)), so the sum is the same for any split, and over ranks. entropy_coef: this optimizer step's
+        bonus."""
         weight, bias = lm_head(self.policy.model)
         step = {
             "num_items_in_batch": batch.completion_mask.sum(),
             "num_sequences_in_batch": batch.input_ids.shape[0],
-            "num_micro_batches": len(parts),
+            "num_micro_batches": len(parts) if micro_batches is None else micro_batches,
         }
         sums: dict[str, float] = {}
         for rows in parts:
@@ -347,10 +408,9 @@ class Trainer:
 
     def run_step(self) -> dict[str, Any]:
         started = time.perf_counter()
-        rows = self.sampler.take(self.training.prompts_per_step)
-        prompt_ids, completions = self.generate(rows)
-        generated_at = time.perf_counter()
-        scores, advantages = self.score(rows, completions)
+        rows = self.sampler.take(self.training.prompts_per_step)  # the step's, the same on every rank
+        prompt_ids, completions, scores = self.rollout(rows)
+        advantages = self.advantages(scores)
         pad_to = (self.generation.max_prompt_length, self.generation.max_completion_length) if self._at_max_lengths else None
         self._at_max_lengths = False
         batch = build_batch(prompt_ids, completions, self.policy.tokenizer.pad_token_id, self.policy.device, pad_to,
@@ -382,7 +442,7 @@ class Trainer:
             "completion_length/max": lengths.max().item(),
             "clipped_ratio": sum(c.truncated for c in completions) / len(completions),
             "tokens_per_second": lengths.sum().item() / seconds,
-            "generation_seconds": generated_at - started,  # the wake and the previous step's weight push included
+            "generation_seconds": self._generation_seconds,  # the wake and the previous step's weight push included
             # the weight push made in this step: at its wake when the engine sleeps (the previous update), else just now
             "sync_seconds": self.engine.last_sync_seconds,
             "learner_seconds": learner_seconds,  # old/ref log-probs, forward, backward, optimizer
@@ -390,8 +450,9 @@ class Trainer:
             "peak_memory_mb": _peak_memory_mb(self.policy.device),
         }
         self._tell_clashes(scores.add_logged(metrics))
-        self._write_samples(rows, completions, scores)
-        self.metrics_log.append(metrics)
+        if self.world.main:
+            self._write_samples(rows, completions, scores)
+            self.metrics_log.append(metrics)
         self._last_step_metrics = metrics
         return metrics
 
@@ -428,7 +489,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 writes the checkpoint, with every rank's RNG streams (each rank's LoRA dropout and rewards draw
+        from its own); the other ranks only give theirs."""
+        streams = self.world.gather(_rng_streams())
+        if not self.world.main:
+            return None
         with tempfile.TemporaryDirectory(prefix="grpo-ckpt-") as tmp:
             save_adapter(self.policy.model, tmp)
             state = {
@@ -437,12 +503,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state(),
                 "entropy_bonus": self.entropy_bonus.state(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "python": random.getstate(),
-                    "numpy": np.random.get_state(),
-                },
+                "rng": streams[0],
+                "rng_ranks": streams,  # rank r's at r
                 "extras": dict(self.checkpoint_extras),
             }
             torch.save(state, Path(tmp) / STATE_FILE)
@@ -455,35 +517,48 @@ class Trainer:
         return self.latest_checkpoint
 
     def resume(self) -> bool:
-        """Continue from checkpoints/LATEST when there is one; False when starting fresh."""
-        step = checkpoints.latest_checkpoint(self.storage)
-        if step is None:
-            self._drop_metrics_after(0)  # an attempt that died before its first checkpoint
+        """Continue from checkpoints/LATEST when there is one; False when starting fresh. Rank 0 reads it and
+        hands it to the others: only rank 0 needs to reach the store."""
+        found = self._read_latest() if self.world.main else None
+        found = self.world.broadcast(found)
+        if found is None:
+            if self.world.main:
+                self._drop_metrics_after(0)  # an attempt that died before its first checkpoint
             return False
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        with tempfile.TemporaryDirectory(prefix="grpo-resume-") as tmp:
-            local = checkpoints.fetch_checkpoint(self.storage, step, tmp)
-            adapter = load_file(str(Path(local) / "adapter_model.safetensors"), device=str(self.policy.device))
-            set_peft_model_state_dict(self.policy.model, adapter)
-            state = torch.load(Path(local) / STATE_FILE, weights_only=False)
+        adapter, state = found
+        set_peft_model_state_dict(self.policy.model, {k: v.to(self.policy.device) for k, v in adapter.items()})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.restore(state["sampler"])
         if "entropy_bonus" in state:  # checkpoints written before the bonus existed start it afresh
             self.entropy_bonus.load(state["entropy_bonus"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
         self.step = state["step"]
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == self.world.size:
+            _restore_rng_streams(ranks[self.world.rank])
+        else:  # another world size: no stream of this rank's to continue; a fresh one, keyed by rank and step
+            seed_streams(self.training.seed + 1_000_003 * self.world.rank + self.step)
         self.checkpoint_extras.update(state.get("extras") or {})
         self.latest_checkpoint = f"{checkpoints.CHECKPOINTS}/step-{self.step}"
-        self._drop_metrics_after(self.step)
+        if self.world.main:
+            self._drop_metrics_after(self.step)
         self.engine.sync(self.policy)
         return True
+
+    def _read_latest(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(adapter tensors, trainer state) of checkpoints/LATEST, on the CPU; None when there is none."""
+        step = checkpoints.latest_checkpoint(self.storage)
+        if step is None:
+            return None
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory(prefix="grpo-resume-") as tmp:
+            local = checkpoints.fetch_checkpoint(self.storage, step, tmp)
+            adapter = load_file(str(Path(local) / "adapter_model.safetensors"))
+            state = torch.load(Path(local) / STATE_FILE, weights_only=False, map_location="cpu")
+        return adapter, state
 
     def _drop_metrics_after(self, step: int) -> None:
         """Steps after the checkpoint are re-run; their old records would be duplicates."""
@@ -497,9 +572,13 @@ class Trainer:
         trimmed them; their eval records so far."""
         from grpo_runtime.metrics_log import read_metrics
 
+        if not self.world.main:  # rank 0's store, rank 0's history: the others ask whether a step was evaluated
+            self.eval_history = self.world.broadcast(None)
+            return
         if self.step == 0:
             self._drop_metrics_after(-1)
         self.eval_history = [record for record in read_metrics(self.storage) if is_eval_line(record)]
+        self.world.broadcast(self.eval_history)
         if self.job.spec.checkpoint.keep_best:
             self.best = BestAdapter(self.storage, self.job.spec.checkpoint.keep_best)
             self.best.start(self.step, self.eval_history)
@@ -512,11 +591,13 @@ class Trainer:
         if any(line["step"] == self.step for line in self.eval_history):
             return None
         metrics, samples = self.evaluator.evaluate(self.step, reward_state(self.step, self.training.max_steps, self.sampler))
+        self.eval_history.append(metrics)
+        if not self.world.main:
+            return metrics
         self.storage.write_bytes(f"samples/eval-step-{self.step}.jsonl", samples_jsonl(samples))
         self.metrics_log.append(metrics)
         if self.best is not None:
             self.best.offer(self.step, metrics, self.policy.model)
-        self.eval_history.append(metrics)
         for callback in self.on_eval:
             callback(metrics)
         return metrics
@@ -527,7 +608,7 @@ class Trainer:
         every = self.job.spec.checkpoint.every_steps
         metrics: dict[str, Any] = {}
         if self.step == 0:  # a fresh run; a resumed one continues the streams of its checkpoint (resume)
-            seed_streams(self.training.seed)
+            seed_streams(self.training.seed + 1_000_003 * self.world.rank)  # rank 0's: the one-process run's
         self._start_history()
         self.evaluate_if_due()  # the step-0 baseline, before any update
         while self.step < self.training.max_steps:
@@ -538,6 +619,8 @@ class Trainer:
             metrics["latest_checkpoint"] = self.latest_checkpoint
             for callback in self.on_step:
                 callback(metrics)
+        if not self.world.main:  # the final adapter, merge and hub push are rank 0's
+            return metrics
         with tempfile.TemporaryDirectory(prefix="grpo-final-") as tmp:
             save_adapter(self.policy.model, tmp)
             self.storage.upload_dir(tmp, "final")

@@ -22,3 +22,19 @@ def raise_on_call(prompts, completions, **kwargs):
     if _calls["n"] == int(os.environ.get("GRPO_TEST_RAISE_ON_CALL", "0")):
         raise ValueError("the grader fell over")
     return [float(len(completion_text(c)) % 5) for c in completions]
+
+
+def rank_fault(prompts, completions, **kwargs):
+    """Scores like die_on_call; on call number $GRPO_TEST_FAULT_ON_CALL of the rank $GRPO_TEST_FAULT_RANK (torchrun's
+    RANK) of a data-parallel job, that rank dies ($GRPO_TEST_FAULT=die, as a lost GPU or node leaves it) or hangs
+    (hang: alive, never reaching the step's exchange)."""
+    import time
+
+    _calls["n"] += 1
+    if os.environ.get("RANK") == os.environ.get("GRPO_TEST_FAULT_RANK") and _calls["n"] == int(
+        os.environ.get("GRPO_TEST_FAULT_ON_CALL", "0")
+    ):
+        if os.environ.get("GRPO_TEST_FAULT") == "hang":
+            time.sleep(3600)
+        os._exit(137)
+    return [float(len(completion_text(c)) % 7) for c in completions]

@@ -33,9 +33,14 @@ def test_n_completions_per_prompt_grouped_in_prompt_order(engine, policy):
 
     assert [c.prompt_index for c in completions] == [0] * 4 + [1] * 4 + [2] * 4
     assert all(1 <= len(c.completion_ids) <= 6 for c in completions)
-    # completions never contain padding or prompt tokens: the same prompt in another batch
-    # position gives the same tokens (the prompt is cut off by width, not by content).
-    assert all(policy.tokenizer.pad_token_id not in c.completion_ids for c in completions)
+    # completions never contain padding or prompt tokens, and depend on their prompt alone: each prompt
+    # sampled in a batch of its own (no padding, its own width) gives the same tokens and log-probs
+    for index, ids in enumerate(prompts):
+        alone = engine.generate([ids], SamplingConfig(n=4, max_tokens=6, seed=0, first_prompt=index))
+        batched = [c for c in completions if c.prompt_index == index]
+        assert [c.completion_ids for c in alone] == [c.completion_ids for c in batched]
+        for a, b in zip(alone, batched, strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5)
 
 
 def test_small_chunks_keep_grouping(policy):

@@ -331,7 +331,8 @@ def test_score_aggregates_the_rewards_as_the_job_says(tiny_model_dir, aggregatio
                               policy=SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir)))  # what score reads
     texts = ["4", "#### 4 and then some more words", "5", "five"]
     completions = [Completion(0, list(range(1, 2 + 3 * i)), text, False) for i, text in enumerate(texts)]
-    scores, advantages = Trainer.score(trainer, rows, completions)
+    scores = Trainer.score(trainer, rows, completions)
+    advantages = Trainer.advantages(trainer, scores)
     assert scores.per_reward["correct"].tolist() == [1.0, 1.0, 0.0, 0.0]
     want = group_advantages(scores.matrix, torch.tensor([1.0, 0.5]), 4, aggregation=aggregation)
     assert torch.equal(advantages, want)

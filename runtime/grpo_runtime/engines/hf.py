@@ -6,12 +6,13 @@ identical either way). A stop string counts only in the generated text (as in vL
 across the prompt boundary, so it is matched by our own stopping criterion rather than
 transformers' `stop_strings` (which also matches a stop string straddling the prompt's end).
 
-Each completion carries the log-prob of each of its tokens under the distribution it was drawn
-from (temperature, top-k, top-p, min-p applied), for the loss's sampling correction. Without
-`output_scores` (which keeps a [sequences, vocab] tensor per step, GBs for long completions): a
-logits processor, which sees the scores before transformers' warpers, keeps one step's scores and,
-once the next token is drawn, applies the same warpers (transformers' own classes, in generate's
-order) and takes that token's log-softmax. Sampling itself is untouched.
+Sampling is ours, on top of greedy `generate`: a logits processor applies transformers' own warpers
+(temperature, top-k, top-p, min-p, in generate's order) to the scores after its processors (repetition
+penalty, min_new_tokens), draws each row's token from that row's own torch.Generator, keeps the token's
+log-prob (for the loss's sampling correction, without `output_scores`' [sequences, vocab] per step) and
+leaves the drawn token as the only choice for greedy search. A row's generator is seeded by its
+(prompt, sample) as vLLM seeds a request's samples (protocol.prompt_seed): a prompt's completions are
+the same in any batch, with any neighbours, on whichever rank of a data-parallel job draws them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from grpo_runtime.engines.protocol import Completion, EngineError, SamplingConfig, eos_token_ids
+from grpo_runtime.engines.protocol import Completion, EngineError, SamplingConfig, eos_token_ids, prompt_seed
 from grpo_runtime.fused_linear import float32_logits
 from grpo_runtime.model import base_model
 
@@ -85,8 +86,9 @@ class HFEngine:
         head = base_model(self.model).get_output_embeddings()
         # With float32 logits in the learner, so in the sampler: the hf engine samples the learner's own policy
         hook = head.register_forward_hook(_float32_head) if self.fp32_logits and head.weight.dtype != torch.float32 else None
+        seeds = row_seeds(sampling, len(prompt_ids))
         try:
-            with torch.no_grad(), _seeded(sampling.seed, self.device):
+            with torch.no_grad(), _rng_untouched(self.device):  # generate's own draws leave the trainer's stream alone
                 for start in range(0, len(prompt_ids), per_call):
                     # Each prompt repeated n times (grouped); greedy generate has no num_return_sequences > 1.
                     rows = [ids for ids in prompt_ids[start : start + per_call] for _ in range(sampling.n)]
@@ -94,16 +96,16 @@ class HFEngine:
                     stopping = StoppingCriteriaList()
                     if sampling.stop:
                         stopping.append(_StopStrings(self.tokenizer, sampling.stop, input_ids.shape[1]))
-                    recorder = _SampledLogprobs(sampling)
+                    sampler = _RowSampler(sampling, seeds[start * sampling.n : start * sampling.n + len(rows)], self.device)
                     output = self.model.generate(
                         input_ids=input_ids,
                         attention_mask=attention_mask,
                         stopping_criteria=stopping,
-                        logits_processor=LogitsProcessorList([recorder]),
+                        logits_processor=LogitsProcessorList([sampler]),
                         **kwargs,
                     )
                     generated = output[:, input_ids.shape[1] :]
-                    logprobs = recorder.finish(generated).tolist()
+                    logprobs = sampler.finish(generated).tolist()
                     for row, ids in enumerate(generated.tolist()):
                         completion = self._completion(start + row // sampling.n, ids, set(eos_ids), sampling)
                         completion.logprobs = logprobs[row][: len(completion.completion_ids)]
@@ -122,20 +124,8 @@ class HFEngine:
             "use_cache": True,  # training turns it off in the config; sampling wants the KV cache
             "repetition_penalty": 1.0,  # exactly the distribution asked for, not the model's defaults
         }
-        if sampling.temperature <= 0:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k or 0,  # 0 disables top-k (transformers' default would be 50)
-                min_p=sampling.min_p,
-                # no other warper from the model's generation config: exactly the distribution asked for
-                typical_p=1.0,
-                epsilon_cutoff=0.0,
-                eta_cutoff=0.0,
-            )
+        # greedy search over what _RowSampler leaves: the drawing is its own (no warper of the model's generation config)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
         kwargs.update(hf_sampling_kwargs(sampling.extra))
         return kwargs
 
@@ -153,18 +143,29 @@ class HFEngine:
         return Completion(prompt_index=prompt_index, completion_ids=ids, text=text, truncated=not ended)
 
 
-class _SampledLogprobs(LogitsProcessor):
-    """Records log p(token) of each drawn token under the distribution generate drew it from.
+def row_seeds(sampling: SamplingConfig, prompts: int) -> list[int]:
+    """The generator seed of each row (prompt-major, n samples each): vLLM's per-request rule, keyed by the
+    step's prompt index; unseeded calls draw theirs from the global stream."""
+    if sampling.seed is None:
+        return torch.randint(0, 2**62, (prompts * sampling.n,)).tolist()
+    return [
+        prompt_seed(sampling.seed, sampling.first_prompt + p) + j for p in range(prompts) for j in range(sampling.n)
+    ]
+
+
+class _RowSampler(LogitsProcessor):
+    """Draws each row's next token from the distribution asked for, with the row's own generator, records
+    its log-prob, and returns scores where it is the only finite one (greedy search then takes it).
 
     Called once per step with the scores after transformers' logits processors (repetition penalty,
-    min_new_tokens) and before its warpers; the token of step k is known at step k + 1 (the last of
-    input_ids) or, for the last step, in the output. The warpers are those generate appends for
-    these settings, in its order (GenerationMixin._get_logits_processor): temperature, top-k, top-p, min-p.
-    """
+    min_new_tokens); the warpers are those generate would append for these settings, in its order
+    (GenerationMixin._get_logits_processor): temperature, top-k, top-p, min-p. Greedy (temperature <= 0): the
+    argmax, and the log-prob under the unwarped distribution."""
 
-    def __init__(self, sampling: SamplingConfig):
+    def __init__(self, sampling: SamplingConfig, seeds: list[int], device: torch.device):
+        self.greedy = sampling.temperature <= 0
         self.warpers = LogitsProcessorList()
-        if sampling.temperature > 0:
+        if not self.greedy:
             if sampling.temperature != 1.0:
                 self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
             if sampling.top_k:
@@ -173,26 +174,21 @@ class _SampledLogprobs(LogitsProcessor):
                 self.warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
             if sampling.min_p is not None:
                 self.warpers.append(MinPLogitsWarper(min_p=sampling.min_p))
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # a step's (input_ids, scores), no token yet
+        self.generators = [] if self.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.logprobs: list[torch.Tensor] = []  # [rows] per generated position
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._record(input_ids[:, -1])
-        self.pending = (input_ids, scores.clone())
-        return scores
-
-    def _record(self, tokens: torch.Tensor) -> None:
-        if self.pending is not None:
-            input_ids, scores = self.pending
-            logp = torch.log_softmax(self.warpers(input_ids, scores).float(), -1)
-            self.logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
-            self.pending = None
+        logp = torch.log_softmax(self.warpers(input_ids, scores).float(), -1)
+        if self.greedy:
+            tokens = logp.argmax(-1)
+        else:
+            probs = logp.exp()
+            tokens = torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(self.generators)])
+        self.logprobs.append(logp.gather(1, tokens[:, None]).squeeze(1))
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
 
     def finish(self, generated: torch.Tensor) -> torch.Tensor:
-        """[rows, generated tokens] log-probs (generate may have dropped a last step it ran: not recorded)."""
-        if self.pending is not None and generated.shape[1] > len(self.logprobs):
-            self._record(generated[:, len(self.logprobs)])
-        self.pending = None
+        """[rows, generated tokens] log-probs (NaN past a row's end: generate pads finished rows)."""
         out = torch.full(generated.shape, float("nan"))
         for position, logp in enumerate(self.logprobs[: generated.shape[1]]):
             out[:, position] = logp.cpu()
@@ -210,13 +206,9 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Sample from `seed` without disturbing the global RNG streams (the trainer's own)."""
-    if seed is None:
-        yield
-        return
+def _rng_untouched(device: torch.device):
+    """generate's own draws (none that matter: every choice is _RowSampler's) leave the global streams as they were."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
         yield
 
 

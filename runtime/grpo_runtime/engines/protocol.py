@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 
 class EngineError(Exception):
     """The generation section cannot be honoured (engine missing, unsupported parameter): exit 2."""
@@ -29,6 +31,9 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()  # strings that end a completion (kept in it)
     seed: int | None = None  # None: draw from the global RNG
     extra: dict[str, Any] = field(default_factory=dict)  # spec.generation.samplingParams
+    # the index of the call's first prompt among the step's (a rank generates a share of them): seeds are keyed by
+    # the step's prompt index, so a prompt's samples are the same whichever rank, or batch, draws them
+    first_prompt: int = 0
 
 
 @dataclass
@@ -64,6 +69,15 @@ class Engine(Protocol):
     def wake(self) -> None:
         """Take it back before the next rollout."""
         ...
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt `index` of a call seeded `seed`; its n samples are seeded seed, seed + 1, ...,
+    seed + n - 1 (vLLM's rule for a request's n samples, which the hf engine follows). Hashed seeds keep every
+    (prompt, sample) apart, where consecutive ones (seed + index) would give prompt i+1's sample j the
+    generator of prompt i's sample j+1. Depends on (seed, index) only: independent of batching, reproducible."""
+    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(2))  # below 2**62: room for + n under vLLM's int64
 
 
 def eos_token_ids(model, tokenizer, engine: str) -> list[int]:

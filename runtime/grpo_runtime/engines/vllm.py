@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from grpo_runtime.engines.protocol import (
@@ -43,6 +42,7 @@ from grpo_runtime.engines.protocol import (
     EngineError,
     SamplingConfig,
     eos_token_ids,
+    prompt_seed,
     sampling_config,
 )
 from grpo_runtime.messages import first_line
@@ -130,15 +130,6 @@ def vllm_sampling_kwargs(extra: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001  (ValueError, TypeError, VLLMValidationError, msgspec's own)
             raise EngineError(f"{where}: {first_line(exc)}") from None
     return dict(extra)
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The seed of prompt `index` of a call seeded `seed`. vLLM seeds a prompt's n samples
-    seed, seed + 1, ..., seed + n - 1: hashed seeds keep every (prompt, sample) apart, where
-    consecutive ones (seed + index) would give prompt i+1's sample j the generator of prompt i's
-    sample j+1. Depends on (seed, index) only: independent of batching, reproducible."""
-    state = np.random.SeedSequence([seed % 2**64, index]).generate_state(1, np.uint64)[0]
-    return int(state >> np.uint64(2))  # below 2**62: room for + n under vLLM's int64
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -341,7 +332,7 @@ class VLLMEngine:
             # the model's EOS ids are passed as stop ids (its generation config may name several); ignore_eos
             # means none of them ends a completion, as vLLM reads it for the tokenizer's own
             stop_token_ids=([] if extra.get("ignore_eos") else self.eos_ids) + list(extra.pop("stop_token_ids", None) or []),
-            seed=None if sampling.seed is None else prompt_seed(sampling.seed, index),
+            seed=None if sampling.seed is None else prompt_seed(sampling.seed, sampling.first_prompt + index),
             **extra,
         )
 

@@ -125,6 +125,11 @@ def llm_kwargs(
             kwargs["revision"] = model_spec.revision
     if generation_spec.float8_kv_cache:
         kwargs["kv_cache_dtype"] = "fp8"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # a rank of a data-parallel job (torchrun): an engine of its own on its GPU, in this process, as TRL's colocate
+        # mode builds it; vLLM then takes the node's LOCAL_RANK-th GPU instead of spawning workers. Seeds are per
+        # request (prompt_seed), so the engine's own seed changes nothing.
+        kwargs["distributed_executor_backend"] = "external_launcher"
     if mode == LORA:
         kwargs.update(
             enable_lora=True,

@@ -110,6 +110,30 @@ class RewardScores:
         return weighted_total(self.matrix, self.weight_vector)
 
 
+def merge_scores(pieces: Sequence[RewardScores]) -> RewardScores:
+    """The scores of consecutive shares of a step's completions (a data-parallel job's ranks, in rank order) as
+    one: per-completion scores and log_extra columns concatenated (None where a share lacks a column), each
+    log_metric name the mean of the shares that logged it."""
+    counts = [len(next(iter(piece.per_reward.values()))) for piece in pieces]
+    columns = sorted({column for piece in pieces for column in piece.extra})
+    extra = {
+        column: [value for piece, n in zip(pieces, counts, strict=True) for value in piece.extra.get(column, [None] * n)]
+        for column in columns
+    }
+    names = {name for piece in pieces for name in piece.logged}
+    logged = {
+        name: sum(values) / len(values)
+        for name in sorted(names)
+        for values in [[piece.logged[name] for piece in pieces if name in piece.logged]]
+    }
+    return RewardScores(
+        per_reward={name: torch.cat([piece.per_reward[name] for piece in pieces]) for name in pieces[0].per_reward},
+        weights=dict(pieces[0].weights),
+        logged=logged,
+        extra=extra,
+    )
+
+
 def _label(reward: Reward) -> str:
     return f"reward {reward.name!r} ({reward.ref})"
 
