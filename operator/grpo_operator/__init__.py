@@ -1,1 +1,1 @@
-"""grpo_operator: the kopf operator that turns GRPOJob resources into single-GPU training pods."""
+"""grpo_operator: the kopf operator that turns GRPOJob resources into GPU training pods, one per node."""

@@ -197,8 +197,10 @@ def status_schema() -> dict[str, Any]:
                            "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
             "observedGeneration": {"type": "integer", "format": "int64",
                                    "description": "metadata.generation this status was computed for."},
-            "podName": {"type": "string", "description": "The current attempt's pod."},
-            "attempt": {"type": "integer", "description": "Pods created so far (the current pod's GRPO_ATTEMPT)."},
+            "podName": {"type": "string",
+                        "description": "The current attempt's pod (of several nodes, pod 0's, where the rendezvous "
+                                       "is); absent while the pods of the attempt before are still ending."},
+            "attempt": {"type": "integer", "description": "The current attempt's number (its pods' GRPO_ATTEMPT)."},
             "restarts": {"type": "integer",
                          "description": "Attempts that failed and were retried (counted against backoffLimit)."},
             "disruptions": {"type": "integer",
@@ -206,6 +208,12 @@ def status_schema() -> dict[str, Any]:
                                          "(node drain, queue manager, node pressure), node loss, pod deleted. "
                                          "Retried without counting against backoffLimit; the Disrupted condition "
                                          "names the last cause."},
+            "ranks": {"type": "integer",
+                      "description": "Training processes, one per GPU: spec.resources.gpus x nodes (torchrun's "
+                                     "world size)."},
+            "runningPods": {"type": "integer",
+                            "description": "Of a job of several nodes: how many of the current attempt's pods run "
+                                           "(it is Running when all spec.resources.nodes do)."},
             "startTime": {"type": "string", "format": "date-time",
                           "description": "When the job (last resumed and) started; "
                                          "activeDeadlineSeconds counts from here."},
@@ -217,6 +225,10 @@ def status_schema() -> dict[str, Any]:
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Job phase."},
+    # status.ranks, not the spec: a column cannot multiply gpus by nodes, and fields left at their default are
+    # absent from the stored spec (the schema sets no defaults); the operator writes ranks from the validated spec.
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.ranks",
+     "description": "GPUs of the job, one training process each (spec.resources.gpus x nodes)."},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "description": "Optimizer steps done."},
     {"name": "Total", "type": "integer", "jsonPath": ".status.progress.totalSteps", "priority": 1,
      "description": "Optimizer steps in the run."},
@@ -259,8 +271,8 @@ def crd() -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A GRPO fine-tuning job: one single-GPU training pod, retried from its "
-                            "last checkpoint.",
+                            "description": "A GRPO fine-tuning job: a training pod on each of its nodes, "
+                            "retried from its last checkpoint.",
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},

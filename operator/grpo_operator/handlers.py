@@ -1,10 +1,10 @@
 """kopf wiring: which events reconcile which job.
 
-Every handler ends in `reconcile(job)`: read the job and its current pod, ask
-lifecycle.decide() what the status should be and what to do, do it, write the status.
-It runs under a per-job lock, reads fresh state each time and creates pods under
-deterministic names (a second create is a 409, never a second pod), so it is safe to
-call from any event, any number of times, and after an operator restart.
+Every handler ends in `reconcile(job)`: read the job and its pods (those labelled with its
+name and owned by it, every attempt's), ask lifecycle.decide() what the status should be and
+what to do, do it, write the status. It runs under a per-job lock, reads fresh state each time
+and creates pods under deterministic names (a second create is a 409, never a second pod), so
+it is safe to call from any event, any number of times, and after an operator restart.
 
 Triggers: the job's create/resume and changes of spec.runPolicy.suspend; any event of a
 pod labelled grpo.dev/job-name; and a resync loop (deadlines, TTLs, and a safety net for
@@ -17,8 +17,9 @@ Shutdown (kopf's cleanup): the resync loop stops, reconciles still running are w
 new ones turned away, and only then is the API client closed.
 
 The operator needs RBAC for: grpojobs get/list/watch/patch/delete, grpojobs/status get/patch,
-pods get/list/watch/create/delete, serviceaccounts, configmaps, roles and rolebindings
-get/create, events create/patch, and the CRD grpojobs.grpo.dev get/list/watch (supervisor.py).
+pods get/list/watch/create/delete, serviceaccounts, configmaps, services (a several-node
+job's headless Service), roles and rolebindings get/create, events create/patch, and the CRD
+grpojobs.grpo.dev get/list/watch (supervisor.py).
 """
 
 from __future__ import annotations
@@ -203,24 +204,23 @@ async def _reconcile(
         job = await api.get_job(namespace, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
-        pod_name = (job.get("status") or {}).get("podName")
-        pod = await api.get("Pod", namespace, pod_name) if pod_name else None
+        pods = _owned_by(job, await api.list_pods(namespace, f"{render.LABEL_JOB}={name}"))
         now = settings.clock()
 
         queued = kueue.queue_name(job) is not None
         workload = await api.get_workload(namespace, kueue.workload_name(job)) if queued else None
-        pod_active = pod is not None and lifecycle.pod_outcome(pod).state in ("pending", "running", "terminating")
+        pod_active = any(lifecycle.pod_outcome(pod).state in ("pending", "running", "terminating") for pod in pods)
         queueing = kueue.decide(job, workload, pod_active=pod_active, now=now)
         if queueing.suspend is not None:
             await api.patch_job_suspend(namespace, name, queueing.suspend)
             job["spec"].setdefault("runPolicy", {})["suspend"] = queueing.suspend
 
-        decision = lifecycle.decide(job, pod, now, last_seen=None if pod else last_seen)
+        decision = lifecycle.decide(job, pods, now, last_seen=last_seen)
 
         if queueing.create_workload and decision.job:
             await _create_workload(memo, job, decision.job, logger)
-        if decision.delete_pod:
-            await api.delete_pod(namespace, decision.delete_pod)
+        for pod_name in decision.delete_pods:
+            await api.delete_pod(namespace, pod_name)
         if decision.create_attempt and decision.job:
             await _create_attempt(memo, job, decision.job, decision.create_attempt, workload)
         patch = decision.status_patch(job.get("status"))
@@ -246,7 +246,8 @@ async def _create_workload(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, 
     try:
         if version is None:
             raise kube.NotServed(f"{kueue.GROUP} Workloads are not served: is Kueue installed?")
-        workload = kueue.workload(job, render.pod(spec, 1, image=settings.runtime_image), version=version)
+        workload = kueue.workload(job, render.pod(spec, 1, image=settings.runtime_image), version=version,
+                                  count=spec.spec.resources.nodes)
         kopf.append_owner_reference(workload, owner=job)
         await memo.kube.create_workload(workload)
     except kube.Conflict:
@@ -260,7 +261,7 @@ async def _create_workload(memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, 
 async def _create_attempt(
     memo: kopf.Memo, job: dict[str, Any], spec: GRPOJob, attempt: int, workload: dict[str, Any] | None
 ) -> None:
-    """The support objects, then the attempt's pod; each owned by the job, each idempotent. A job
+    """The support objects, then the attempt's pods; each owned by the job, each idempotent. A job
     admitted by Kueue runs on the nodes of the ResourceFlavors Kueue assigned it."""
     settings: Settings = memo.settings
     node_selector, tolerations = {}, []
@@ -269,8 +270,8 @@ async def _create_attempt(
         flavors = [await memo.kube.get_flavor(name) for name in sorted(set(assigned.values()))]
         node_selector, tolerations = kueue.placement([f for f in flavors if f])
     objects = render.support_objects(spec, s3_endpoint=settings.s3_endpoint)
-    objects.append(render.pod(spec, attempt, image=settings.runtime_image, model_cache=settings.model_cache,
-                              node_selector=node_selector, tolerations=tolerations))
+    objects += render.pods(spec, attempt, image=settings.runtime_image, model_cache=settings.model_cache,
+                           node_selector=node_selector, tolerations=tolerations)
     # An owner reference, not kopf.adopt(): adopt also copies the job's labels, and a label such as
     # Kueue's queue-name must stay on the job, not reach the pod.
     kopf.append_owner_reference(objects, owner=job)
@@ -282,6 +283,13 @@ async def _create_attempt(
         else:
             if obj["kind"] == "Pod":
                 memo.metrics.pod_created()
+
+
+def _owned_by(job: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job's own pods: a deleted namesake's, not yet garbage-collected, carry the same label."""
+    uid = job["metadata"].get("uid")
+    return [pod for pod in pods
+            if any(ref.get("uid") == uid for ref in (pod.get("metadata") or {}).get("ownerReferences") or [])]
 
 
 async def _check_ours(memo: kopf.Memo, job: dict[str, Any], obj: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The operator's few Kubernetes API calls, on the official client's asyncio flavour.
 
 kopf watches and posts events itself; this is what it does not do: read a job and its
-pod, create the children, patch the job's status, delete pods (and jobs past their TTL).
+pods, create the children, patch the job's status, delete pods (and jobs past their TTL).
 Objects come back as plain camelCase dicts, as the API server serves them.
 """
 
@@ -80,6 +80,7 @@ class Kube:
         self._create = {
             "ServiceAccount": self.core.create_namespaced_service_account_without_preload_content,
             "ConfigMap": self.core.create_namespaced_config_map_without_preload_content,
+            "Service": self.core.create_namespaced_service_without_preload_content,
             "Pod": self.core.create_namespaced_pod_without_preload_content,
             "Role": self.rbac.create_namespaced_role_without_preload_content,
             "RoleBinding": self.rbac.create_namespaced_role_binding_without_preload_content,
@@ -87,6 +88,7 @@ class Kube:
         self._read = {
             "ServiceAccount": self.core.read_namespaced_service_account_without_preload_content,
             "ConfigMap": self.core.read_namespaced_config_map_without_preload_content,
+            "Service": self.core.read_namespaced_service_without_preload_content,
             "Pod": self.core.read_namespaced_pod_without_preload_content,
             "Role": self.rbac.read_namespaced_role_without_preload_content,
             "RoleBinding": self.rbac.read_namespaced_role_binding_without_preload_content,
@@ -201,6 +203,12 @@ class Kube:
             raise Conflict(f"{obj['kind']} {meta['name']} exists")
         _check(status, body, f"create {obj['kind']} {meta['namespace']}/{meta['name']}")
         return body
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        status, body = await self._json(await self.core.list_namespaced_pod_without_preload_content(
+            namespace, label_selector=label_selector))
+        _check(status, body, f"list Pods {namespace} {label_selector}")
+        return list(body.get("items") or [])
 
     async def delete_pod(self, namespace: str, name: str) -> None:
         status, body = await self._json(await self.core.delete_namespaced_pod_without_preload_content(name, namespace))

@@ -6,8 +6,10 @@ kinds it knows (and what Apache's Spark Kubernetes operator does for its own CRD
 
 - it creates one Workload per job, owned by the job (deleted with it), in the API version
   workload_version() picks from what the API server serves (v1beta2 where served, else v1beta1):
-  spec.queueName Q, one podSet `trainer` (count 1) whose template is the training pod with its
-  requests (the GPU included), labelled kueue.x-k8s.io/job-uid;
+  spec.queueName Q, one podSet `trainer` whose count is the job's pods (spec.resources.nodes)
+  and whose template is the training pod with its requests (its GPUs, spec.resources.gpus,
+  included), labelled kueue.x-k8s.io/job-uid: Kueue admits a job of several nodes all or
+  nothing, quota for every pod at once or none;
 - while the Workload is not admitted the job is suspended (spec.runPolicy.suspend: true, the
   field Kueue's integrations drive); when Kueue admits it (QuotaReserved and Admitted True,
   status.admission set) the job is resumed (suspend: false) and its pod gets the node labels
@@ -78,9 +80,10 @@ def _requests_from_limits(pod_spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def workload(job: Mapping[str, Any], pod: Mapping[str, Any], *, version: str) -> dict[str, Any]:
-    """The job's Workload in API `version`; `pod` is the rendered training pod (render.pod). The
-    owner reference is added by the caller, as for the job's other children."""
+def workload(job: Mapping[str, Any], pod: Mapping[str, Any], *, version: str, count: int = 1) -> dict[str, Any]:
+    """The job's Workload in API `version`; `pod` is the rendered training pod (render.pod; pod 0 stands
+    for each of a gang's `count` pods: they ask for the same). The owner reference is added by the
+    caller, as for the job's other children."""
     meta = job["metadata"]
     return {
         "apiVersion": f"{GROUP}/{version}",
@@ -95,7 +98,7 @@ def workload(job: Mapping[str, Any], pod: Mapping[str, Any], *, version: str) ->
             "queueName": queue_name(job),
             "podSets": [{
                 "name": POD_SET,
-                "count": 1,
+                "count": count,
                 "template": {
                     "metadata": {"labels": dict((pod.get("metadata") or {}).get("labels") or {})},
                     "spec": _requests_from_limits(pod["spec"]),

@@ -4,10 +4,18 @@ Per job: a ServiceAccount, a Role that may only get/patch the job's own status (
 runtime's progress reports), a RoleBinding, a ConfigMap holding the job manifest the pod
 trains from, and one Pod per attempt. Owner references are added by the caller
 (handlers.py) from the live object, which alone knows the job's uid.
+
+A job of several nodes (spec.resources.nodes > 1) gets one pod per node per attempt,
+`<job>-attempt-<a>-<i>`, and a headless Service that gives each its DNS name,
+`<hostname>.<service>.<namespace>.svc`. The runtime launches torchrun itself, with a static
+rendezvous at pod 0 of the attempt; the contract is three env vars: GRPO_NODE_RANK (the pod's
+index), GRPO_MASTER_ADDR (pod 0's DNS name) and GRPO_MASTER_PORT. A one-node job has none of
+this: the runtime's rendezvous stays on loopback.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import yaml
@@ -18,6 +26,7 @@ from grpo_operator.crd import GROUP, PLURAL
 
 LABEL_JOB = "grpo.dev/job-name"
 LABEL_ATTEMPT = "grpo.dev/attempt"
+LABEL_NODE_INDEX = "grpo.dev/node-index"  # only on the pods of a several-node job
 CONTAINER = "trainer"
 SPEC_DIR = "/etc/grpo"
 SPEC_FILE = "job.yaml"
@@ -40,6 +49,11 @@ GCS_CREDENTIALS_DIR = "/var/run/secrets/grpo/gcs"
 HF_TOKEN_KEY = "HF_TOKEN"  # the key in spec.model.tokenSecret, and the env var huggingface_hub reads
 HUB_TOKEN_ENV = "GRPO_HUB_TOKEN"  # grpo_runtime.hub.HUB_TOKEN_ENV: the push token from spec.output.hub.tokenSecret
 MODEL_CACHE_DIR = "/var/cache/grpo"  # spec.model.cache is mounted here
+# The runtime's contract for several nodes (grpo_runtime reads them; the operator image has no torch)
+NODE_RANK_ENV, MASTER_ADDR_ENV, MASTER_PORT_ENV = "GRPO_NODE_RANK", "GRPO_MASTER_ADDR", "GRPO_MASTER_PORT"
+RENDEZVOUS_PORT = 29500  # torchrun's default master port
+RENDEZVOUS_PORT_NAME = "rendezvous"
+DNS_LABEL_LENGTH = 63
 
 
 def runtime_name(job: str) -> str:
@@ -54,6 +68,41 @@ def config_map_name(job: str) -> str:
 def pod_name(job: str, attempt: int) -> str:
     """Deterministic per attempt: creating the same attempt twice is a 409, never a second pod."""
     return f"{job}-attempt-{attempt}"
+
+
+def pod_names(job: str, attempt: int, nodes: int) -> list[str]:
+    """The pods of one attempt, by node index; a one-node job's is pod_name()."""
+    if nodes == 1:
+        return [pod_name(job, attempt)]
+    return [f"{pod_name(job, attempt)}-{index}" for index in range(nodes)]
+
+
+def dns_label(name: str) -> str:
+    """`name` where it fits in a DNS label, else its head and a hash of the whole: deterministic, and
+    two long names with the same head still differ."""
+    if len(name) <= DNS_LABEL_LENGTH:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: DNS_LABEL_LENGTH - len(digest) - 1].rstrip('-')}-{digest}"
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a several-node job: its pods' DNS subdomain. A Service's name must
+    start with a letter (RFC 1035), a job's need not."""
+    name = f"{job}-nodes"
+    return dns_label(name if name[0].isalpha() else f"grpo-{name}")
+
+
+def hostname(job: str, attempt: int, index: int) -> str:
+    """Pod `index`'s hostname: its pod name where that is a DNS label. A new one each attempt, so that
+    no DNS cache still answers with the address of the attempt before."""
+    return dns_label(f"{pod_name(job, attempt)}-{index}")
+
+
+def master_address(job: GRPOJob, attempt: int) -> str:
+    """The DNS name of pod 0 of the attempt, where the runtime's rendezvous listens."""
+    name = job.metadata.name
+    return f"{hostname(name, attempt, 0)}.{service_name(name)}.{job.metadata.namespace}.svc"
 
 
 def _labels(job: GRPOJob, component: str) -> dict[str, str]:
@@ -136,12 +185,13 @@ def _quantities(values: dict[str, str | int]) -> dict[str, str]:
 
 
 def _resources(job: GRPOJob) -> dict[str, Any]:
-    """The spec's resources with exactly one GPU: extended resources need requests == limits."""
+    """The spec's resources with spec.resources.gpus GPUs: extended resources need requests == limits."""
     requests = _quantities(job.spec.resources.requests)
     limits = _quantities(job.spec.resources.limits)
-    limits[GPU] = "1"
+    gpus = str(job.spec.resources.gpus)
+    limits[GPU] = gpus
     if GPU in requests:
-        requests[GPU] = "1"
+        requests[GPU] = gpus
     return {"requests": requests, "limits": limits} if requests else {"limits": limits}
 
 
@@ -201,14 +251,15 @@ def pod(
     job: GRPOJob,
     attempt: int,
     *,
+    index: int = 0,
     image: str,
     model_cache: str | None = None,
     node_selector: dict[str, str] | None = None,
     tolerations: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The training pod of one attempt; `image` is the operator's default unless spec.image is set,
-    `model_cache` the operator's default model cache claim unless spec.model.cache is set.
-    `node_selector` and `tolerations` are added to the spec's (Kueue's assigned flavors, kueue.py).
+    """The training pod of one attempt, pod `index` of its nodes; `image` is the operator's default unless
+    spec.image is set, `model_cache` the operator's default model cache claim unless spec.model.cache
+    is set. `node_selector` and `tolerations` are added to the spec's (Kueue's assigned flavors, kueue.py).
 
     Without spec.output.uri the runtime writes to ./grpo-runs/<name> under the working
     directory, an emptyDir: checkpoints and metrics live as long as this pod, so a retry
@@ -287,12 +338,50 @@ def pod(
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
 
-    meta = _meta(job, pod_name(job.metadata.name, attempt), "trainer")
+    name = job.metadata.name
+    meta = _meta(job, pod_names(name, attempt, spec.resources.nodes)[index], "trainer")
     meta["labels"][LABEL_ATTEMPT] = str(attempt)
+    if spec.resources.nodes > 1:
+        meta["labels"][LABEL_NODE_INDEX] = str(index)
+        pod_spec["hostname"], pod_spec["subdomain"] = hostname(name, attempt, index), service_name(name)
+        container["env"] += [
+            {"name": NODE_RANK_ENV, "value": str(index)},
+            {"name": MASTER_ADDR_ENV, "value": master_address(job, attempt)},
+            {"name": MASTER_PORT_ENV, "value": str(RENDEZVOUS_PORT)},
+        ]
+        container["ports"] = [{"name": RENDEZVOUS_PORT_NAME, "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
+def pods(job: GRPOJob, attempt: int, **options: Any) -> list[dict[str, Any]]:
+    """Every pod of one attempt, by node index; `options` as for pod()."""
+    return [pod(job, attempt, index=index, **options) for index in range(job.spec.resources.nodes)]
+
+
+def service(job: GRPOJob) -> dict[str, Any]:
+    """The headless Service of a several-node job: no virtual IP, only a DNS name for each of its pods
+    (the pods name it as their subdomain). Its addresses are published before the pods are ready:
+    pod 0's name must resolve while the gang is still meeting at the rendezvous."""
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(name), "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_JOB: name},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": RENDEZVOUS_PORT_NAME, "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT_NAME,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
 def support_objects(job: GRPOJob, *, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
-    """Everything the pod needs to exist first, in creation order (the pod's SA must exist)."""
-    return [service_account(job), role(job), role_binding(job), config_map(job, s3_endpoint=s3_endpoint)]
+    """Everything the pods need to exist first, in creation order (the pods' SA must exist); a job of
+    several nodes also needs its Service, for their DNS names."""
+    objects = [service_account(job), role(job), role_binding(job), config_map(job, s3_endpoint=s3_endpoint)]
+    if job.spec.resources.nodes > 1:
+        objects.append(service(job))
+    return objects
 

@@ -101,14 +101,14 @@ async def test_apply_get_delete_with_real_kubectl(apiserver, operator, kubectl, 
         assert response.status == 200
 
         table = (await kubectl("get", "grpojobs")).splitlines()
-        assert table[0].split() == ["NAME", "PHASE", "STEP", "REWARD", "EVAL", "AGE"]
-        assert table[1].split()[:5] == ["kubectl-demo", "Running", "3", "0.625", "0.375"]
+        assert table[0].split() == ["NAME", "PHASE", "GPUS", "STEP", "REWARD", "EVAL", "AGE"]
+        assert table[1].split()[:6] == ["kubectl-demo", "Running", "1", "3", "0.625", "0.375"]
 
         wide = (await kubectl("get", "grpo", "-o", "wide")).splitlines()  # the short name
-        assert wide[0].split() == ["NAME", "PHASE", "STEP", "TOTAL", "REWARD", "EVAL", "RESTARTS", "DISRUPTIONS",
-                                   "POD", "AGE"]
-        assert wide[1].split()[:9] == ["kubectl-demo", "Running", "3", "10", "0.625", "0.375", "0", "0",
-                                       "kubectl-demo-attempt-1"]
+        assert wide[0].split() == ["NAME", "PHASE", "GPUS", "STEP", "TOTAL", "REWARD", "EVAL", "RESTARTS",
+                                   "DISRUPTIONS", "POD", "AGE"]
+        assert wide[1].split()[:10] == ["kubectl-demo", "Running", "1", "3", "10", "0.625", "0.375", "0", "0",
+                                        "kubectl-demo-attempt-1"]
 
         explained = await kubectl("explain", "grpojob.spec.generation.numGenerations")
         assert "Completions sampled per prompt (the GRPO group size G)." in explained

@@ -9,7 +9,8 @@ SetEvictedCondition, SetPreemptedCondition):
   status.admission {clusterQueue, podSetAssignments [{name, flavors, resourceUsage, count}]},
   QuotaReserved True (reason QuotaReserved), Admitted True (reason Admitted: no admission
   checks); an earlier Evicted or Preempted condition turns False (reason QuotaReserved,
-  message "Previously: ..."), status.resourceRequests (what the pod sets request).
+  message "Previously: ..."), status.resourceRequests (what the pod sets request). A podSet's
+  resourceUsage and resourceRequests are its pods' together: one pod's requests times its count.
 - evict(): preemption (or deactivation, a pods-ready timeout, ...): Evicted True with the
   reason, and for a preemption Preempted True (reason InClusterQueue); status.schedulingStats
   counts the eviction. Kueue then waits for the
@@ -21,10 +22,12 @@ the first flavor of the ClusterQueue's resource group that covers it.
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import json
-import functools
+import re
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,13 @@ def storage_version(release: str = "v0.19.2") -> str:
 
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+def times(quantity: str | int, count: int) -> str:
+    """A Kubernetes quantity times a count, in its own unit: "24Gi" x 2 = "48Gi", "500m" x 3 = "1500m"."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", str(quantity))
+    assert match, f"the double reads plain quantities only, not {quantity!r}"
+    return f"{(Decimal(match[1]) * count).normalize():f}{match[2]}"
 
 
 def _now() -> str:
@@ -118,7 +128,7 @@ class KueueDouble:
             usage: dict[str, Any] = {}
             for container in pod_set["template"]["spec"]["containers"]:
                 for resource, value in (container.get("resources", {}).get("requests") or {}).items():
-                    usage[resource] = value  # one container here: no quantity arithmetic needed
+                    usage[resource] = times(value, pod_set["count"])  # one container here: no sum needed
             flavors = {}
             for resource in usage:
                 group = next((g for g in queue["spec"]["resourceGroups"] if resource in g["coveredResources"]), None)

@@ -21,11 +21,26 @@ Where a laptop is not a node, it translates:
   interpreter lives.
 - the GPU: this host stands in for a GPU node, so a pod's GRPO_DEVICE=cuda (every training pod
   asks for nvidia.com/gpu and requires it) runs as GRPO_DEVICE=cpu.
+- cluster DNS: every pod runs on this host, so an env value that names a pod through a headless
+  Service, `<hostname>.<service>.<namespace>.svc[.cluster.local]` (a several-node GRPOJob's
+  GRPO_MASTER_ADDR), becomes 127.0.0.1 where the cluster's DNS would answer: the Service exists, is
+  headless and selects a pod of that hostname and subdomain that has not ended. Other values are
+  left alone.
+- the network: on a node each pod has its own; here all share this host's, so a pod waits to start
+  until the processes of deleted pods that declared one of its containerPorts have exited (a
+  gang's next attempt takes the port its previous one held). Ports are not otherwise translated:
+  two gangs running at once would meet at the same rendezvous port.
+- a container is a process group: deleting the pod sends SIGTERM to its main process (the
+  container's PID 1), and when that ends the rest of the group is killed, as the kernel ends a PID
+  namespace (no child, a torchrun rank say, outlives its pod); kill() kills the whole container at
+  once (the OOM killer, a crashed node). A process killed by a signal exits 128 + its number, as a
+  container runtime reports it (SIGKILL: 137).
 A missing Secret or key leaves the pod Pending with CreateContainerConfigError, a
 missing ConfigMap with ContainerCreating, as a kubelet would, until they appear.
 
 `run=False` makes it a "scripted" kubelet: pods go Running and stay there until the
 test calls `finish(namespace, name, exit_code)` or `evict(namespace, name)`.
+`kill(namespace, name)` kills a running pod's processes (it then fails with exit code 137).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -46,10 +62,19 @@ import aiohttp
 
 INHERITED_ENV = ("PATH", "HOME", "PYTHONPATH", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")
 RETRY_SECONDS = 0.2
+POD_DNS_NAME = re.compile(
+    r"^(?P<hostname>[a-z0-9-]+)\.(?P<service>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc(\.cluster\.local)?\.?$")
+THIS_HOST = "127.0.0.1"
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _kill_container(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL to every process of the container (the pod's process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _container_status(container: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +119,8 @@ class LocalKubelet:
         self.exit_codes: dict[tuple[str, str], int] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}  # by pod uid: a namesake pod is a new pod
         self._by_uid: dict[str, asyncio.subprocess.Process] = {}
+        self._ports: dict[str, set[int]] = {}  # by pod uid: the containerPorts its pod declares
+        self._ending: dict[str, asyncio.subprocess.Process] = {}  # by pod uid: deleted pods' running processes
         self._containers: dict[tuple[str, str], dict[str, Any]] = {}
         self._dirs: dict[tuple[str, str], Path] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -109,8 +136,7 @@ class LocalKubelet:
         for task in tasks:
             task.cancel()
         for process in self.processes.values():
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            _kill_container(process)
         await asyncio.gather(*tasks, return_exceptions=True)
         for process in self.processes.values():
             with contextlib.suppress(Exception):
@@ -129,9 +155,9 @@ class LocalKubelet:
 
     # ---- API -----------------------------------------------------------------------------------
 
-    async def _get(self, path: str) -> dict[str, Any] | None:
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any] | None:
         assert self._session is not None
-        async with self._session.get(self.server + path) as response:
+        async with self._session.get(self.server + path, params=params) as response:
             if response.status == 404:
                 return None
             response.raise_for_status()
@@ -165,6 +191,7 @@ class LocalKubelet:
         if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
             process = self._by_uid.get(uid)
             if process and process.returncode is None:
+                self._ending[uid] = process
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
             return
@@ -207,14 +234,24 @@ class LocalKubelet:
         inside = self._inside(working_dir, mounts) if working_dir else working_dir
         workdir = Path(inside) if inside != working_dir else self.pod_dir(namespace, name) / "cwd"
         workdir.mkdir(parents=True, exist_ok=True)
+        await self._wait_for_ports(pod["metadata"].get("uid", ""), container)
         log = (self.pod_dir(namespace, name) / "log").open("wb")
         process = await asyncio.create_subprocess_exec(
-            *argv, cwd=workdir, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
+            *argv, cwd=workdir, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT, start_new_session=True
         )
         self.processes[(namespace, name)] = self._by_uid[pod["metadata"].get("uid", "")] = process
         code = await process.wait()
+        _kill_container(process)  # its PID 1 ended: so does everything else in the container
+        code = 128 - code if code < 0 else code  # killed by signal -code
         log.close()
         await self.finish(namespace, name, code, started=started)
+
+    async def _wait_for_ports(self, uid: str, container: dict[str, Any]) -> None:
+        """Until no deleted pod's process that declared one of this container's ports still runs."""
+        ports = self._ports[uid] = {port["containerPort"] for port in container.get("ports") or []}
+        while any(process.returncode is None and ports & self._ports.get(ending, set())
+                  for ending, process in self._ending.items()):
+            await asyncio.sleep(RETRY_SECONDS)
 
     async def finish(self, namespace: str, name: str, exit_code: int, *, started: str | None = None) -> None:
         """The container ended with this exit code: the pod Succeeded (0) or Failed."""
@@ -227,11 +264,15 @@ class LocalKubelet:
             "containerStatuses": [_container_status(container, {"terminated": terminated})],
         })
 
+    def kill(self, namespace: str, name: str) -> None:
+        """The pod's container is killed, every process of it (the OOM killer, a crashed node's runtime)."""
+        _kill_container(self.processes[(namespace, name)])
+
     async def evict(self, namespace: str, name: str) -> None:
         """Node-pressure eviction: Failed with reason Evicted, no container exit code."""
         process = self.processes.get((namespace, name))
         if process and process.returncode is None:
-            process.kill()
+            _kill_container(process)
         await self._patch_status(namespace, name, {
             "phase": "Failed", "reason": "Evicted",
             "message": "The node was low on resource: memory.", "containerStatuses": [],
@@ -266,7 +307,7 @@ class LocalKubelet:
         env.update(self.env)
         for var in container.get("env") or []:
             if "value" in var:
-                env[var["name"]] = str(var["value"])
+                env[var["name"]] = await self._resolve(str(var["value"]))
                 continue
             source = var.get("valueFrom") or {}
             if "secretKeyRef" in source:
@@ -290,6 +331,24 @@ class LocalKubelet:
         if env.get("GRPO_DEVICE") == "cuda":
             env["GRPO_DEVICE"] = "cpu"  # the stand-in GPU node's "GPU" is this CPU
         return env
+
+    async def _resolve(self, value: str) -> str:
+        """Cluster DNS for a pod named through a headless Service: this host (see the module's docstring)."""
+        match = POD_DNS_NAME.match(value)
+        if not match:
+            return value
+        namespace, service_name = match["namespace"], match["service"]
+        service = await self._get(f"/api/v1/namespaces/{namespace}/services/{service_name}")
+        spec = (service or {}).get("spec") or {}
+        if spec.get("clusterIP") != "None" or not spec.get("selector"):
+            return value  # a Service without a selector has no endpoints, so no DNS records for pods
+        selector = ",".join(f"{key}={label}" for key, label in spec["selector"].items())
+        pods = await self._get(f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": selector}) or {}
+        for pod in pods.get("items") or []:
+            named = (pod["spec"].get("hostname"), pod["spec"].get("subdomain")) == (match["hostname"], service_name)
+            if named and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+                return THIS_HOST
+        return value
 
     def _argv(self, container: dict[str, Any], mounts: dict[str, Path]) -> list[str]:
         """The pod's argv on this host. The executable is the image's, which the double does not

@@ -73,11 +73,12 @@ def test_names_scope_and_subresources():
     assert version["subresources"] == {"status": {}}
 
 
-def test_printer_columns_phase_step_reward_eval_age():
+def test_printer_columns_phase_gpus_step_reward_eval_age():
     (version,) = crd()["spec"]["versions"]
     shown = [(c["name"], c["jsonPath"]) for c in version["additionalPrinterColumns"] if not c.get("priority")]
     assert shown == [
         ("Phase", ".status.phase"),
+        ("GPUs", ".status.ranks"),  # gpus x nodes, which the operator writes: a column cannot multiply
         ("Step", ".status.progress.step"),
         ("Reward", ".status.progress.reward"),
         ("Eval", ".status.progress.eval.accuracy"),

@@ -108,15 +108,16 @@ async def test_label_and_field_selectors(apiserver):
 async def test_tables_use_the_crds_printer_columns(apiserver):
     await post(apiserver, JOBS, JOB)
     progress = {"step": 4, "reward": 0.5, "eval": {"step": 4, "accuracy": 0.25}}
-    await patch(apiserver, f"{JOBS}/j/status", {"status": {"phase": "Running", "progress": progress}})
+    await patch(apiserver, f"{JOBS}/j/status", {"status": {"phase": "Running", "ranks": 8, "progress": progress}})
     response = await apiserver.get(JOBS, headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
     table = await response.json()
     assert table["kind"] == "Table"
     columns = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0]
-    assert columns == ["Name", "Phase", "Step", "Reward", "Eval", "Age"]
+    assert columns == ["Name", "Phase", "GPUs", "Step", "Reward", "Eval", "Age"]
     (row,) = table["rows"]
     cells = dict(zip([c["name"] for c in table["columnDefinitions"]], row["cells"], strict=True))
-    assert (cells["Name"], cells["Phase"], cells["Step"], cells["Reward"], cells["Eval"]) == ("j", "Running", 4, 0.5, 0.25)
+    assert (cells["Name"], cells["Phase"], cells["GPUs"], cells["Step"], cells["Reward"], cells["Eval"]) == (
+        "j", "Running", 8, 4, 0.5, 0.25)
 
 
 async def test_cel_rules_of_the_crd_refuse_changing_a_running_jobs_spec(apiserver):

@@ -19,7 +19,7 @@ from grpo_operator import kueue
 from grpo_runtime.spec import parse_job
 from grpo_operator import render
 from k8s_doubles import eventually, stored
-from kueue_double import KueueDouble, condition, crds
+from kueue_double import KueueDouble, condition, crds, storage_version
 from local_kubelet import LocalKubelet
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "kueue"
@@ -396,3 +396,71 @@ async def test_kueue_prunes_or_refuses_an_unknown_container_field(apiserver):
     assert response.status == 201
     kept = stored(apiserver, "kueue.x-k8s.io/v1beta2/workloads", "ns", wl["metadata"]["name"])
     assert "gpus" not in kept["spec"]["podSets"][0]["template"]["spec"]["containers"][0]
+
+
+# ---- a job of several nodes: admitted all or nothing ----------------------------------------------
+
+
+def gang_job() -> dict[str, Any]:
+    job = queued_job()
+    job["spec"]["resources"].update(gpus=4, nodes=2)
+    job["spec"]["training"] = {"promptsPerStep": 8}
+    return job
+
+
+def gang_workload(version: str) -> dict[str, Any]:
+    job = gang_job()
+    spec = parse_job({**job, "metadata": {"name": "q", "namespace": "ns"}})
+    return kueue.workload(job, render.pod(spec, 1, image="img"), version=version, count=spec.spec.resources.nodes)
+
+
+def test_a_gangs_workload_counts_its_pods_each_with_its_gpus():
+    (pod_set,) = gang_workload("v1beta2")["spec"]["podSets"]
+    assert pod_set["count"] == 2  # Kueue reserves quota for both pods at once, or for neither
+    requests = pod_set["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests == {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": "4"}  # per pod
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("release,version", [("v0.19.2", "v1beta2"), ("v0.14.8", "v1beta1")])
+async def test_kueue_takes_a_gangs_workload_as_it_is(apiserver, release, version):
+    await _install_kueue(apiserver, release)
+    wl = gang_workload(version)
+    response = await apiserver.post(f"/apis/kueue.x-k8s.io/{version}/namespaces/ns/workloads?fieldValidation=Strict",
+                                    json=wl)
+    assert response.status == 201, await response.text()
+    kept = stored(apiserver, f"kueue.x-k8s.io/{storage_version(release)}/workloads", "ns", wl["metadata"]["name"])
+    assert kept["spec"]["podSets"][0]["count"] == 2
+    assert kept["spec"]["podSets"][0]["template"] == wl["spec"]["podSets"][0]["template"]  # nothing pruned
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_kueue_admits_a_gang_whole_and_evicts_it_whole(apiserver, operator, kueue_cluster, scripted_kubelet):
+    kueue_ = kueue_cluster
+    example = yaml.safe_load((EXAMPLES / "grpojob.yaml").read_text())
+    example["spec"]["resources"].update(gpus=4, nodes=2)
+    example["spec"]["training"]["promptsPerStep"] = 8
+    gang = ["gsm8k-queued-attempt-1-0", "gsm8k-queued-attempt-1-1"]
+    async with operator(namespaces=("ml-team",)):
+        response = await apiserver.post("/apis/grpo.dev/v1alpha1/namespaces/ml-team/grpojobs", json=example)
+        assert response.status == 201, await response.text()
+        workload = await eventually(lambda: kueue_.workload_of("ml-team", "gsm8k-queued"))
+        assert workload["spec"]["podSets"][0]["count"] == 2
+        await eventually(lambda: phase(apiserver, "gsm8k-queued") == "Suspended")
+        assert all(pod(apiserver, name) is None for name in gang)
+
+        admitted = await kueue_.admit("ml-team", "gsm8k-queued")
+        (assignment,) = admitted["status"]["admission"]["podSetAssignments"]
+        assert (assignment["count"], assignment["resourceUsage"]["nvidia.com/gpu"]) == (2, "8")
+        pods = await eventually(lambda: [pod(apiserver, name) for name in gang] if all(
+            pod(apiserver, name) for name in gang) else None)
+        assert all(p["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} for p in pods)
+        await eventually(lambda: phase(apiserver, "gsm8k-queued") == "Running")
+
+        await kueue_.evict("ml-team", "gsm8k-queued")
+        await eventually(lambda: phase(apiserver, "gsm8k-queued") == "Suspended")
+        await eventually(lambda: all(pod(apiserver, name) is None for name in gang))
+        await eventually(lambda: condition(kueue_.workload_of("ml-team", "gsm8k-queued"), "QuotaReserved")
+                         .get("status") == "False")
+        assert grpojob(apiserver, "gsm8k-queued")["status"]["restarts"] == 0

@@ -178,3 +178,106 @@ async def test_secret_values_never_reach_status_events_or_logs(apiserver, operat
     for value in values.values():
         assert value not in seen
         assert base64.b64encode(value.encode()).decode() not in seen
+
+
+async def test_pods_named_through_a_headless_service_resolve_to_this_host(apiserver, kubelet):
+    """The stand-in for cluster DNS: where every pod is a local process, a pod's DNS name is 127.0.0.1."""
+    await create(apiserver, "/api/v1/namespaces/default/services", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "gang-nodes"},
+        "spec": {"clusterIP": "None", "selector": {"job": "gang"}, "publishNotReadyAddresses": True}})
+    await create(apiserver, "/api/v1/namespaces/default/services", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "virtual"},
+        "spec": {"clusterIP": "10.0.0.7", "selector": {"job": "gang"}, "ports": [{"port": 80}]}})
+
+    async def create_member(name: str, env: list[dict[str, str]], command: list[str]) -> None:
+        await create(apiserver, "/api/v1/namespaces/default/pods", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"job": "gang"}},
+            "spec": {"restartPolicy": "Never", "hostname": name, "subdomain": "gang-nodes",
+                     "containers": [{"name": "main", "image": "local", "command": command, "env": env}]}})
+
+    await create_member("m-0", [], [PY, "-c", "import time; time.sleep(600)"])
+    await eventually(lambda: pod(apiserver, "m-0").get("status", {}).get("phase") == "Running")
+    names = {"MASTER": "m-0.gang-nodes.default.svc", "FQDN": "m-0.gang-nodes.default.svc.cluster.local",
+             "NOBODY": "m-9.gang-nodes.default.svc", "VIRTUAL": "m-0.virtual.default.svc", "PLAIN": "example.com"}
+    script = "import json, os; print(json.dumps({k: os.environ[k] for k in %r}))" % sorted(names)
+    await create_member("m-1", [{"name": k, "value": v} for k, v in names.items()], [PY, "-c", script])
+    await eventually(lambda: terminated(apiserver, "m-1"))
+    resolved = json.loads(kubelet.log("default", "m-1"))
+    assert resolved == {"MASTER": "127.0.0.1", "FQDN": "127.0.0.1", "NOBODY": names["NOBODY"],
+                        "VIRTUAL": names["VIRTUAL"], "PLAIN": "example.com"}
+
+
+CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+async def test_killing_a_container_kills_every_process_of_it_with_code_137(apiserver, kubelet):
+    """As a container runtime: no child (a torchrun rank) outlives its container, and SIGKILL reads 137."""
+    await create(apiserver, "/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p7"},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": "local", "command": [PY, "-c", CHILD]}]}})
+    child = int(await eventually(lambda: kubelet.log("default", "p7").strip()))
+    kubelet.kill("default", "p7")
+    await eventually(lambda: terminated(apiserver, "p7"))
+    assert terminated(apiserver, "p7")["exitCode"] == 137 and pod(apiserver, "p7")["status"]["phase"] == "Failed"
+    await eventually(lambda: not _alive(child), timeout=10)
+
+
+async def test_a_deleted_pods_children_end_with_it(apiserver, kubelet):
+    await create(apiserver, "/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p8"},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "main", "image": "local", "command": [PY, "-c", CHILD]}]}})
+    child = int(await eventually(lambda: kubelet.log("default", "p8").strip()))
+    response = await apiserver.delete("/api/v1/namespaces/default/pods/p8")
+    assert response.status == 200
+    await eventually(lambda: not _alive(child), timeout=10)  # its parent took SIGTERM; the child went with it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"  # a zombie has ended, its parent not yet told
+    except FileNotFoundError:
+        return False
+
+
+LINGERING_LISTENER = """
+import signal, socket, sys, time
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def linger(*_):
+    time.sleep(1.5)  # a trainer's graceful exit, still holding its port
+    sys.exit(0)
+signal.signal(signal.SIGTERM, linger)
+print("listening", flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_pod_waits_for_a_deleted_pod_that_held_its_port(apiserver, kubelet):
+    """On a node each pod has its own network; here a gang's next attempt takes the port its last one held."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def create_listener(name: str) -> None:
+        await create(apiserver, "/api/v1/namespaces/default/pods", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "main", "image": "local", "command": [PY, "-c", LINGERING_LISTENER, str(port)],
+                "ports": [{"name": "rendezvous", "containerPort": port}]}]}})
+
+    await create_listener("old")
+    await eventually(lambda: "listening" in kubelet.log("default", "old"))
+    response = await apiserver.delete("/api/v1/namespaces/default/pods/old")
+    assert response.status == 200
+    await create_listener("new")
+    await eventually(lambda: "listening" in kubelet.log("default", "new"), timeout=20)
+    assert kubelet.processes[("default", "old")].returncode == 0  # it had let go of the port first

@@ -279,6 +279,7 @@ _RESOURCES = {
     "pod": ("", "pods"),
     "service_account": ("", "serviceaccounts"),
     "config_map": ("", "configmaps"),
+    "service": ("", "services"),
     "role_binding": ("rbac.authorization.k8s.io", "rolebindings"),
     "role": ("rbac.authorization.k8s.io", "roles"),
 }
@@ -306,8 +307,9 @@ def operator_calls(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]
     for api in ("CoreV1Api", "RbacAuthorizationV1Api", "CustomObjectsApi"):
         monkeypatch.setattr(kube.client, api, lambda _api: Recorder(calls))
     api = kube.Kube(None)
-    known = {"close", "get_job", "list_jobs", "patch_job_status", "delete_job", "get", "create", "delete_pod",
-             "patch_job_suspend", "get_workload", "create_workload", "patch_workload_status", "get_flavor"}
+    known = {"close", "get_job", "list_jobs", "patch_job_status", "delete_job", "get", "create", "list_pods",
+             "delete_pod", "patch_job_suspend", "get_workload", "create_workload", "patch_workload_status",
+             "get_flavor"}
     methods = {name for name in vars(kube.Kube) if not name.startswith("_")}
     assert methods == known, f"kube.Kube changed: teach this test what {methods ^ known} call(s)"
 
@@ -317,6 +319,7 @@ def operator_calls(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str, str]]
         await api.list_jobs(None)
         await api.patch_job_status("ns", "job", {"phase": "Running"})
         await api.delete_job("ns", "job")
+        await api.list_pods("ns", "grpo.dev/job-name=job")
         await api.delete_pod("ns", "pod")
         await api.patch_job_suspend("ns", "job", False)
         await api.get_workload("ns", "wl")

@@ -302,7 +302,7 @@ def test_kubectl_apply_and_watch(shell_env, tmp_path):
             deadline.cancel()
             watch.terminate()
             watch.wait(10)
-    assert header == ["NAME", "PHASE", "STEP", "REWARD", "EVAL", "AGE"]
+    assert header == ["NAME", "PHASE", "GPUS", "STEP", "REWARD", "EVAL", "AGE"]  # as the README shows it
     assert row[0] == "gsm8k-qwen2-5-1-5b"
 
 

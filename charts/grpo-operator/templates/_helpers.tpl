@@ -57,9 +57,11 @@ calls for it:
   per-job Roles granting get+patch on it, and RBAC lets one grant only what one holds.
 - grpojobs/finalizers: update, so that children may carry ownerReferences with
   blockOwnerDeletion: true where the OwnerReferencesPermissionEnforcement admission plugin is on.
-- pods: kopf lists and watches them (label grpo.dev/job-name); get, create, delete.
+- pods: kopf lists and watches them (label grpo.dev/job-name), and so does each reconcile (a
+  job's pods, every attempt's); get, create, delete.
 - serviceaccounts, configmaps, roles, rolebindings: get and create, one of each per job;
-  they are deleted with the job by the garbage collector (ownerReferences), not by the operator.
+  services likewise, one per job of several nodes (the headless Service that gives its pods DNS
+  names); all deleted with the job by the garbage collector (ownerReferences), not by the operator.
 - events: create (kopf posts the job's events).
 - Kueue (kueue.x-k8s.io), for jobs labelled kueue.x-k8s.io/queue-name (operator/grpo_operator/
   kueue.py): workloads get, create (one per job), list and watch (kopf, where Kueue is installed);
@@ -95,7 +97,7 @@ watch name the CRD with a field selector.
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
-  resources: ["serviceaccounts", "configmaps"]
+  resources: ["serviceaccounts", "configmaps", "services"]
   verbs: ["get", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
