@@ -32,6 +32,7 @@ import torch
 from grpo_runtime.data import DatasetError, load_rows
 from grpo_runtime.distributed import World
 from grpo_runtime.engines import Engine, sampling_config
+from grpo_runtime.episodes import episode_metrics
 from grpo_runtime.prompts import encode_prompts, reward_inputs
 from grpo_runtime.rewards import Reward, merge_scores, score
 from grpo_runtime.spec import EvaluationSpec, GRPOJob
@@ -167,6 +168,7 @@ class Evaluator:
     rewards: list[Reward]
     rows: list[dict[str, Any]]  # the held-out prompts, one row each
     world: World = dataclasses.field(default_factory=World)  # a data-parallel job's ranks share the prompts
+    player: Any = None  # grpo_runtime.episodes.Player when spec.tools is set: held-out prompts are played out too
 
     def __post_init__(self) -> None:
         self.spec: EvaluationSpec = self.job.spec.evaluation
@@ -183,7 +185,7 @@ class Evaluator:
         what the rewards get (grpo_runtime.rewards.score); what they log goes under eval/."""
         started = time.perf_counter()
         if self._prompt_ids is None:
-            self._prompt_ids = encode_prompts(self.policy, self.job, self.rows)
+            self._prompt_ids = encode_prompts(self.policy, self.job, self.rows, self.player and self.player.tools)
         k = self.spec.num_samples
         seed = self.job.spec.training.seed * 100_003 + step + EVAL_SEED_OFFSET
         sampling = sampling_config(self.job.spec.generation, seed=seed, n=k)
@@ -195,7 +197,10 @@ class Evaluator:
         if mine:
             with rng_untouched(self.policy.device):  # vLLM's sampler draws from the global stream even when seeded
                 self.engine.wake()
-                completions = self.engine.generate(self._prompt_ids[mine.start : mine.stop], sampling)
+                mine_ids = self._prompt_ids[mine.start : mine.stop]
+                completions = self.engine.generate(mine_ids, sampling)
+                if self.player is not None:
+                    self.player.play(self.engine, mine_ids, completions, sampling, first_episode=mine.start * k)
                 self.engine.sleep()
             for completion in completions:
                 completion.prompt_index += mine.start
@@ -205,13 +210,14 @@ class Evaluator:
             pieces = self.world.gather((completions, scores))
             completions = [completion for piece, _ in pieces for completion in piece]
             scores = merge_scores([piece for _, piece in pieces if piece is not None])
-        lengths = [len(c.completion_ids) for c in completions]
+        lengths = [len(c.completion_ids) if c.mask is None else sum(c.mask) for c in completions]  # the model's tokens
         dataset = self.job.spec.dataset
         samples = [  # the dataset's prompt, as the training samples keep it (the rewards may have had its chat)
             {
                 "prompt": self.rows[completion.prompt_index][dataset.prompt_field],
                 "answer": self.rows[completion.prompt_index].get(dataset.answer_field),
                 "completion": completion.text,
+                **({"episode": completion.episode.messages} if completion.episode is not None else {}),
                 "rewards": {name: _number(values[i]) for name, values in scores.per_reward.items()},
                 **scores.extra_of(i),
             }
@@ -223,6 +229,7 @@ class Evaluator:
             f"{EVAL_PREFIX}num_prompts": len(self.rows),
             f"{EVAL_PREFIX}num_samples": k,
             f"{EVAL_PREFIX}completion_length": sum(lengths) / len(lengths),
+            **{EVAL_PREFIX + name: value for name, value in episode_metrics(completions).items()},
             f"{EVAL_PREFIX}seconds": time.perf_counter() - started,
         }
         clashes = scores.add_logged(metrics, EVAL_PREFIX)

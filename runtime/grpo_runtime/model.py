@@ -313,6 +313,10 @@ def load_policy(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    if model_spec.chat_template is not None:
+        tokenizer.chat_template = model_spec.chat_template
+    if model_spec.response_template is not None:
+        tokenizer.response_template = model_spec.response_template
     base.config.use_cache = False  # training; the engine turns the cache on for generation
     # QLoRA preparation without peft's prepare_model_for_kbit_training: that upcasts every
     # non-4-bit weight (embeddings, lm_head, norms) to fp32, which costs more than the 4-bit saves.

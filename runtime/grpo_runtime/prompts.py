@@ -36,9 +36,10 @@ def chat_messages(job: GRPOJob, tokenizer, prompt: Any) -> list[dict[str, Any]] 
     return messages
 
 
-def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> list[list[int]]:
-    """Prompt token ids, left-truncated: the prompt's chat (chat_messages) in the chat template, a final
-    assistant message continued rather than answered (as TRL), or the raw text with the system prompt before it."""
+def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], tools: list | None = None) -> list[list[int]]:
+    """Prompt token ids, left-truncated: the prompt's chat (chat_messages) in the chat template (with the job's
+    `tools` shown to the model), a final assistant message continued rather than answered (as TRL), or the raw
+    text with the system prompt before it."""
     spec, tokenizer = job.spec, policy.tokenizer
     encoded = []
     for row in rows:
@@ -51,7 +52,7 @@ def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]]) -> 
         prefill = messages[-1]["role"] == "assistant"
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
-            return_dict=False, **spec.model.chat_template_kwargs,
+            return_dict=False, **({"tools": tools} if tools else {}), **spec.model.chat_template_kwargs,
         )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
@@ -63,8 +64,9 @@ def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], comp
     """What the rewards are called with: (prompts, completions, columns), one entry per completion, as TRL
     calls them. A prompt that went to the model as a chat (chat_messages) is that chat, its completion the
     assistant message [{"role": "assistant", "content": text}] (after the chat's own final assistant message, if
-    any); a prompt that went as raw text is the dataset's text, its completion the text. The dataset's prompt
-    column is the prompt, its answer column is `answer`."""
+    any), or an episode's messages (assistant turns with their tool calls, the tool results between them); a
+    prompt that went as raw text is the dataset's text, its completion the text. The dataset's prompt column is
+    the prompt, its answer column is `answer`."""
     dataset = job.spec.dataset
     expanded = [rows[c.prompt_index] for c in completions]
     columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key != dataset.prompt_field}
@@ -80,5 +82,8 @@ def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], comp
             continue
         prefill = chat[-1]["content"] if chat[-1]["role"] == "assistant" else ""
         prompts.append(chat)
-        texts.append([{"role": "assistant", "content": prefill + completion.text}])
+        if completion.episode is not None:
+            texts.append(list(completion.episode.messages))
+        else:
+            texts.append([{"role": "assistant", "content": prefill + completion.text}])
     return prompts, texts, columns

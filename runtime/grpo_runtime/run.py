@@ -124,13 +124,14 @@ class Prepared:
     hub: Any  # None without spec.output.hub
 
     world: Any = None  # grpo_runtime.distributed.World; None: alone
+    player: Any = None  # grpo_runtime.episodes.Player with spec.tools; None without
 
     def trainer(self, job: GRPOJob):
         from grpo_runtime.distributed import World
         from grpo_runtime.trainer import Trainer
 
         return Trainer(job, self.policy, self.engine, self.rewards, self.sampler, self.storage,
-                       evaluator=self.evaluator, hub=self.hub, world=self.world or World())
+                       evaluator=self.evaluator, hub=self.hub, world=self.world or World(), player=self.player)
 
 
 def _prepare(job: GRPOJob, uri: str, world=None) -> Prepared:
@@ -171,10 +172,31 @@ def _prepare(job: GRPOJob, uri: str, world=None) -> Prepared:
         endpoint=spec.output.endpoint,
         region=spec.output.region,
     )
+    player = _player(job, policy)  # before the engine: a template that cannot hold tools fails in seconds
     engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
-    evaluator = Evaluator(job, policy, engine, rewards, held_out, world) if spec.evaluation else None
-    return Prepared(storage, rewards, policy, engine, sampler, evaluator, hub, world)
+    evaluator = Evaluator(job, policy, engine, rewards, held_out, world, player) if spec.evaluation else None
+    return Prepared(storage, rewards, policy, engine, sampler, evaluator, hub, world, player)
+
+
+def _player(job: GRPOJob, policy):
+    """The episodes' player of a job with spec.tools (None without): its tools loaded and the chat template and
+    response template checked to hold them."""
+    spec = job.spec
+    if not spec.tools:
+        return None
+    from grpo_runtime.episodes import Player, check_tool_support
+    from grpo_runtime.tools import ToolError, ToolRunner, load_tools
+
+    tools = load_tools(spec.tools)
+    if not spec.model.use_chat_template:
+        raise ToolError("spec.tools: the model is shown its tools through the chat template, which "
+                        "spec.model.useChatTemplate: false turns off")
+    check_tool_support(policy.tokenizer, tools, spec.model.chat_template_kwargs, spec.model.name)
+    return Player(policy.tokenizer, tools, ToolRunner(tools, timeout=spec.generation.tool_timeout_seconds),
+                  max_tool_calls=spec.generation.max_tool_calls,
+                  max_completion_length=spec.generation.max_completion_length,
+                  max_model_len=spec.model.max_seq_length, template_kwargs=dict(spec.model.chat_template_kwargs))
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -184,8 +206,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from grpo_runtime.model import ModelError
     from grpo_runtime.rewards import RewardError
     from grpo_runtime.storage import StorageError
+    from grpo_runtime.tools import ToolError
 
-    return (DatasetError, ModelError, RewardError, StorageError, EngineError, HubError)
+    return (DatasetError, ModelError, RewardError, StorageError, EngineError, HubError, ToolError)
 
 
 def exit_code(exc: BaseException) -> int:

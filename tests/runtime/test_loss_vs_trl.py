@@ -181,7 +181,7 @@ def run_trl(setup, x, args, micro_batches, old, ref, sampling, trainer=None):
     trainer = trainer or TRLTrainer(args, model, micro_batches, use_vllm=sampling is not None)
     model.train()
     total = 0.0
-    tokens, per_micro = x.completion_mask.sum(), []
+    tokens, per_micro = loss_mask(x).sum(), []
     parts = torch.arange(B).chunk(micro_batches)
     for index, rows in enumerate(parts):
         trainer.accelerator.gradient_state._set_sync_gradients(index == len(parts) - 1)  # the step's last
@@ -194,12 +194,12 @@ def run_trl(setup, x, args, micro_batches, old, ref, sampling, trainer=None):
         if sampling is not None:
             learner = old[rows] if old is not None else logprobs_now(setup, x, args.temperature)[rows]
             inputs["importance_sampling_ratio"] = trl_sampling_ratio(args, learner, sampling[rows],
-                                                                     x.completion_mask[rows])
+                                                                     loss_mask(x)[rows])
             inputs["sampling_per_token_logps"] = sampling[rows]  # TRL's output with vLLM: the off-policy mask's
         loss = trainer._compute_loss(model, inputs)
         loss.backward()
         total += loss.item()
-        per_micro.append((x.completion_mask[rows].sum().item(), len(rows)))
+        per_micro.append((loss_mask(x)[rows].sum().item(), len(rows)))
     del model.forward  # TRL patched the instance; back to the class's forward
     metrics, trainer._metrics = trainer._metrics["train"], {"train": defaultdict(list), "eval": defaultdict(list)}
     return total, grads_of(model), metrics, per_micro, trainer
@@ -212,14 +212,23 @@ def logprobs_now(setup, x, temperature):
     return logprobs_at(logits, x.completion_ids, temperature)
 
 
+def loss_mask(x):
+    """The tokens the loss trains on: TRL's completion_mask x tool_mask (an episode's tool results are not)."""
+    return x.completion_mask * x.tool_mask if hasattr(x, "tool_mask") else x.completion_mask
+
+
 def trainer_sampling(x, sampling):
     """The sampler's log-probs as the trainer hands them to the loss: the completions through build_batch, each
-    with the engine's log-probs of its tokens, or (sampling None) without any."""
+    with the engine's log-probs of its tokens, or (sampling None) without any; an episode's with its mask (its
+    tool results' log-probs are TRL's 0.0, which neither loss reads)."""
     completions = [Completion(prompt_index=row, completion_ids=x.completion_ids[row, : LENGTHS[row]].tolist(), text="",
                               truncated=False,
-                              logprobs=None if sampling is None else sampling[row, : LENGTHS[row]].tolist())
+                              logprobs=None if sampling is None else sampling[row, : LENGTHS[row]].tolist(),
+                              mask=x.tool_mask[row, : LENGTHS[row]].tolist() if hasattr(x, "tool_mask") else None)
                    for row in range(B)]
-    return build_batch(x.prompt_ids.tolist(), completions, PAD, torch.device("cpu")).sampling_logps
+    batch = build_batch(x.prompt_ids.tolist(), completions, PAD, torch.device("cpu"))
+    assert batch.completion_mask.equal(loss_mask(x))  # and the attention keeps every token: x.completion_mask
+    return batch.sampling_logps
 
 
 def run_ours(setup, x, config, micro_batches, old, ref, sampling, entropy_coef=0.0):
@@ -234,10 +243,10 @@ def run_ours(setup, x, config, micro_batches, old, ref, sampling, entropy_coef=0
         hidden = decoder_hidden_states(model, ids, attention)[:, P - 1 : -1]
         weight, bias = lm_head(model)
         loss, m = grpo_loss(
-            hidden, weight, x.completion_ids[rows], x.completion_mask[rows], x.advantages[rows],
+            hidden, weight, x.completion_ids[rows], loss_mask(x)[rows], x.advantages[rows],
             old_logps=None if old is None else old[rows], ref_logps=ref[rows] if config.beta else None,
             sampling_logps=None if sampling is None else sampling[rows], config=config, bias=bias,
-            num_items_in_batch=x.completion_mask.sum(), num_sequences_in_batch=B, num_micro_batches=micro_batches,
+            num_items_in_batch=loss_mask(x).sum(), num_sequences_in_batch=B, num_micro_batches=micro_batches,
             entropy_coef=entropy_coef,
         )
         loss.backward()
@@ -336,16 +345,44 @@ CASES = {
 @pytest.mark.parametrize("micro_batches", [1, 2, 4])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_gradients_and_metrics_equal_trls(setup, case, micro_batches):
+    args = trl_config(CASES[case][0], micro_batches)
+    x = masked_truncated(setup[1]) if args.mask_truncated_completions else setup[1]
+    compare_with_trl(setup, x, case, micro_batches)
+
+
+# an episode's tool results (with the template's markers around them) inside the completions: attended, not trained
+TOOL_RESULTS = {0: range(2, 5), 2: range(1, 3)}  # row: completion positions (inside LENGTHS)
+
+
+def episodes(x):
+    tool_mask = torch.ones_like(x.completion_mask)
+    for row, positions in TOOL_RESULTS.items():
+        tool_mask[row, list(positions)] = 0
+    return SimpleNamespace(**vars(x), tool_mask=tool_mask)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("case", ["grpo", "dapo", "bnpo", "dr_grpo", "gspo", "tis-token-truncate",
+                                  "tis-sequence-mask-on-policy", "entropy-mask", "opsm-tis-grpo"])
+def test_tool_results_are_out_of_the_loss_as_in_trls(setup, case, micro_batches):
+    """TRL's tool_mask (GRPOTrainer._tool_call_loop's): the tokens a tool wrote are in the sequence the model
+    attends to, and out of the loss, its normalisers, the KL, the ratios, the sampling correction and the
+    entropy; ours are Completion.mask through build_batch. Loss, every gradient and the metrics agree."""
+    x = episodes(setup[1])
+    assert 0 < loss_mask(x).sum() < x.completion_mask.sum()
+    compare_with_trl(setup, x, case, micro_batches)
+
+
+def compare_with_trl(setup, x, case, micro_batches):
     overrides, off_policy, correction = CASES[case]
     args = trl_config(overrides, micro_batches)
     old, ref, sampling = make_logps(setup, args.temperature, seed=len(case))
     old = old if off_policy else None
     sampling = sampling if correction else None
-    x = masked_truncated(setup[1]) if args.mask_truncated_completions else setup[1]
     if args.off_policy_mask_threshold is not None:  # TRL's own mask: the cases drop at least one completion
         now = logprobs_now(setup, x, args.temperature)
         behaviour = next(logps for logps in (sampling, old, now) if logps is not None)  # as TRL picks the sampler's
-        kept = GRPOTrainer.get_off_policy_mask(x.advantages[:, None], now, behaviour, x.completion_mask,
+        kept = GRPOTrainer.get_off_policy_mask(x.advantages[:, None], now, behaviour, loss_mask(x),
                                                args.off_policy_mask_threshold)
         assert (0 < kept.sum() < B) if behaviour is not now else kept.sum() == B  # on-policy, no sampler: none
     # TRL's entropy bonus is per micro-batch; ours (without the top-entropy quantile) is the step's: TRL's on one

@@ -148,9 +148,7 @@ def row_seeds(sampling: SamplingConfig, prompts: int) -> list[int]:
     step's prompt index; unseeded calls draw theirs from the global stream."""
     if sampling.seed is None:
         return torch.randint(0, 2**62, (prompts * sampling.n,)).tolist()
-    return [
-        prompt_seed(sampling.seed, sampling.first_prompt + p) + j for p in range(prompts) for j in range(sampling.n)
-    ]
+    return [prompt_seed(sampling.seed, sampling.prompt_key(p)) + j for p in range(prompts) for j in range(sampling.n)]
 
 
 class _RowSampler(LogitsProcessor):

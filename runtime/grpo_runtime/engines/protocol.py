@@ -34,6 +34,13 @@ class SamplingConfig:
     # the index of the call's first prompt among the step's (a rank generates a share of them): seeds are keyed by
     # the step's prompt index, so a prompt's samples are the same whichever rank, or batch, draws them
     first_prompt: int = 0
+    # each prompt's key for its seed, where the prompts are not the step's consecutive ones (an episode's next turn:
+    # its episode's index); None: first_prompt + position
+    prompt_keys: tuple[int, ...] | None = None
+
+    def prompt_key(self, position: int) -> int:
+        """The seed key of the call's `position`-th prompt."""
+        return self.prompt_keys[position] if self.prompt_keys is not None else self.first_prompt + position
 
 
 @dataclass
@@ -46,6 +53,10 @@ class Completion:
     # top-k/top-p/min-p), as the engine computed it; None when the engine gives none. The loss's sampling
     # correction compares it with the learner's.
     logprobs: list[float] | None = None
+    # 1 for each token the model wrote, 0 for one put into the episode for it (a tool's result, the chat template's
+    # turn markers around it): those are attended to but never trained on. None: the model wrote every token.
+    mask: list[int] | None = None
+    episode: Any = None  # grpo_runtime.episodes.Episode of a job with tools: the messages and the calls made
 
 
 class Engine(Protocol):

@@ -332,7 +332,7 @@ class VLLMEngine:
             # the model's EOS ids are passed as stop ids (its generation config may name several); ignore_eos
             # means none of them ends a completion, as vLLM reads it for the tokenizer's own
             stop_token_ids=([] if extra.get("ignore_eos") else self.eos_ids) + list(extra.pop("stop_token_ids", None) or []),
-            seed=None if sampling.seed is None else prompt_seed(sampling.seed, sampling.first_prompt + index),
+            seed=None if sampling.seed is None else prompt_seed(sampling.seed, sampling.prompt_key(index)),
             **extra,
         )
 
