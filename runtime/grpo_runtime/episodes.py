@@ -38,6 +38,13 @@ class Episode:
     calls: int = 0
     failures: int = 0
     timeouts: int = 0
+    # the rollout's environment instance and its tools (spec.tools and its methods); both None without one, and
+    # after scoring (the rollout's own process keeps them: they need not pickle)
+    environment: Any = None
+    tools: list | None = None
+
+    def let_go(self) -> None:
+        self.environment = self.tools = None
 
 
 def parse_reply(tokenizer, ids: list[int], prefix: list[int], tools: list) -> dict[str, Any]:
@@ -113,26 +120,56 @@ class Player:
     max_completion_length: int  # every token after the prompt
     max_model_len: int  # prompt + completion
     template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    environments: Any = None  # grpo_runtime.environments.Environments with spec.environment
+    encode: Any = None  # (row, tools, observation) -> prompt ids: a rollout's own prompt, with an environment
+
+    def rollout(self, engine, rows: list[dict[str, Any]], prompt_ids: list[list[int]], sampling: SamplingConfig,
+                first_episode: int = 0) -> list[Completion]:
+        """The episodes of `rows` (their prompt ids `prompt_ids`), sampling.n each. With environments, every rollout
+        has its own instance, reset with its row: its prompt is the row's with the observation and the instance's
+        tools, generated once each (seeded by the rollout)."""
+        if self.environments is None:
+            completions = engine.generate(prompt_ids, sampling)
+            self.play(engine, prompt_ids, completions, sampling, first_episode)
+            return completions
+        owners = [index for index in range(len(rows)) for _ in range(sampling.n)]
+        instances = self.environments.take([rows[index] for index in owners])
+        own_ids, own_tools = [], []
+        for index, instance in zip(owners, instances, strict=True):
+            observation = self.environments.reset(instance, rows[index])
+            own_tools.append(self.environments.tools_of(instance))
+            own_ids.append(self.encode(rows[index], own_tools[-1], observation))
+        keys = tuple(first_episode + k for k in range(len(own_ids)))
+        completions = engine.generate(own_ids, dataclasses.replace(sampling, n=1, prompt_keys=keys))
+        for completion, index, ids in zip(completions, owners, own_ids, strict=True):
+            completion.prompt_index, completion.prompt_ids = index, ids
+        self.play(engine, prompt_ids, completions, sampling, first_episode, instances, own_tools)
+        return completions
 
     def play(self, engine, prompt_ids: list[list[int]], completions: list[Completion], sampling: SamplingConfig,
-             first_episode: int = 0) -> None:
-        """Turn the first turn's `completions` (grouped, sampling.n per prompt; prompt_index into prompt_ids) into
-        whole episodes, in place. `first_episode`: the step's index of the first of them (the seeds' key)."""
-        for c in completions:
+             first_episode: int = 0, environments: list | None = None, tools: list[list] | None = None) -> None:
+        """Turn the first turn's `completions` (grouped, sampling.n per prompt; prompt_index into prompt_ids, or their
+        own prompt_ids) into whole episodes, in place. `first_episode`: the step's index of the first of them (the
+        seeds' key); `environments`, `tools`: each episode's own, with spec.environment."""
+        for k, c in enumerate(completions):
             c.mask = [1] * len(c.completion_ids)
-            c.episode = Episode([parse_reply(self.tokenizer, c.completion_ids, prompt_ids[c.prompt_index], self.tools)])
+            mine = None if tools is None else tools[k]
+            prompt = prompt_ids[c.prompt_index] if c.prompt_ids is None else c.prompt_ids
+            c.episode = Episode([parse_reply(self.tokenizer, c.completion_ids, prompt, mine or self.tools)],
+                                environment=None if environments is None else environments[k], tools=mine)
         keys = {id(c): first_episode + position for position, c in enumerate(completions)}
         active = [c for c in completions if c.episode.messages[-1].get("tool_calls")]
         turn = 0
         while active and (self.max_tool_calls is None or turn < self.max_tool_calls):
-            results, counts = self.runner.run([c.episode.messages[-1]["tool_calls"] for c in active])
+            results, counts = self.runner.run([c.episode.messages[-1]["tool_calls"] for c in active],
+                                              [c.episode.tools for c in active])
             going, contexts = [], []
             for c, messages, count in zip(active, results, counts, strict=True):
                 c.episode.calls += count.calls
                 c.episode.failures += count.failures
                 c.episode.timeouts += count.timeouts
                 suffix = tool_suffix_ids(self.tokenizer, messages, self.template_kwargs)
-                prompt = prompt_ids[c.prompt_index]
+                prompt = prompt_ids[c.prompt_index] if c.prompt_ids is None else c.prompt_ids
                 written = len(c.completion_ids) + len(suffix)
                 if written >= self.max_completion_length or len(prompt) + written >= self.max_model_len:
                     continue  # the results would not fit: the episode ends as it is (TRL drops them too)
@@ -160,7 +197,7 @@ class Player:
                 c.truncated = out.truncated or len(out.completion_ids) > left
                 c.episode.turns += 1
                 if new:
-                    reply = parse_reply(self.tokenizer, new, context, self.tools)
+                    reply = parse_reply(self.tokenizer, new, context, c.episode.tools or self.tools)
                     c.episode.messages.append(reply)
                     if reply.get("tool_calls") and not c.truncated:
                         active.append(c)

@@ -198,14 +198,19 @@ class Evaluator:
             with rng_untouched(self.policy.device):  # vLLM's sampler draws from the global stream even when seeded
                 self.engine.wake()
                 mine_ids = self._prompt_ids[mine.start : mine.stop]
-                completions = self.engine.generate(mine_ids, sampling)
                 if self.player is not None:
-                    self.player.play(self.engine, mine_ids, completions, sampling, first_episode=mine.start * k)
+                    completions = self.player.rollout(self.engine, self.rows[mine.start : mine.stop], mine_ids,
+                                                      sampling, mine.start * k)
+                else:
+                    completions = self.engine.generate(mine_ids, sampling)
                 self.engine.sleep()
             for completion in completions:
                 completion.prompt_index += mine.start
             scores = score(self.rewards, *reward_inputs(self.policy, self.job, self.rows, completions),
                            trainer_state=trainer_state)
+            for completion in completions:
+                if completion.episode is not None:
+                    completion.episode.let_go()
         if self.world.size > 1:
             pieces = self.world.gather((completions, scores))
             completions = [completion for piece, _ in pieces for completion in piece]

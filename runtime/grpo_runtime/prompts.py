@@ -37,27 +37,32 @@ def chat_messages(job: GRPOJob, tokenizer, prompt: Any) -> list[dict[str, Any]] 
 
 
 def encode_prompts(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], tools: list | None = None) -> list[list[int]]:
-    """Prompt token ids, left-truncated: the prompt's chat (chat_messages) in the chat template (with the job's
-    `tools` shown to the model), a final assistant message continued rather than answered (as TRL), or the raw
-    text with the system prompt before it."""
+    """Prompt token ids of each row (encode_prompt)."""
+    return [encode_prompt(policy, job, row, tools) for row in rows]
+
+
+def encode_prompt(policy: Policy, job: GRPOJob, row: dict[str, Any], tools: list | None = None,
+                  observation: Any = None) -> list[int]:
+    """A row's prompt token ids, left-truncated: its chat (chat_messages) in the chat template (with `tools` shown
+    to the model, an environment's reset() `observation` appended to the last message), a final assistant message
+    continued rather than answered (as TRL), or the raw text with the system prompt before it."""
+    from grpo_runtime.environments import with_observation
+
     spec, tokenizer = job.spec, policy.tokenizer
-    encoded = []
-    for row in rows:
-        prompt = row[spec.dataset.prompt_field]
-        messages = chat_messages(job, tokenizer, prompt)
-        if messages is None:
-            prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
-            encoded.append(tokenizer(prefix + str(prompt))["input_ids"][-spec.generation.max_prompt_length :])
-            continue
-        prefill = messages[-1]["role"] == "assistant"
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
-            return_dict=False, **({"tools": tools} if tools else {}), **spec.model.chat_template_kwargs,
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        encoded.append(list(ids)[-spec.generation.max_prompt_length :])
-    return encoded
+    prompt = row[spec.dataset.prompt_field]
+    messages = chat_messages(job, tokenizer, prompt)
+    if messages is None:
+        prefix = f"{spec.dataset.system_prompt}\n\n" if spec.dataset.system_prompt else ""
+        return tokenizer(prefix + str(prompt))["input_ids"][-spec.generation.max_prompt_length :]
+    messages = with_observation(messages, observation)
+    prefill = messages[-1]["role"] == "assistant"
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=True,
+        return_dict=False, **({"tools": tools} if tools else {}), **spec.model.chat_template_kwargs,
+    )
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)[-spec.generation.max_prompt_length :]
 
 
 def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], completions: list[Completion]):
@@ -73,6 +78,8 @@ def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], comp
     if dataset.answer_field != "answer" and dataset.answer_field in columns:
         columns["answer"] = columns[dataset.answer_field]
     columns["completion_ids"] = [c.completion_ids for c in completions]
+    if any(c.episode is not None and c.episode.environment is not None for c in completions):
+        columns["environments"] = [c.episode.environment for c in completions]  # TRL's reward kwarg
     prompts, texts = [], []
     for row, completion in zip(expanded, completions, strict=True):
         chat = chat_messages(job, policy.tokenizer, row[dataset.prompt_field])

@@ -172,31 +172,50 @@ def _prepare(job: GRPOJob, uri: str, world=None) -> Prepared:
         endpoint=spec.output.endpoint,
         region=spec.output.region,
     )
-    player = _player(job, policy)  # before the engine: a template that cannot hold tools fails in seconds
+    player = _player(job, policy, rewards)  # before the engine: a template that cannot hold tools fails in seconds
     engine = make_engine(spec.generation, policy, training_spec=spec.training, model_spec=spec.model)
     sampler = PromptSampler(rows, seed=spec.training.seed, shuffle=spec.dataset.shuffle)
     evaluator = Evaluator(job, policy, engine, rewards, held_out, world, player) if spec.evaluation else None
     return Prepared(storage, rewards, policy, engine, sampler, evaluator, hub, world, player)
 
 
-def _player(job: GRPOJob, policy):
-    """The episodes' player of a job with spec.tools (None without): its tools loaded and the chat template and
-    response template checked to hold them."""
+def _player(job: GRPOJob, policy, rewards: list):
+    """The episodes' player of a job with spec.tools or spec.environment (None without): the tools loaded, the
+    environment classes probed (their get_reward added to `rewards`), the chat template and response template
+    checked to hold them."""
     spec = job.spec
-    if not spec.tools:
+    if not spec.tools and spec.environment is None:
         return None
+
+    from grpo_runtime.environments import Environments, tool_methods
     from grpo_runtime.episodes import Player, check_tool_support
+    from grpo_runtime.prompts import encode_prompt
+    from grpo_runtime.rewards import Reward
     from grpo_runtime.tools import ToolError, ToolRunner, load_tools
 
     tools = load_tools(spec.tools)
+    environments = Environments(spec.environment, tools) if spec.environment is not None else None
+    if environments is not None:
+        names = {reward.name for reward in rewards}
+        for name, fn in environments.reward_functions():
+            if name in names:
+                raise ToolError(f"spec.rewards: {name!r} is also the reward of the environment class {name}; rename it")
+            rewards.append(Reward(name=name, weight=1.0, fn=fn, ref=f"{name}.get_reward"))
+        if not rewards:
+            raise ToolError("spec.environment: no reward: its classes have no get_reward() and spec.rewards is empty")
+    shown = tools + [m for pool in (environments.pool.values() if environments else []) for m in tool_methods(pool[0])]
+    if not shown:
+        raise ToolError("spec.environment: its classes have no public method to offer the model as a tool")
     if not spec.model.use_chat_template:
         raise ToolError("spec.tools: the model is shown its tools through the chat template, which "
                         "spec.model.useChatTemplate: false turns off")
-    check_tool_support(policy.tokenizer, tools, spec.model.chat_template_kwargs, spec.model.name)
+    check_tool_support(policy.tokenizer, shown, spec.model.chat_template_kwargs, spec.model.name)
     return Player(policy.tokenizer, tools, ToolRunner(tools, timeout=spec.generation.tool_timeout_seconds),
                   max_tool_calls=spec.generation.max_tool_calls,
                   max_completion_length=spec.generation.max_completion_length,
-                  max_model_len=spec.model.max_seq_length, template_kwargs=dict(spec.model.chat_template_kwargs))
+                  max_model_len=spec.model.max_seq_length, template_kwargs=dict(spec.model.chat_template_kwargs),
+                  environments=environments,
+                  encode=lambda row, own, observation: encode_prompt(policy, job, row, own, observation))
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:

@@ -698,6 +698,30 @@ class ResourcesSpec(Section):
         return self.gpus * self.nodes
 
 
+class EnvironmentSpec(Section):
+    """TRL's environment_factory: a class whose instance is each rollout's own world (reset per rollout, its
+    public methods the rollout's tools, an optional get_reward() a reward named after the class)."""
+
+    factory: str | None = Field(None, description="module:Class of every rollout's environment.")
+    factories: dict[str, str] = Field(
+        default_factory=dict,
+        description="Several environments, name: module:Class, each row choosing one by its `column` (TRL's dict "
+        "form).",
+    )
+    column: str = Field("environment", min_length=1, description="With factories: the dataset column naming the "
+                        "row's environment (not passed to reset).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the class.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> EnvironmentSpec:
+        if (self.factory is None) == (not self.factories):
+            raise ValueError("give factory (one class) or factories (name: class), not both and not neither")
+        for where, ref in [("factory", self.factory), *((f"factories.{k}", v) for k, v in self.factories.items())]:
+            if ref is not None and not _FUNCTION_RE.match(ref):
+                raise ValueError(f"{where}: {ref!r} is not module:Class")
+        return self
+
+
 class RewardModulesSpec(Section):
     config_map: str | None = Field(
         None,
@@ -746,13 +770,22 @@ class GRPOJobSpec(Section):
     model: ModelSpec = Field(description="The base model to train.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter configuration.")
     dataset: DatasetSpec = Field(description="Prompts (and reference answers).")
-    rewards: list[RewardSpec] = Field(min_length=1, description="Reward functions, summed with their weights.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Reward functions, summed with their weights (at least one, unless spec.environment's class "
+        "scores rollouts with get_reward).",
+    )
     tools: list[str] = Field(
         default_factory=list,
         description="Functions the model may call during an episode, module:function (TRL's tools: typed, "
         "documented, sync or async) or builtin:calculator. Their schemas go into the chat template; a call's "
         "result goes back as a tool message and generation goes on (generation.maxToolCalls). Only what the "
         "model writes is trained on. Tools run in the job's pod, with its permissions.",
+    )
+    environment: EnvironmentSpec | None = Field(
+        None,
+        description="Each rollout's own environment (TRL's environment_factory): reset with the row, its methods "
+        "the rollout's tools (beside spec.tools), its get_reward() a reward.",
     )
     reward_modules: RewardModulesSpec = Field(
         default_factory=RewardModulesSpec, description="Where the pod finds user reward modules."
@@ -777,6 +810,12 @@ class GRPOJobSpec(Section):
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Experiment tracking: MLflow and TensorBoard (TRL's report_to)."
     )
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> GRPOJobSpec:
+        if not self.rewards and self.environment is None:
+            raise ValueError("rewards: at least one reward is needed (or an environment whose get_reward scores)")
+        return self
 
     @field_validator("tools")
     @classmethod

@@ -86,11 +86,20 @@ BUILTIN_TOOLS: dict[str, Callable[..., Any]] = {"calculator": calculator}
 # --------------------------------------------------------------------------------------------- loading
 
 
+def check_schema(tool: Callable[..., Any], where: str) -> None:
+    """ToolError naming `where` unless the chat template can describe `tool` (typed arguments, a docstring with an
+    Args: section: transformers' get_json_schema)."""
+    from transformers.utils import get_json_schema
+
+    try:
+        get_json_schema(tool)
+    except Exception as exc:  # noqa: BLE001 (transformers raises its own TypeError/ValueError subclasses)
+        raise ToolError(f"{where}: the chat template cannot describe it to the model: {exc}") from None
+
+
 def load_tools(refs: Sequence[str], field_name: str = "spec.tools") -> list[Callable[..., Any]]:
     """The functions `refs` name (`builtin:NAME` or `module:function`), each with a schema the chat template can
     show; ToolError naming `field_name[i]` otherwise."""
-    from transformers.utils import get_json_schema
-
     tools = []
     for index, ref in enumerate(refs):
         where = f"{field_name}[{index}] ({ref})"
@@ -109,10 +118,7 @@ def load_tools(refs: Sequence[str], field_name: str = "spec.tools") -> list[Call
                 raise ToolError(f"{where}: {module_name} has no {attribute}") from None
         if not callable(tool):
             raise ToolError(f"{where}: {type(tool).__name__} is not a function")
-        try:
-            get_json_schema(tool)
-        except Exception as exc:  # noqa: BLE001 (transformers raises its own TypeError/ValueError subclasses)
-            raise ToolError(f"{where}: the chat template cannot describe it to the model: {exc}") from None
+        check_schema(tool, where)
         tools.append(tool)
     names = [tool.__name__ for tool in tools]
     clashing = sorted({name for name in names if names.count(name) > 1})
@@ -153,11 +159,16 @@ class ToolRunner:
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="grpo-tool-loop", daemon=True).start()
 
-    def run(self, calls: Sequence[Sequence[dict[str, Any]]]) -> tuple[list[list[dict[str, Any]]], list[TurnCounts]]:
+    def run(
+        self, calls: Sequence[Sequence[dict[str, Any]]], tools: Sequence[Sequence[Callable[..., Any]] | None] | None = None
+    ) -> tuple[list[list[dict[str, Any]]], list[TurnCounts]]:
         """Each episode's tool messages, one per call in its order (`calls[i]`: episode i's parsed tool_calls, in
-        transformers' parse_response form), and each episode's counts of the turn."""
+        transformers' parse_response form), and each episode's counts of the turn. `tools[i]`: episode i's own
+        tools where they are not the runner's (an environment's methods, bound to its instance)."""
         deadline = time.monotonic() + self.timeout  # every call starts now: each has `timeout` from its start
-        pending = [[self._start(call) for call in episode] for episode in calls]
+        own = [None] * len(calls) if tools is None else tools
+        pending = [[self._start(call, None if mine is None else {t.__name__: t for t in mine}) for call in episode]
+                   for episode, mine in zip(calls, own, strict=True)]
         messages, counts = [], []
         for started in pending:
             out, count = [], TurnCounts()
@@ -169,13 +180,14 @@ class ToolRunner:
             counts.append(count)
         return messages, counts
 
-    def _start(self, call: dict[str, Any]) -> tuple[str, concurrent.futures.Future | BaseException]:
-        """(the tool's name, its running call, or why it could not start)."""
+    def _start(self, call: dict[str, Any], by_name: dict[str, Callable[..., Any]] | None
+               ) -> tuple[str, concurrent.futures.Future | BaseException]:
+        """(the tool's name, its running call, or why it could not start); by_name: the episode's tools."""
         if call.get("type") != "function":
             return call.get("name", "unknown"), ValueError(f"Unsupported tool call type: {call.get('type')}")
         function = call["function"]
         name, arguments = function["name"], function.get("arguments") or {}
-        tool = self._by_name.get(name)
+        tool = (self._by_name if by_name is None else by_name).get(name)
         if tool is None:
             return name, ValueError(f"Tool {name} not found.")
         if not isinstance(arguments, dict):

@@ -103,7 +103,7 @@ def build_batch(
     where a tensor of NaN would read as tokens the sampler could not score and drop nothing. A
     completion without them in a batch of some with them gets NaN: TRL's unscored tokens (sampling
     weight 1, no KL evidence for the mask); with numIterations 1 that is the same as pi_old."""
-    prompts = [prompt_ids[c.prompt_index] for c in completions]
+    prompts = [prompt_ids[c.prompt_index] if c.prompt_ids is None else c.prompt_ids for c in completions]
     width_p = max(len(p) for p in prompts)
     width_c = max(1, max(len(c.completion_ids) for c in completions))
     if pad_to:
@@ -302,7 +302,8 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: list[list[int]], first_prompt: int = 0) -> list[Completion]:
+    def generate(self, prompt_ids: list[list[int]], first_prompt: int = 0, rows: list[dict[str, Any]] | None = None
+                 ) -> list[Completion]:
         """Completions of the step's prompts `prompt_ids`, the first being the step's `first_prompt`-th (their
         prompt_index counts from it): each prompt's samples are seeded by the step and that index, so a resumed
         run, or another split of the step over ranks, samples exactly what the uninterrupted one-process run did."""
@@ -310,9 +311,10 @@ class Trainer:
         sampling = dataclasses.replace(sampling, first_prompt=first_prompt)
         started = time.perf_counter()
         self.engine.wake()
-        completions = self.engine.generate(prompt_ids, sampling)
-        if self.player is not None:
-            self.player.play(self.engine, prompt_ids, completions, sampling, first_episode=first_prompt * sampling.n)
+        if self.player is not None:  # episodes: tools, environments (rows: the prompts' own, for reset)
+            completions = self.player.rollout(self.engine, rows, prompt_ids, sampling, first_prompt * sampling.n)
+        else:
+            completions = self.engine.generate(prompt_ids, sampling)
         self.engine.sleep()
         self._generation_seconds = time.perf_counter() - started
         for completion in completions:
@@ -339,8 +341,11 @@ class Trainer:
         share of the prompts (whole groups), then the ranks exchange them."""
         prompt_ids = encode_prompts(self.policy, self.job, rows, self.player and self.player.tools)
         mine = self.world.share(len(rows))
-        completions = self.generate(prompt_ids[mine.start : mine.stop], first_prompt=mine.start)
+        completions = self.generate(prompt_ids[mine.start : mine.stop], mine.start, rows[mine.start : mine.stop])
         scores = self.score(rows, completions)
+        for completion in completions:
+            if completion.episode is not None:
+                completion.episode.let_go()  # scored: its environment is done (and need not pickle)
         if self.world.size > 1:
             pieces = self.world.gather((completions, scores))
             completions = [completion for piece, _ in pieces for completion in piece]

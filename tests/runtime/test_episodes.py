@@ -164,3 +164,69 @@ def test_a_missing_tool_fails_at_start_naming_the_field(caller_dir, tmp_path):
     done = grpo_train(path)
     assert done.returncode == 2
     assert "spec.tools[1] (no_such_module_xyz:search): cannot import no_such_module_xyz" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------- environments
+
+
+def env_job(caller_dir, output, engine: str) -> dict:
+    doc = tool_job(caller_dir, output, engine)
+    spec = doc["spec"]
+    spec.pop("tools")
+    spec["rewards"] = [{"name": "results", "function": "tests.runtime.episode_rewards:tool_results"}]
+    spec["environment"] = {"factory": "tests.runtime.episode_envs:Abacus", "args": {"greeting": "Use the abacus."}}
+    return doc
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_a_trl_environment_class_runs_unchanged(caller_dir, tmp_path, engine):
+    """TRL's environment_factory contract: each rollout its own instance, reset with its row (the observation
+    joins the prompt), its methods the rollout's tools (calls act on that instance), its get_reward a reward named
+    after the class: 2 calls answered per episode, so 2 on every instance, on either engine."""
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(env_job(caller_dir, tmp_path / "out", engine)))
+    done = grpo_train(path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in read_metrics(tmp_path / "out") if "loss" in r]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["rewards/Abacus/mean"] == 2.0 and record["rewards/results/mean"] == 2.0
+        assert record["tools/call_frequency"] == 2.0
+
+
+def test_environments_are_pooled_per_rollout_and_checked_at_start(tools):
+    from grpo_runtime.environments import Environments
+    from grpo_runtime.spec import EnvironmentSpec
+    from tests.runtime.episode_envs import Abacus
+
+    spec = EnvironmentSpec(factories={"a": "tests.runtime.episode_envs:Abacus"}, column="env")
+    environments = Environments(spec, tools)
+    made = Abacus.made
+    first = environments.take([{"env": "a"}] * 3)
+    assert len({id(e) for e in first}) == 3 and Abacus.made == made + 2  # the probe is the first
+    assert environments.take([{"env": "a"}] * 2) == first[:2]  # reused, not made again
+    assert environments.reset(first[0], {"env": "a", "answer": "4"}) == " Use the abacus."
+    assert [t.__name__ for t in environments.tools_of(first[0])] == ["calculator", "calculator"]
+    with pytest.raises(ToolError, match=r"spec.environment.column: a row has env='b', not one of 'a'"):
+        environments.take([{"env": "b"}])
+    with pytest.raises(ToolError, match=r"spec.environment.factory: NoReset has no reset\(\)"):
+        Environments(EnvironmentSpec(factory="tests.runtime.episode_envs:NoReset"), [])
+    with pytest.raises(ToolError, match=r"spec.environment.factory \(tests.runtime.episode_envs:Nothing\): .* has no"):
+        Environments(EnvironmentSpec(factory="tests.runtime.episode_envs:Nothing"), [])
+
+
+def test_episodes_over_two_ranks_are_the_one_process_ones(caller_dir, tmp_path):
+    """A data-parallel job's episodes: each rank plays its prompts' (environments stay in the rank that made them,
+    seeds keyed by the step's episode index); the metrics are the one-process run's."""
+    logs = []
+    for ranks in (1, 2):
+        doc = env_job(caller_dir, tmp_path / f"out{ranks}", "hf")
+        doc["spec"]["resources"] = {"gpus": ranks}
+        path = tmp_path / f"job{ranks}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        done = grpo_train(path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        logs.append([{k: v for k, v in r.items() if not k.endswith(("seconds", "per_second", "memory_mb"))}
+                     for r in read_metrics(tmp_path / f"out{ranks}")])
+    assert logs[0] == logs[1]
+    assert any(r.get("rewards/Abacus/mean") == 2.0 for r in logs[1])

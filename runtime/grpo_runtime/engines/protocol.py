@@ -57,6 +57,8 @@ class Completion:
     # turn markers around it): those are attended to but never trained on. None: the model wrote every token.
     mask: list[int] | None = None
     episode: Any = None  # grpo_runtime.episodes.Episode of a job with tools: the messages and the calls made
+    # the prompt it continued where that is not its row's own (an environment's observation and tools in it)
+    prompt_ids: list[int] | None = None
 
 
 class Engine(Protocol):
