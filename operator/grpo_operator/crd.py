@@ -166,6 +166,15 @@ def status_schema() -> dict[str, Any]:
             "kl": _number("Mean KL to the reference policy of the last step."),
             "completionLength": _number("Mean completion length in tokens of the last step."),
             "tokensPerSecond": _number("Generated tokens per second of the last step."),
+            "tools": {
+                "type": "object",
+                "description": "With spec.tools or spec.environment: the last step's episodes.",
+                "properties": {
+                    "callFrequency": _number("Tool calls per episode."),
+                    "failureFrequency": _number("Share of the calls that failed (raised, unknown, timed out)."),
+                    "turns": _number("Replies the model wrote per episode."),
+                },
+            },
             "latestCheckpoint": {"type": "string", "nullable": True,
                                  "description": "URI of the newest complete checkpoint."},
             "eval": {

@@ -104,6 +104,9 @@ def status_progress(job: GRPOJob):
                 "kl": clean(metrics["kl"]),
                 "completionLength": metrics["completion_length/mean"],
                 "tokensPerSecond": round(metrics["tokens_per_second"], 2),
+                **({"tools": {"callFrequency": metrics["tools/call_frequency"],
+                              "failureFrequency": metrics["tools/failure_frequency"],
+                              "turns": metrics["tools/turns"]}} if "tools/call_frequency" in metrics else {}),
                 "latestCheckpoint": metrics.get("latest_checkpoint"),
             }
         )

@@ -216,7 +216,7 @@ def test_status_has_the_contract_fields():
             "progress"} <= status.keys()
     progress = status["progress"]["properties"]
     assert {"step", "totalSteps", "reward", "rewards", "kl", "completionLength", "tokensPerSecond",
-            "latestCheckpoint", "updatedAt", "eval"} == progress.keys()
+            "latestCheckpoint", "updatedAt", "eval", "tools"} == progress.keys()
 
 
 def test_checked_in_file_is_a_single_valid_yaml_document():

@@ -24,6 +24,7 @@ RUNNING = {
         "kl": 0.0031,
         "completionLength": 187.5,
         "tokensPerSecond": 812.25,
+        "tools": {"callFrequency": 1.5, "failureFrequency": 0.25, "turns": 2.5},
         "eval": {"step": 40, "accuracy": 0.42, "rewards": {"correct": 0.42}},
     },
 }
@@ -50,6 +51,7 @@ def test_a_jobs_status_becomes_its_series():
         "grpo_job_step": 40, "grpo_job_total_steps": 100, "grpo_job_reward": 0.5625, "grpo_job_kl": 0.0031,
         "grpo_job_completion_length": 187.5, "grpo_job_tokens_per_second": 812.25, "grpo_job_eval_accuracy": 0.42,
         "grpo_job_eval_step": 40, "grpo_job_restarts": 1, "grpo_job_disruptions": 2,
+        "grpo_job_tool_calls_per_episode": 1.5, "grpo_job_tool_failure_ratio": 0.25,
     }  # fmt: skip
     for name, value in expected.items():
         assert got[(name, job_labels("gsm8k"))] == pytest.approx(value), name
@@ -72,8 +74,8 @@ def test_labels_are_namespace_job_and_reward_only():
         keys = {k for k, _ in labels}
         assert {"namespace", "job"} <= keys <= allowed, (name, keys)
         assert "phase" not in keys or name == "grpo_job_phase"
-    # series per job: 10 gauges + 2 rewards + 1 eval reward + 5 phases
-    assert len(per_job) == 3 * 18
+    # series per job: 12 gauges + 2 rewards + 1 eval reward + 5 phases
+    assert len(per_job) == 3 * 20
 
 
 def test_fields_the_status_lacks_are_no_series():

@@ -534,6 +534,7 @@ def test_cuda_kwargs_cap_cuda_graphs_and_pass_revision_and_remote_code(policy):
     assert kwargs["enable_sleep_mode"] is True and kwargs["gpu_memory_utilization"] == spec.gpu_memory_utilization
     assert kwargs["compilation_config"].max_cudagraph_capture_size == 8
     assert kwargs["max_num_seqs"] == 8 and kwargs["kv_cache_memory_bytes"] == sizing.kv_cache_bytes
+    assert kwargs["enable_prefix_caching"] is True  # an episode's turns reuse the episode's KV blocks
     eager = llm_kwargs(spec.model_copy(update={"enforce_eager": True}), hub_policy, model_spec, sizing=sizing,
                        mode="merged", cuda=True, model_path=hub_policy.source)
     assert eager["enforce_eager"] is True and "compilation_config" not in eager

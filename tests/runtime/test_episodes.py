@@ -230,3 +230,21 @@ def test_episodes_over_two_ranks_are_the_one_process_ones(caller_dir, tmp_path):
                      for r in read_metrics(tmp_path / f"out{ranks}")])
     assert logs[0] == logs[1]
     assert any(r.get("rewards/Abacus/mean") == 2.0 for r in logs[1])
+
+
+def test_the_status_progress_carries_the_episodes(caller_dir, tmp_path, monkeypatch):
+    """The pod's status report (status.progress.tools, which the operator exports to Prometheus) has the step's
+    episode figures; a step without tools has none."""
+    import grpo_runtime.status as status
+    from grpo_runtime.run import status_progress
+    from grpo_runtime.spec import parse_job
+
+    sent = []
+    monkeypatch.setattr(status, "sink_from_env", lambda: SimpleNamespace(update=sent.append))  # the API server's stand-in
+    update, _ = status_progress(parse_job(tool_job(caller_dir, tmp_path, "hf")))
+    step = {"step": 1, "reward": 1.0, "kl": 0.0, "completion_length/mean": 12.0, "tokens_per_second": 3.0,
+            "rewards/answered/mean": 1.0}
+    update({**step, "tools/call_frequency": 2.0, "tools/failure_frequency": 0.25, "tools/turns": 3.0})
+    update(step)
+    assert sent[0]["tools"] == {"callFrequency": 2.0, "failureFrequency": 0.25, "turns": 3.0}
+    assert "tools" not in sent[1]

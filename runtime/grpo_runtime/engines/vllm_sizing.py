@@ -118,6 +118,9 @@ def llm_kwargs(
         "trust_remote_code": model_spec.trust_remote_code,
         "seed": 0,
         "logprobs_mode": "processed_logprobs",  # the sampled tokens' log-probs after temperature, top-k/p
+        # an episode's next turn is the episode so far: its KV blocks are reused, not prefilled again (vLLM's
+        # default, relied on here; the engine resets the cache whenever the weights change)
+        "enable_prefix_caching": True,
     }
     if model_spec.revision and not Path(policy.source).is_dir():
         kwargs["tokenizer_revision"] = model_spec.revision
