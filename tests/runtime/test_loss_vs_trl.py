@@ -227,7 +227,8 @@ def trainer_sampling(x, sampling):
                               mask=x.tool_mask[row, : LENGTHS[row]].tolist() if hasattr(x, "tool_mask") else None)
                    for row in range(B)]
     batch = build_batch(x.prompt_ids.tolist(), completions, PAD, torch.device("cpu"))
-    assert batch.completion_mask.equal(loss_mask(x))  # and the attention keeps every token: x.completion_mask
+    if hasattr(x, "tool_mask"):  # the episodes' loss mask is build_batch's; the attention keeps every token
+        assert batch.completion_mask.equal(loss_mask(x))
     return batch.sampling_logps
 
 
