@@ -248,3 +248,16 @@ def test_the_status_progress_carries_the_episodes(caller_dir, tmp_path, monkeypa
     update(step)
     assert sent[0]["tools"] == {"callFrequency": 2.0, "failureFrequency": 0.25, "turns": 3.0}
     assert "tools" not in sent[1]
+
+
+def test_a_reply_that_does_not_parse_is_text_and_ends_the_episode(policy, tools):
+    """A malformed call (TRL's parse_response falls back the same way) is the reply's text, with no tool call."""
+    from grpo_runtime.episodes import parse_reply
+
+    tokenizer = policy.tokenizer
+    prompt = prompt_ids(policy, tools)
+    for text in ['<tool_call>\n{"name": "calculator", "arguments": {"expression": </tool_call><|im_end|>',
+                 '<tool_call>\n{"arguments": {"expression": "1+1"}}\n</tool_call><|im_end|>']:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        reply = parse_reply(tokenizer, ids, prompt, tools)
+        assert reply == {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
