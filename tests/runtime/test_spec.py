@@ -70,7 +70,7 @@ def test_manifest_round_trips():
         (with_spec(generation={"topP": 1.5}), "spec.generation.topP: must be <= 1.0, got 1.5"),
         (with_spec(dataset={"source": "data.csv"}), "spec.dataset.source: must be builtin:NAME, hf://DATASET or a path"),
         (with_spec(dataset={"source": "builtin:gsm9k"}), "spec.dataset.source: unknown builtin dataset 'gsm9k'"),
-        (with_spec(rewards=[]), "spec.rewards: list should have at least 1 item"),
+        (with_spec(rewards=[]), "spec.rewards: at least one reward is needed (or an environment whose get_reward scores)"),
         (
             with_spec(rewards=[{"name": "r", "function": "no_colon"}]),
             "spec.rewards[0].function: must be builtin:NAME or module:function, got 'no_colon'",
