@@ -128,7 +128,9 @@ def join(timeout_seconds: float) -> World:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available() and os.environ.get("GRPO_DEVICE", "").lower() != "cpu"
+        from grpo_runtime.device import DEVICE_ENV
+
+        cuda = torch.cuda.is_available() and os.environ.get(DEVICE_ENV, "").strip().lower() != "cpu"
         if cuda:
             torch.cuda.set_device(world.local_rank)
         torch.distributed.init_process_group(

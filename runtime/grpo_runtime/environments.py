@@ -10,27 +10,13 @@ chosen by a dataset column (`factories`, `column`), as TRL's dict form. The same
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
-from grpo_runtime.tools import ToolError, check_schema
+from grpo_runtime.tools import ToolError, check_schema, import_reference
 
 HIDDEN = ("reset", "get_reward")  # an environment's methods that are not tools
-
-
-def _import(ref: str, where: str) -> type:
-    module_name, _, attribute = ref.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except ImportError as exc:
-        raise ToolError(f"{where} ({ref}): cannot import {module_name} ({exc})") from None
-    except AttributeError:
-        raise ToolError(f"{where} ({ref}): {module_name} has no {attribute}") from None
-    if not callable(factory):
-        raise ToolError(f"{where} ({ref}): {type(factory).__name__} is not a class or factory")
-    return factory
 
 
 def tool_methods(instance: Any) -> list[Callable[..., Any]]:
@@ -64,7 +50,9 @@ class Environments:
             self.pool[name] = [instance]
 
     def _factory(self, ref: str, where: str) -> Callable[[], Any]:
-        factory = _import(ref, where)
+        factory = import_reference(ref, f"{where} ({ref})")
+        if not callable(factory):
+            raise ToolError(f"{where} ({ref}): {type(factory).__name__} is not a class or factory")
         args = dict(self.spec.args)
         return (lambda: factory(**args)) if args else factory
 

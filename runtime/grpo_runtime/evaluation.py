@@ -33,8 +33,8 @@ from grpo_runtime.data import DatasetError, load_rows
 from grpo_runtime.distributed import World
 from grpo_runtime.engines import Engine, sampling_config
 from grpo_runtime.episodes import episode_metrics
-from grpo_runtime.prompts import encode_prompts, reward_inputs
-from grpo_runtime.rewards import Reward, merge_scores, score
+from grpo_runtime.prompts import encode_prompts, exchange, reward_inputs, sample
+from grpo_runtime.rewards import Reward, score
 from grpo_runtime.spec import EvaluationSpec, GRPOJob
 from grpo_runtime.storage import Storage
 
@@ -196,26 +196,12 @@ class Evaluator:
         completions, scores = [], None  # a rank of more ranks than held-out prompts has none
         if mine:
             with rng_untouched(self.policy.device):  # vLLM's sampler draws from the global stream even when seeded
-                self.engine.wake()
-                mine_ids = self._prompt_ids[mine.start : mine.stop]
-                if self.player is not None:
-                    completions = self.player.rollout(self.engine, self.rows[mine.start : mine.stop], mine_ids,
-                                                      sampling, mine.start * k)
-                else:
-                    completions = self.engine.generate(mine_ids, sampling)
-                self.engine.sleep()
-            for completion in completions:
-                completion.prompt_index += mine.start
+                completions = sample(self.engine, self.player, self.rows[mine.start : mine.stop],
+                                     self._prompt_ids[mine.start : mine.stop], sampling)
             scores = score(self.rewards, *reward_inputs(self.policy, self.job, self.rows, completions),
                            trainer_state=trainer_state)
-            for completion in completions:
-                if completion.episode is not None:
-                    completion.episode.let_go()
-        if self.world.size > 1:
-            pieces = self.world.gather((completions, scores))
-            completions = [completion for piece, _ in pieces for completion in piece]
-            scores = merge_scores([piece for _, piece in pieces if piece is not None])
-        lengths = [len(c.completion_ids) if c.mask is None else sum(c.mask) for c in completions]  # the model's tokens
+        completions, scores = exchange(self.world, completions, scores)
+        lengths = [c.written for c in completions]
         dataset = self.job.spec.dataset
         samples = [  # the dataset's prompt, as the training samples keep it (the rewards may have had its chat)
             {

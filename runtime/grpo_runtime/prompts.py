@@ -1,5 +1,6 @@
 """Prompts as the model and the rewards take them: the chat a dataset prompt goes to the model as, its token
-ids, and what the rewards are called with for each completion. Training (trainer.py) and evaluation
+ids, how a rank samples its share of them (`sample`), what the rewards are called with for each completion,
+and how the ranks put their scored shares together (`exchange`). Training (trainer.py) and evaluation
 (evaluation.py) both roll out through these, so they live below both."""
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from grpo_runtime.data import DatasetError, is_conversational
-from grpo_runtime.engines import Completion
+from grpo_runtime.distributed import World
+from grpo_runtime.engines import Completion, SamplingConfig
 from grpo_runtime.model import Policy
 from grpo_runtime.spec import GRPOJob
 
@@ -63,6 +65,37 @@ def encode_prompt(policy: Policy, job: GRPOJob, row: dict[str, Any], tools: list
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)[-spec.generation.max_prompt_length :]
+
+
+def sample(engine, player, rows: list[dict[str, Any]], prompt_ids: list[list[int]], sampling: SamplingConfig
+           ) -> list[Completion]:
+    """This rank's completions of `prompt_ids` (the prompts of `rows`), the first being the call's
+    sampling.first_prompt-th prompt: the engine woken for them and put to sleep after; with a player
+    (grpo_runtime.episodes), played out as episodes. Their prompt_index counts from first_prompt."""
+    engine.wake()
+    if player is not None:
+        completions = player.rollout(engine, rows, prompt_ids, sampling, sampling.first_prompt * sampling.n)
+    else:
+        completions = engine.generate(prompt_ids, sampling)
+    engine.sleep()
+    for completion in completions:
+        completion.prompt_index += sampling.first_prompt
+    return completions
+
+
+def exchange(world: World, completions: list[Completion], scores):
+    """Every rank's scored completions, in rank order, on every rank: (completions, RewardScores). The episodes'
+    environments stay behind (scored, they are done, and they need not pickle); a rank with no completions
+    gives scores None."""
+    from grpo_runtime.rewards import merge_scores
+
+    for completion in completions:
+        if completion.episode is not None:
+            completion.episode.let_go()
+    if world.size == 1:
+        return completions, scores
+    pieces = world.gather((completions, scores))
+    return [c for piece, _ in pieces for c in piece], merge_scores([s for _, s in pieces if s is not None])
 
 
 def reward_inputs(policy: Policy, job: GRPOJob, rows: list[dict[str, Any]], completions: list[Completion]):

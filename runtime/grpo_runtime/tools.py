@@ -97,6 +97,19 @@ def check_schema(tool: Callable[..., Any], where: str) -> None:
         raise ToolError(f"{where}: the chat template cannot describe it to the model: {exc}") from None
 
 
+def import_reference(ref: str, where: str) -> Any:
+    """The object `module:attribute` names (a tool, an environment class); ToolError naming `where` when the module
+    cannot be imported (missing, or failing as it imports) or has no such attribute."""
+    module_name, _, attribute = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 (ImportError, or the module's own code failing at import time)
+        raise ToolError(f"{where}: cannot import {module_name} ({exc})") from None
+    if not hasattr(module, attribute):
+        raise ToolError(f"{where}: {module_name} has no {attribute}")
+    return getattr(module, attribute)
+
+
 def load_tools(refs: Sequence[str], field_name: str = "spec.tools") -> list[Callable[..., Any]]:
     """The functions `refs` name (`builtin:NAME` or `module:function`), each with a schema the chat template can
     show; ToolError naming `field_name[i]` otherwise."""
@@ -109,13 +122,7 @@ def load_tools(refs: Sequence[str], field_name: str = "spec.tools") -> list[Call
                 raise ToolError(f"{where}: no built-in tool {name!r} (built-in: {', '.join(sorted(BUILTIN_TOOLS))})")
             tool = BUILTIN_TOOLS[name]
         else:
-            module_name, _, attribute = ref.partition(":")
-            try:
-                tool = getattr(importlib.import_module(module_name), attribute)
-            except ImportError as exc:
-                raise ToolError(f"{where}: cannot import {module_name} ({exc})") from None
-            except AttributeError:
-                raise ToolError(f"{where}: {module_name} has no {attribute}") from None
+            tool = import_reference(ref, where)
         if not callable(tool):
             raise ToolError(f"{where}: {type(tool).__name__} is not a function")
         check_schema(tool, where)

@@ -40,8 +40,8 @@ from grpo_runtime.host_memory import release_freed_heap
 from grpo_runtime.loss import EntropyBonus, grpo_loss
 from grpo_runtime.metrics_log import MetricsLog
 from grpo_runtime.model import Policy, lm_head, save_adapter
-from grpo_runtime.prompts import encode_prompts, reward_inputs
-from grpo_runtime.rewards import Reward, RewardScores, merge_scores, reward_metrics, score
+from grpo_runtime.prompts import encode_prompts, exchange, reward_inputs, sample
+from grpo_runtime.rewards import Reward, RewardScores, reward_metrics, score
 from grpo_runtime.spec import GRPOJob
 from grpo_runtime.storage import Storage
 
@@ -155,6 +155,10 @@ class Trainer:
         self._last_step_metrics: dict[str, Any] | None = None  # the hub's cards: the record run_step wrote last
         self._generation_seconds = 0.0  # this rank's last generate(), wake included
 
+    def rank_seed(self) -> int:
+        """The seed of this rank's own streams (LoRA dropout, the rewards'): training.seed on rank 0, as one process."""
+        return self.training.seed + 1_000_003 * self.world.rank
+
     # -- one step -------------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[list[int]], first_prompt: int = 0, rows: list[dict[str, Any]] | None = None
@@ -163,17 +167,10 @@ class Trainer:
         prompt_index counts from it): each prompt's samples are seeded by the step and that index, so a resumed
         run, or another split of the step over ranks, samples exactly what the uninterrupted one-process run did."""
         sampling = sampling_config(self.generation, seed=self.training.seed * 100_003 + self.step)
-        sampling = dataclasses.replace(sampling, first_prompt=first_prompt)
         started = time.perf_counter()
-        self.engine.wake()
-        if self.player is not None:  # episodes: tools, environments (rows: the prompts' own, for reset)
-            completions = self.player.rollout(self.engine, rows, prompt_ids, sampling, first_prompt * sampling.n)
-        else:
-            completions = self.engine.generate(prompt_ids, sampling)
-        self.engine.sleep()
+        completions = sample(self.engine, self.player, rows, prompt_ids,
+                             dataclasses.replace(sampling, first_prompt=first_prompt))
         self._generation_seconds = time.perf_counter() - started
-        for completion in completions:
-            completion.prompt_index += first_prompt
         return completions
 
     def score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> RewardScores:
@@ -197,14 +194,7 @@ class Trainer:
         prompt_ids = encode_prompts(self.policy, self.job, rows, self.player and self.player.tools)
         mine = self.world.share(len(rows))
         completions = self.generate(prompt_ids[mine.start : mine.stop], mine.start, rows[mine.start : mine.stop])
-        scores = self.score(rows, completions)
-        for completion in completions:
-            if completion.episode is not None:
-                completion.episode.let_go()  # scored: its environment is done (and need not pickle)
-        if self.world.size > 1:
-            pieces = self.world.gather((completions, scores))
-            completions = [completion for piece, _ in pieces for completion in piece]
-            scores = merge_scores([piece for _, piece in pieces])
+        completions, scores = exchange(self.world, completions, self.score(rows, completions))
         return prompt_ids, completions, scores
 
     def optimise(self, batch: Batch, advantages: torch.Tensor) -> dict[str, float]:
@@ -292,9 +282,7 @@ class Trainer:
         self.engine.sync(self.policy)
         self.step += 1
         seconds = time.perf_counter() - started
-        # the tokens the model wrote (an episode's tool results are not its), as TRL counts completion lengths
-        lengths = torch.tensor([len(c.completion_ids) if c.mask is None else sum(c.mask) for c in completions],
-                               dtype=torch.float32)
+        lengths = torch.tensor([c.written for c in completions], dtype=torch.float32)
         metrics: dict[str, Any] = {
             "step": self.step,
             "loss": losses["loss"],
@@ -414,7 +402,7 @@ class Trainer:
         if len(ranks) == self.world.size:
             _restore_rng_streams(ranks[self.world.rank])
         else:  # another world size: no stream of this rank's to continue; a fresh one, keyed by rank and step
-            seed_streams(self.training.seed + 1_000_003 * self.world.rank + self.step)
+            seed_streams(self.rank_seed() + self.step)
         self.checkpoint_extras.update(state.get("extras") or {})
         self.latest_checkpoint = f"{checkpoints.CHECKPOINTS}/step-{self.step}"
         if self.world.main:
@@ -483,7 +471,7 @@ class Trainer:
         every = self.job.spec.checkpoint.every_steps
         metrics: dict[str, Any] = {}
         if self.step == 0:  # a fresh run; a resumed one continues the streams of its checkpoint (resume)
-            seed_streams(self.training.seed + 1_000_003 * self.world.rank)  # rank 0's: the one-process run's
+            seed_streams(self.rank_seed())
         self._start_history()
         self.evaluate_if_due()  # the step-0 baseline, before any update
         while self.step < self.training.max_steps:

@@ -215,13 +215,18 @@ time.sleep(600)
 """
 
 
-async def test_killing_a_container_kills_every_process_of_it_with_code_137(apiserver, kubelet):
-    """As a container runtime: no child (a torchrun rank) outlives its container, and SIGKILL reads 137."""
+async def pod_with_a_child(apiserver, kubelet, name: str) -> int:
+    """A pod whose container starts a child process (as torchrun starts its ranks); the child's pid."""
     await create(apiserver, "/api/v1/namespaces/default/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p7"},
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {"restartPolicy": "Never",
                  "containers": [{"name": "main", "image": "local", "command": [PY, "-c", CHILD]}]}})
-    child = int(await eventually(lambda: kubelet.log("default", "p7").strip()))
+    return int(await eventually(lambda: kubelet.log("default", name).strip()))
+
+
+async def test_killing_a_container_kills_every_process_of_it_with_code_137(apiserver, kubelet):
+    """As a container runtime: no child (a torchrun rank) outlives its container, and SIGKILL reads 137."""
+    child = await pod_with_a_child(apiserver, kubelet, "p7")
     kubelet.kill("default", "p7")
     await eventually(lambda: terminated(apiserver, "p7"))
     assert terminated(apiserver, "p7")["exitCode"] == 137 and pod(apiserver, "p7")["status"]["phase"] == "Failed"
@@ -229,11 +234,7 @@ async def test_killing_a_container_kills_every_process_of_it_with_code_137(apise
 
 
 async def test_a_deleted_pods_children_end_with_it(apiserver, kubelet):
-    await create(apiserver, "/api/v1/namespaces/default/pods", {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p8"},
-        "spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "main", "image": "local", "command": [PY, "-c", CHILD]}]}})
-    child = int(await eventually(lambda: kubelet.log("default", "p8").strip()))
+    child = await pod_with_a_child(apiserver, kubelet, "p8")
     response = await apiserver.delete("/api/v1/namespaces/default/pods/p8")
     assert response.status == 200
     await eventually(lambda: not _alive(child), timeout=10)  # its parent took SIGTERM; the child went with it

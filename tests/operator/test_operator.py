@@ -215,15 +215,21 @@ async def test_deleted_pod_is_replaced_as_a_disruption(apiserver, operator, scri
         assert condition(apiserver, "deleted", "Disrupted")["reason"] == "PodDeleted"
 
 
-async def preempt(apiserver, pod: str, reason: str = "PreemptionByScheduler") -> None:
-    """What the scheduler (or the Eviction API, a node drain, Kueue) does to a pod: mark it with the
-    DisruptionTarget condition, then delete it."""
+async def mark_disrupted(apiserver, pod: str, reason: str = "PreemptionByScheduler") -> None:
+    """The scheduler's (or the Eviction API's, a node drain's, Kueue's) first move on a pod it takes away: the
+    DisruptionTarget condition (its deletion follows)."""
     condition_ = {"type": "DisruptionTarget", "status": "True", "reason": reason,
                   "message": "Kubernetes default scheduler: preempted by a higher-priority pod"}
     response = await apiserver.patch(f"/api/v1/namespaces/default/pods/{pod}/status",
                                      data=json.dumps({"status": {"conditions": [condition_]}}),
                                      headers={"Content-Type": "application/merge-patch+json"})
     assert response.status == 200, await response.text()
+
+
+async def preempt(apiserver, pod: str, reason: str = "PreemptionByScheduler") -> None:
+    """What the scheduler (or the Eviction API, a node drain, Kueue) does to a pod: mark it with the
+    DisruptionTarget condition, then delete it."""
+    await mark_disrupted(apiserver, pod, reason)
     response = await apiserver.delete(f"/api/v1/namespaces/default/pods/{pod}")
     assert response.status == 200
 

@@ -5,27 +5,17 @@ by the scripted kubelet; looptime compresses the loop's clock."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
 from k8s_doubles import eventually, stored
 from test_operator import (  # noqa: F401  (scripted_kubelet is a fixture)
-    JOBS_URL, condition, create_job, events_of, job, patch_job, phase_is, pods_of, scripted_kubelet, status)
+    JOBS_URL, condition, create_job, events_of, job, mark_disrupted, patch_job, phase_is, pods_of, scripted_kubelet,
+    status)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
 GANG = {"resources": {"nodes": 2, "gpus": 4}, "training": {"promptsPerStep": 8}}
-
-
-async def mark_disrupted(apiserver, pod: str, reason: str = "PreemptionByScheduler") -> None:
-    """The scheduler's first move on a pod it preempts (its deletion follows)."""
-    condition_ = {"type": "DisruptionTarget", "status": "True", "reason": reason,
-                  "message": "Kubernetes default scheduler: preempted by a higher-priority pod"}
-    response = await apiserver.patch(f"/api/v1/namespaces/default/pods/{pod}/status",
-                                     data=json.dumps({"status": {"conditions": [condition_]}}),
-                                     headers={"Content-Type": "application/merge-patch+json"})
-    assert response.status == 200, await response.text()
 
 
 def live_pod_names(apiserver, name: str) -> list[str]:

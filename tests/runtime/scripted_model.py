@@ -30,17 +30,11 @@ def build_tool_caller(directory: Path, *, hidden_size: int = 64, heads: int = 2,
     """The scripted model (vLLM's CPU attention needs head_dim 32: the default shapes) with a byte-level ChatML
     tokenizer that also holds the script's three tokens, saved as a plain HF folder."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|pad|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
-    )
+    from tests.runtime.tiny_model import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
     tokenizer.add_tokens(SCRIPT)
     chat_template, _ = qwen_templates()
     tokenizer.chat_template = chat_template

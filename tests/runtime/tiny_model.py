@@ -10,20 +10,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
-    """A 2-layer Llama (hidden 32 unless asked) with a byte-level tokenizer and a ChatML template, saved as a plain HF folder."""
-    import torch
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer (one token per byte) with ChatML's special tokens: EOS <|im_end|>, pad <|pad|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(["<|pad|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
     )
+
+
+def build_tiny_model(directory: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32 unless asked) with a byte-level tokenizer and a ChatML template, saved as a plain HF folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_level_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
 
     config = LlamaConfig(

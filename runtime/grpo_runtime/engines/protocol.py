@@ -60,6 +60,11 @@ class Completion:
     # the prompt it continued where that is not its row's own (an environment's observation and tools in it)
     prompt_ids: list[int] | None = None
 
+    @property
+    def written(self) -> int:
+        """Tokens the model wrote (an episode's tool results are not its), as TRL counts completion lengths."""
+        return len(self.completion_ids) if self.mask is None else sum(self.mask)
+
 
 class Engine(Protocol):
     name: str
