@@ -53,7 +53,6 @@ def bench(*args, cwd):
                           timeout=900, cwd=cwd, env=env)
 
 
-@pytest.mark.slow
 def test_quick_run_trains_both_sides_on_the_same_prompts_and_scores_them_alike(tiny_model_dir, tmp_path):
     job, results = tiny(tiny_model_dir, tmp_path), tmp_path / "results.jsonl"
     first = bench("--job", job, "--quick", "--seeds", "2", "--results", results, cwd=tmp_path)
