@@ -126,6 +126,47 @@ def test_sampling_knobs_shape_the_distribution(engine, policy):
     assert [c.completion_ids for c in min_p] == [c.completion_ids for c in greedy]
 
 
+def calibration(policy, prompt_ids: list[list[int]], completions, temperature: float) -> tuple[float, float]:
+    """The mean over sampled tokens of -log p(token) - H, p the learner's softmax(logits / temperature) at that
+    position and H its entropy, and that mean's standard error. Tokens drawn from p have E[-log p] = H at every
+    position (given the prefix), so the mean is 0 within noise; samples too greedy for `temperature` give a
+    negative mean, too flat a positive one."""
+    gaps = []
+    with torch.no_grad():
+        for completion in completions:
+            context = prompt_ids[completion.prompt_index]
+            ids = torch.tensor([context + completion.completion_ids], device=policy.device)
+            logits = policy.model(input_ids=ids).logits[0, len(context) - 1 : -1].float() / temperature
+            logp = torch.log_softmax(logits, -1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            taken = logp.gather(1, torch.tensor(completion.completion_ids, device=logp.device)[:, None]).squeeze(1)
+            gaps.append(-taken - entropy)
+    gaps = torch.cat(gaps).double()
+    return gaps.mean().item(), (gaps.std() / len(gaps) ** 0.5).item()
+
+
+def assert_samples_follow_the_learner(engine, policy) -> None:
+    """The loss takes the completions as samples of the policy at generation.temperature: the engine must draw
+    them from exactly that distribution, not only report log-probs that match it (the sampling correction sees
+    the reported log-probs, never how the tokens were drawn). The check has the power to tell: the same samples
+    read at another temperature miss by many standard errors."""
+    tokenizer = policy.tokenizer
+    prompts = [prompt(tokenizer, f"calibration {i}") for i in range(16)]
+    # sharpened: the random-init model's logits are small, and at a temperature near 1 every distribution is
+    # nearly flat, where any temperature would pass
+    temperature = 0.05
+    completions = engine.generate(prompts, SamplingConfig(n=32, max_tokens=24, temperature=temperature, seed=11))
+    mean, error = calibration(policy, prompts, completions, temperature)
+    assert abs(mean) < 4 * error, f"samples miss the learner's distribution at T={temperature}: {mean:+.4f} +- {error:.4f}"
+    for other in (0.7 * temperature, 1.4 * temperature):
+        mean, error = calibration(policy, prompts, completions, other)
+        assert abs(mean) > 6 * error, f"at T={other} the check cannot tell ({mean:+.4f} +- {error:.4f})"
+
+
+def test_samples_are_drawn_from_the_learners_distribution_at_the_temperature(engine, policy):
+    assert_samples_follow_the_learner(engine, policy)
+
+
 def test_generation_leaves_training_state_alone(engine, policy):
     policy.model.train()
     engine.generate([prompt(policy.tokenizer, "x")], SamplingConfig(n=2, max_tokens=4, seed=0))

@@ -40,6 +40,7 @@ from grpo_runtime.spec import GenerationSpec, LoraSpec, ModelSpec, TrainingSpec
 from grpo_runtime.trainer import batch_logprobs, build_batch, completion_hidden
 
 from tests.runtime.conftest import SMOLLM2_NAME, build_tiny_model
+from tests.runtime.test_engine_hf import assert_samples_follow_the_learner
 from tests.runtime.test_trainer import REQUIRED_METRICS, read_metrics, tiny_job, write_job
 
 pytestmark = pytest.mark.vllm
@@ -541,6 +542,10 @@ def test_cuda_kwargs_cap_cuda_graphs_and_pass_revision_and_remote_code(policy):
 
 
 # --- independent samples ---------------------------------------------------------------------------
+
+
+def test_samples_are_drawn_from_the_learners_distribution_at_the_temperature(engine, policy):
+    assert_samples_follow_the_learner(engine, policy)
 
 
 def test_identical_prompts_draw_independent_samples(engine, policy):
