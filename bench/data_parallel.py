@@ -29,7 +29,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from checkout import REPO, child_env  # bench/ is on sys.path: the scripts run from it
+
 JOB = REPO / "examples" / "local-cpu.yaml"
 
 
@@ -49,8 +50,7 @@ def run(doc: dict, ranks: int, steps: int, workdir: Path) -> list[dict]:
     path = workdir / f"ranks-{ranks}.yaml"
     path.write_text(yaml.safe_dump(scaled_job(doc, ranks, output)))
     threads = max(1, (os.cpu_count() or 1) // ranks)  # the cores split between the ranks
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "runtime"), os.environ.get("PYTHONPATH")) if p)}
+    env = child_env(OMP_NUM_THREADS=str(threads))
     done = subprocess.run([sys.executable, "-m", "grpo_runtime.cli", "train", str(path), "--quiet",
                            "--max-steps", str(steps)], env=env, capture_output=True, text=True)
     if done.returncode:

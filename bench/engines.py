@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from checkout import REPO, child_env  # bench/ is on sys.path: the scripts run from it
+
 JOB = REPO / "examples" / "local-cpu.yaml"
 GROUP = 8  # completions per prompt in the generation runs (the job's numGenerations)
 
@@ -98,7 +99,7 @@ def child(engine_name: str, sizes: list[tuple[int, int]], steps: int) -> dict:
 
 def _run_child(engine: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", engine, "--steps", str(args.steps), "--sizes", *args.sizes]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = child_env((".", "runtime", "operator"))
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-5:]

@@ -15,14 +15,14 @@ same runs go to the CPU, where they are deterministic and the yardstick is 0.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from checkout import REPO, child_env  # bench/ is on sys.path: the scripts run from it
+
 COMPARED = ("loss", "reward", "kl", "grad_norm", "completion_length/mean", "rewards/len7/mean")
 
 
@@ -48,8 +48,7 @@ def job_manifest(model_dir: Path, output: Path) -> dict:
 def train_env(device: str, die_on_call: int | None = None) -> dict[str, str]:
     """The environment `grpo train` runs in: the bundle's PYTHONPATH kept, the repository's runtime/ and root
     (for tests.runtime.crash_rewards) first."""
-    path = os.pathsep.join(p for p in (str(REPO / "runtime"), str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "GRPO_DEVICE": device, "GRPO_TEST_DIE_ON_CALL": str(die_on_call or 0)}
+    env = child_env(("runtime", "."), GRPO_DEVICE=device, GRPO_TEST_DIE_ON_CALL=str(die_on_call or 0))
     if device == "cuda":
         env.pop("TRITON_INTERPRET", None)
     return env

