@@ -350,6 +350,10 @@ def report(doc: dict[str, Any], per_seed: dict[int, dict[str, dict[str, Any]]]) 
           f"{ratio:>9.2f}")
     if len(per_seed) > 1:
         print(f"{'std':>5} {spread(columns['base']):>6} {spread(columns['ours']):>6} {spread(columns['trl']):>6}")
+        # the same prompts and initial adapter per seed: the paired difference is what the seeds can tell apart
+        paired = [rows["ours"]["accuracy"] - rows["trl"]["accuracy"] for rows in per_seed.values()]
+        print(f"ours - trl by seed: {' '.join(f'{d:+.3f}' for d in paired)}; mean {statistics.fmean(paired):+.3f} "
+              f"{spread(paired)}")
     for seed, rows in per_seed.items():
         orders = {rows[side].get("prompt_order") for side in ("ours", "trl")}
         if None not in orders and len(orders) > 1:

@@ -83,6 +83,9 @@ def test_quick_run_trains_both_sides_on_the_same_prompts_and_scores_them_alike(t
     ratio = statistics.fmean(by[s, "ours"]["seconds"] for s in (42, 43)) / statistics.fmean(
         by[s, "trl"]["seconds"] for s in (42, 43))
     assert out[-1] == f"accuracy ours {mean['ours']:.3f} trl {mean['trl']:.3f} (mean of 2 seeds) time ours/trl {ratio:.2f}"
+    paired = [by[s, "ours"]["accuracy"] - by[s, "trl"]["accuracy"] for s in (42, 43)]
+    assert f"ours - trl by seed: {paired[0]:+.3f} {paired[1]:+.3f}; mean {statistics.fmean(paired):+.3f} " \
+           f"+-{statistics.stdev(paired):.3f}" in out
     assert not any("another order" in line for line in out)
 
     again = bench("--job", job, "--quick", "--seeds", "2", "--results", results, cwd=tmp_path)
