@@ -42,8 +42,12 @@ def test_the_table_has_a_row_per_world_size_against_the_one_process_baseline(tin
     ranks, steps, tps, per_rank, speed_up, ideal, efficiency = two.split()
     assert (ranks, steps, ideal) == ("2", "3", "2.00x")
     assert float(per_rank) == pytest.approx(float(tps) / 2, abs=0.1)
-    assert float(speed_up.rstrip("x")) == pytest.approx(float(tps) / float(one.split()[2]), abs=0.01)
-    assert int(efficiency.rstrip("%")) == pytest.approx(100 * float(tps) / (2 * float(one.split()[2])), abs=1)
+    # the table's ratios come from the unrounded rates, the check from the printed ones (to 0.05): on a slow,
+    # busy machine the rates are small and that rounding alone moves their ratio by more than 0.01
+    low = (float(tps) - 0.05) / (float(one.split()[2]) + 0.05)
+    high = (float(tps) + 0.05) / (float(one.split()[2]) - 0.05)
+    assert low - 0.005 <= float(speed_up.rstrip("x")) <= high + 0.005
+    assert 50 * low - 0.5 <= int(efficiency.rstrip("%")) <= 50 * high + 0.5
 
 
 def test_tokens_per_second_leaves_the_first_step_out():
